@@ -1,0 +1,174 @@
+"""Image preprocessing shared by training, export and the engine (numpy + OpenCV, no torch).
+
+One `Preprocess` describes exactly how an RGB uint8 image becomes the network's float32 input. Trainers
+record it in their checkpoint, export writes it into the ONNX file's metadata, and the engine reads it
+back, so the same code path runs in training, in the export parity check and in production.
+
+Steps, in order:
+1. colour: grey (H, W) and RGBA (H, W, 4) inputs become RGB; with ``grayscale=True`` the image is
+   converted to one grey channel (ITU-R 601 luma, OpenCV's) and replicated to three.
+2. resize:
+   - ``"shorter"``: scale so the shorter side is ``resize_to`` (aspect kept), then crop to ``size``;
+   - ``"exact"``: resize straight to ``size`` (aspect not kept), no crop.
+   Downscaling uses ``cv2.INTER_AREA``, upscaling ``cv2.INTER_LINEAR``.
+3. crop: ``"center"`` takes the central ``size`` window (only with ``resize="shorter"``).
+4. scale to [0, 1], subtract ``mean`` and divide by ``std`` per channel (given in RGB order).
+5. channel order ``color`` ("RGB" or "BGR") and layout NCHW float32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+
+from engine.errors import InputError
+
+RESIZE_POLICIES = ("shorter", "exact")
+CROP_POLICIES = ("center", "none")
+COLOR_ORDERS = ("RGB", "BGR")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: tuple[int, int]  # (height, width) of the network input
+    resize: str = "shorter"  # "shorter" (keep aspect, then crop) or "exact" (stretch to size)
+    resize_to: int | None = None  # shorter side before the crop; None means min(size)
+    crop: str = "center"  # "center" or "none"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # per RGB channel, on the [0, 1] scale
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    color: str = "RGB"  # channel order the network expects
+    grayscale: bool = False  # convert to grey and replicate to 3 channels (digits)
+    extra: dict = field(default_factory=dict, compare=False)  # free-form notes, kept in metadata
+
+    def __post_init__(self):
+        size = tuple(int(s) for s in self.size)
+        if len(size) != 2 or min(size) <= 0:
+            raise InputError(f"size must be (height, width) with positive ints, got {self.size!r}")
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if self.resize not in RESIZE_POLICIES:
+            raise InputError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if self.crop not in CROP_POLICIES:
+            raise InputError(f"crop must be one of {CROP_POLICIES}, got {self.crop!r}")
+        if self.color not in COLOR_ORDERS:
+            raise InputError(f"color must be one of {COLOR_ORDERS}, got {self.color!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise InputError(f"mean and std must be 3 values with std > 0, got {self.mean}, {self.std}")
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise InputError(f"unknown preprocessing keys {sorted(unknown)}; expected some of {sorted(known)}")
+        d = dict(d)
+        d["size"] = tuple(d["size"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "Preprocess":
+        return cls.from_dict(json.loads(s))
+
+    # -- application ---------------------------------------------------------------------------
+    def resize_crop(self, image: np.ndarray) -> np.ndarray:
+        """One image (H, W), (H, W, 3) or (H, W, 4) uint8 RGB(A) -> (h, w, 3) uint8 RGB at ``size``."""
+        img = to_rgb(image)
+        if self.grayscale:
+            g = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+            img = np.repeat(g[:, :, None], 3, axis=2)
+        h_out, w_out = self.size
+        h, w = img.shape[:2]
+        if self.resize == "exact":
+            return _resize(img, w_out, h_out)
+        target = int(self.resize_to or min(self.size))
+        scale = target / min(h, w)
+        nh, nw = max(h_out, round(h * scale)), max(w_out, round(w * scale))
+        if (nh, nw) != (h, w):
+            img = _resize(img, nw, nh)
+        if self.crop == "center":
+            top, left = (nh - h_out) // 2, (nw - w_out) // 2
+            img = img[top : top + h_out, left : left + w_out]
+        elif (nh, nw) != (h_out, w_out):
+            img = _resize(img, w_out, h_out)
+        return np.ascontiguousarray(img)
+
+    def normalise(self, batch: np.ndarray) -> np.ndarray:
+        """(n, h, w, 3) uint8 RGB at ``size`` -> (n, 3, h, w) float32 network input."""
+        x = batch.astype(np.float32) * np.float32(1.0 / 255.0)
+        mean = np.asarray(self.mean, np.float32)
+        inv_std = np.float32(1.0) / np.asarray(self.std, np.float32)
+        x = (x - mean) * inv_std
+        if self.color == "BGR":
+            x = x[..., ::-1]
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def __call__(self, images) -> np.ndarray:
+        """A list of images or an (n, H, W, 3) array -> (n, 3, h, w) float32."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            items = list(images)
+        elif isinstance(images, np.ndarray) and images.ndim in (2, 3):
+            items = [images]
+        else:
+            items = list(images)
+        if not items:
+            return np.zeros((0, 3, *self.size), np.float32)
+        batch = np.stack([self.resize_crop(im) for im in items])
+        return self.normalise(batch)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Grey (H, W) / (H, W, 1), RGB (H, W, 3) or RGBA (H, W, 4) uint8 -> (H, W, 3) uint8 RGB."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise InputError(f"images must be uint8 (0..255), got dtype {a.dtype}")
+    if a.ndim == 2:
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim == 3 and a.shape[2] == 1:
+        return np.repeat(a, 3, axis=2)
+    if a.ndim == 3 and a.shape[2] == 3:
+        return a
+    if a.ndim == 3 and a.shape[2] == 4:
+        return cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_RGBA2RGB)
+    raise InputError(f"an image must have shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
+
+
+def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    down = w * h < img.shape[0] * img.shape[1]
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB; grey and RGBA files are converted."""
+    from pathlib import Path
+
+    from engine.errors import ImageReadError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(f"image file not found: {p}")
+    data = np.fromfile(str(p), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if img is None:
+        raise ImageReadError(f"not a readable image (OpenCV could not decode it): {p}")
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,206 @@
+"""What every trainer shares: the command line, device and seed, the run folder, checkpoints and resume.
+
+A trainer module (``train/mpnn.py`` ...) defines a config dataclass, builds its parser with
+``make_parser``, and drives a ``Run``::
+
+    run = Run(args.out or default_out("la"), name="la", config=asdict(cfg), resume=args.resume)
+    state = run.resume_state()          # None, or the last checkpoint's payload
+    ... train an epoch ...
+    run.save(model=..., optimizer=..., epoch=e + 1, step=step, encoder=encoder_spec(...), extra={...})
+    run.write_metrics({...}); run.save_figure(fig, "clusters.png")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.preprocess import Preprocess
+from train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def make_parser(prog: str, description: str, *, datasets: dict[str, str], default_data: str,
+                epochs: int, batch_size: int) -> argparse.ArgumentParser:
+    """The options every trainer takes; ``datasets`` maps each accepted name to a one-line description."""
+    listing = "\n".join(f"  {k:<10} {v}" for k, v in datasets.items())
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"datasets:\n{listing}\n\nData roots default to $LOOKALIKE_DATA/<dataset> when --data-root is not given.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", default=default_data, choices=sorted(datasets),
+                   help=f"dataset to train on (default: {default_data}; see the list below)")
+    p.add_argument("--data-root", default=None,
+                   help="where the dataset lies on disk (a folder, a file, or for video a path or camera index)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the data (default: {epochs})")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default: {batch_size})")
+    p.add_argument("--out", default=None, help=f"run folder for checkpoint, config, metrics and pictures (default: runs/{prog.split('.')[-1]}/)")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto picks CUDA when torch sees a GPU, else the CPU (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; fixed seed + CPU gives identical runs (default: 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's checkpoint (after a crash or to add epochs)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many training images (quick runs)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke tests)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def config_from_args(cls, args: argparse.Namespace, **overrides):
+    """Fill a config dataclass from parsed arguments (dashes -> underscores), then apply overrides."""
+    vals = {}
+    ns = vars(args)
+    for f in fields(cls):
+        if f.name in overrides:
+            vals[f.name] = overrides[f.name]
+        elif f.name in ns and ns[f.name] is not None:
+            vals[f.name] = ns[f.name]
+    return cls(**vals)
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    if choice not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device auto or cpu")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; returns a torch.Generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def default_out(name: str) -> Path:
+    return Path("runs") / name
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def encoder_spec(arch: str, kwargs: dict, module: torch.nn.Module, dim: int, preprocess: Preprocess) -> dict:
+    """The checkpoint's ``encoder`` entry: enough for ``train.registry.load_encoder`` to rebuild it."""
+    return {
+        "arch": arch,
+        "kwargs": dict(kwargs),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+        "dim": int(dim),
+        "preprocess": preprocess.to_dict(),
+    }
+
+
+class Run:
+    """A run folder: checkpoint.pt, config.json, metrics.json and pictures, all written atomically."""
+
+    def __init__(self, out, *, name: str, config: dict, resume: bool = False):
+        self.dir = Path(out)
+        self.name = name
+        self.config = dict(config)
+        self.resume = resume
+        self.ckpt_path = self.dir / "checkpoint.pt"
+        self.metrics_path = self.dir / "metrics.json"
+        self.started = time.time()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / "config.json", {"name": name, "config": self.config})
+
+    def resume_state(self, map_location="cpu") -> dict | None:
+        """The last checkpoint when --resume was given (None without it); refuses a run of another model."""
+        if not self.resume:
+            return None
+        if not self.ckpt_path.is_file():
+            print(f"--resume: no checkpoint at {self.ckpt_path} yet; starting from scratch", file=sys.stderr)
+            return None
+        state = load_checkpoint(self.ckpt_path, map_location=map_location)
+        if state.get("name") != self.name:
+            raise CheckpointError(f"{self.ckpt_path} holds model {state.get('name')!r}, not {self.name!r}")
+        print(f"resuming {self.name} from {self.ckpt_path} (epoch {state.get('epoch')}, step {state.get('step')})",
+              file=sys.stderr)
+        return state
+
+    def save(self, *, model: torch.nn.Module, optimizer, epoch: int, step: int, encoder: dict,
+             extra: dict | None = None) -> str:
+        payload = {
+            "name": self.name,
+            "encoder": encoder,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "config": self.config,
+            "epoch": int(epoch),
+            "step": int(step),
+            "extra": extra or {},
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+        }
+        return save_checkpoint(self.ckpt_path, payload)
+
+    @staticmethod
+    def restore_rng(state: dict) -> None:
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        if "numpy_rng" in state:
+            np.random.set_state(state["numpy_rng"])
+        if "python_rng" in state:
+            random.setstate(state["python_rng"])
+
+    def write_metrics(self, metrics: dict) -> None:
+        metrics = dict(metrics)
+        metrics.setdefault("name", self.name)
+        metrics["seconds"] = round(time.time() - self.started, 2)
+        atomic_write_json(self.metrics_path, metrics)
+
+    def save_figure(self, fig, filename: str) -> Path:
+        """Save a matplotlib figure atomically as PNG and close it."""
+        import io
+
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        path = self.dir / filename
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+
+def progress(iterable=None, *, total=None, desc="", disable=False):
+    """A tqdm progress bar on stderr; call ``bar.set_postfix(loss=...)`` for the running loss."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False)

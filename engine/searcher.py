@@ -1,0 +1,481 @@
+"""Exact similarity search over stored vectors: ``Searcher``.
+
+    s = Searcher(128)                      # cosine; Searcher(128, metric="ip") for raw inner product
+    ids = s.add(vectors)                   # (n, 128) floats -> int64 ids 0 .. n-1
+    scores, ids = s.search(queries, k=10)  # (nq, 10) float32 and int64, best first
+    s.save("index.lkx"); s = Searcher.load("index.lkx")
+
+Contract
+- ``metric="cosine"``: stored vectors and queries are L2-normalised (in float64, then stored as float32),
+  so scores are cosine similarities; zero vectors stay zero and score 0 against everything.
+  ``metric="ip"``: raw inner product; a vector whose squared norm exceeds the float32 range is refused,
+  so no score can overflow.
+- Inputs: any real floating dtype (float16/32/64) is cast to float32; integer, bool, complex, object and
+  string arrays are refused with ``InputError`` naming the dtype, and so are NaN and inf (after the cast;
+  the message lists the offending row numbers). ``add`` and ``get`` return or take (n, dim) arrays.
+- ``search(queries, k)``: ``queries`` (nq, dim), or one query as a 1-D array of length dim, which is
+  answered as (1, k). Returns ``(scores, ids)``, float32 and int64, (nq, k), best first; on equal scores
+  the vector stored in the lower row comes first (rows follow insertion order until a ``remove`` moves the
+  last row into the hole). With fewer than k vectors stored the answer is padded with id -1 and score
+  -inf (an empty index answers padding only). ``k`` must be a positive int.
+- ids: int64 >= 0 (-1 marks a missing hit). ``add`` without ids numbers the new vectors from one past the
+  highest id ever assigned, increasing; an id already in the index, or repeated within the call, is
+  refused (``InputError`` naming it) and nothing is added.
+- ``remove(ids)`` removes the vectors with those ids and returns how many it removed: ids not in the
+  index are ignored (so removing twice is harmless and returns 0 the second time).
+- ``get(ids)`` returns the stored vectors (normalised for cosine), (m, dim) float32, in the order asked;
+  an id not in the index raises ``KeyError`` naming it.
+- Thread-safe: searches run concurrently with each other; ``add`` / ``remove`` / ``load`` wait for them and
+  run alone (a readers-writer lock), so every answer reflects one consistent state of the index.
+- Exact: ``engine.kernels.topk.topk_ip`` (BLAS matrix products on blocks of stored rows in worker
+  threads, each block's scores merged into per-query heaps by numba); memory beyond the index is bounded
+  (a 4 MiB score buffer per worker thread, the heaps and the answer).
+
+File format (``save`` / ``load``), version 1: one header line ``LOOKALIKE-INDEX {json}\\n`` then the
+payload: the ids (count int64, little-endian) and the vectors (count x dim float32, little-endian, row
+major). The header holds ``format_version``, ``dim``, ``metric``, ``count``, ``next_id``, ``model`` (the
+identity of the attached image encoder, or null) and ``sha256``, the digest of the header's other fields
+(canonical JSON) followed by the payload. The file is written atomically (temporary file in the same
+folder, fsync, ``os.replace``); a truncated or altered file, or another format version, is refused with
+``IndexFileError`` naming the path.
+
+Images: with an encoder attached (``Searcher(encoder=enc)`` or ``Searcher.from_model(path)``),
+``add_images`` / ``search_images`` encode images first. ``load(path, encoder=enc)`` refuses an encoder
+whose identity differs from the one recorded in the file (``ModelError`` naming both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import IndexFileError, InputError, ModelError
+from engine.kernels.topk import topk_ip
+
+METRICS = ("cosine", "ip")
+MAGIC = b"LOOKALIKE-INDEX "
+FORMAT_VERSION = 1
+_MAX_HEADER = 1 << 20  # a header line longer than this is not ours
+_F32_MAX = float(np.finfo(np.float32).max)
+_NORM_CHUNK = 16384  # rows normalised at a time (bounds the float64 temporary)
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    def acquire_read(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self):
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
+
+    def acquire_write(self):
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+
+    def release_write(self):
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+    class _Held:
+        def __init__(self, acquire, release):
+            self._acquire, self._release = acquire, release
+
+        def __enter__(self):
+            self._acquire()
+
+        def __exit__(self, *exc):
+            self._release()
+
+    def read(self):
+        return self._Held(self.acquire_read, self.release_read)
+
+    def write(self):
+        return self._Held(self.acquire_write, self.release_write)
+
+
+def _rows_named(mask: np.ndarray, limit: int = 10) -> str:
+    rows = np.flatnonzero(mask)
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    return f"[{shown}{', ...' if rows.size > limit else ''}] ({rows.size} in all)"
+
+
+class Searcher:
+    """Exact top-k search by cosine similarity or inner product; see the module docstring."""
+
+    def __init__(self, dim=None, *, metric="cosine", encoder=None):
+        if encoder is not None:
+            enc_dim = int(encoder.dim)
+            if dim is None:
+                dim = enc_dim
+            elif _as_dim(dim) != enc_dim:
+                raise InputError(f"dim {dim} does not match the encoder's dim {enc_dim} ({encoder.name})")
+        if dim is None:
+            raise InputError("dim is required when no encoder is given")
+        self._dim = _as_dim(dim)
+        if not isinstance(metric, str) or metric.lower() not in METRICS:
+            raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
+        self._metric = metric.lower()
+        self._encoder = encoder
+        self._model = dict(encoder.identity) if encoder is not None else None
+        self._vectors = np.zeros((0, self._dim), dtype=np.float32)  # (capacity, dim); rows [:n] in use
+        self._ids = np.zeros(0, dtype=np.int64)  # (capacity,) id of each row
+        self._row = {}  # id -> row
+        self._n = 0
+        self._next_id = 0  # one past the highest id ever assigned
+        self._lock = _RWLock()
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    @property
+    def encoder(self):
+        return self._encoder
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The stored ids in row order (a copy)."""
+        with self._lock.read():
+            return self._ids[: self._n].copy()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, id_) -> bool:
+        return id_ in self._row
+
+    def __repr__(self) -> str:
+        return f"Searcher(dim={self._dim}, metric={self._metric!r}, count={self._n})"
+
+    # -- input coercion ----------------------------------------------------------------------------
+    def _coerce(self, x, what: str, *, allow_1d: bool) -> np.ndarray:
+        """(n, dim) C-contiguous float32, finite, normalised for cosine; 1-D of length dim -> (1, dim)."""
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise InputError(f"{what} must be a real floating-point array (float16/32/64), got dtype {x.dtype}")
+        if x.ndim == 1 and allow_1d:
+            if x.shape[0] != self._dim:
+                raise InputError(f"one query must have shape ({self._dim},), got {x.shape}")
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self._dim:
+            raise InputError(f"{what} must have shape (n, {self._dim}), got {x.shape}")
+        with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise InputError(f"{what} contain NaN or inf (after casting to float32) in rows {_rows_named(bad)}")
+        if self._metric == "cosine":
+            x = _normalised(x)
+        else:
+            big = _sq_norms(x) > _F32_MAX
+            if big.any():
+                raise InputError(
+                    f"{what} have a squared norm beyond float32's range (scores would overflow) in rows "
+                    f"{_rows_named(big)}"
+                )
+        return x
+
+    @staticmethod
+    def _coerce_ids(ids, what="ids") -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr[None]
+        if arr.ndim != 1:
+            raise InputError(f"{what} must be a 1-D array of ints, got shape {arr.shape}")
+        if arr.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if arr.dtype.kind not in "iu":
+            raise InputError(f"{what} must be integers, got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+            raise InputError(f"{what} must fit in int64, got {int(arr.max())}")
+        return arr.astype(np.int64)
+
+    # -- mutation --------------------------------------------------------------------------------
+    def add(self, vectors, ids=None) -> np.ndarray:
+        """Store ``vectors`` (n, dim); returns their ids (int64). Nothing is stored when it raises."""
+        x = self._coerce(vectors, "vectors", allow_1d=False)
+        m = x.shape[0]
+        with self._lock.write():
+            if ids is None:
+                new_ids = np.arange(self._next_id, self._next_id + m, dtype=np.int64)
+            else:
+                new_ids = self._coerce_ids(ids)
+                if new_ids.shape[0] != m:
+                    raise InputError(f"got {m} vectors but {new_ids.shape[0]} ids")
+                if m and new_ids.min() < 0:
+                    raise InputError(f"ids must be >= 0 (-1 marks a missing hit), got {int(new_ids.min())}")
+                uniq, counts = np.unique(new_ids, return_counts=True)
+                if (counts > 1).any():
+                    raise InputError(f"id {int(uniq[counts > 1][0])} is given more than once")
+                present = [int(i) for i in new_ids if int(i) in self._row]
+                if present:
+                    more = f" (and {len(present) - 1} more)" if len(present) > 1 else ""
+                    raise InputError(f"id {present[0]} is already in the index{more}")
+            if m == 0:
+                return new_ids
+            self._reserve(self._n + m)
+            n0 = self._n
+            self._vectors[n0 : n0 + m] = x
+            self._ids[n0 : n0 + m] = new_ids
+            self._row.update(zip(new_ids.tolist(), range(n0, n0 + m)))
+            self._n = n0 + m
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+            return new_ids.copy()
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the storage geometrically (x1.5) to hold ``needed`` rows; caller holds the write lock."""
+        cap = self._vectors.shape[0]
+        if needed <= cap:
+            return
+        new_cap = max(needed, cap + cap // 2, 16)
+        vectors = np.empty((new_cap, self._dim), dtype=np.float32)
+        vectors[: self._n] = self._vectors[: self._n]
+        ids = np.empty(new_cap, dtype=np.int64)
+        ids[: self._n] = self._ids[: self._n]
+        self._vectors, self._ids = vectors, ids
+
+    def remove(self, ids) -> int:
+        """Remove the vectors with these ids; returns how many were removed (unknown ids are ignored)."""
+        todo = self._coerce_ids(ids)
+        removed = 0
+        with self._lock.write():
+            for id_ in todo.tolist():
+                row = self._row.pop(id_, None)
+                if row is None:
+                    continue
+                last = self._n - 1
+                if row != last:  # move the last row into the hole
+                    moved = int(self._ids[last])
+                    self._vectors[row] = self._vectors[last]
+                    self._ids[row] = moved
+                    self._row[moved] = row
+                self._n = last
+                removed += 1
+        return removed
+
+    def get(self, ids) -> np.ndarray:
+        """The stored vectors of ``ids``, (m, dim) float32 (normalised for cosine); unknown id -> KeyError."""
+        want = self._coerce_ids(ids)
+        with self._lock.read():
+            rows = np.empty(want.shape[0], dtype=np.int64)
+            for i, id_ in enumerate(want.tolist()):
+                try:
+                    rows[i] = self._row[id_]
+                except KeyError:
+                    raise KeyError(f"id {id_} is not in the index") from None
+            return self._vectors[rows]
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(self, queries, k: int):
+        """Top-k of each query: ``(scores (nq, k) float32, ids (nq, k) int64)``; see the module docstring."""
+        k = _as_k(k)
+        q = self._coerce(queries, "queries", allow_1d=True)
+        with self._lock.read():
+            n = self._n
+            kk = min(k, n)
+            if kk == 0 or q.shape[0] == 0:
+                scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+                return scores, np.full((q.shape[0], k), -1, dtype=np.int64)
+            top_scores, rows = topk_ip(q, self._vectors, n, kk)
+            top_ids = self._ids[rows]  # (nq, kk); every row < n since kk <= n
+        if kk == k:
+            return top_scores, top_ids
+        scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
+        ids = np.full((q.shape[0], k), -1, dtype=np.int64)
+        scores[:, :kk] = top_scores
+        ids[:, :kk] = top_ids
+        return scores, ids
+
+    # -- images ----------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, path, *, metric="cosine", **encoder_kwargs) -> "Searcher":
+        """An empty searcher with the image encoder ``engine.encoder.Encoder(path, **encoder_kwargs)``."""
+        from engine.encoder import Encoder  # onnxruntime loads only when images are wanted
+
+        return cls(metric=metric, encoder=Encoder(path, **encoder_kwargs))
+
+    def _need_encoder(self):
+        if self._encoder is None:
+            raise InputError("no image encoder attached: use Searcher.from_model(path) or Searcher(encoder=...)")
+        return self._encoder
+
+    def add_images(self, images, ids=None) -> np.ndarray:
+        """Encode ``images`` with the attached encoder and add the embeddings; returns their ids."""
+        return self.add(self._need_encoder().encode(images), ids)
+
+    def search_images(self, images, k: int):
+        """Encode ``images`` with the attached encoder and search with the embeddings."""
+        return self.search(self._need_encoder().encode(images), k)
+
+    # -- files -----------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the index to ``path`` atomically (see the module docstring for the format)."""
+        path = Path(path)
+        with self._lock.read():
+            n = self._n
+            ids = np.ascontiguousarray(self._ids[:n], dtype="<i8")
+            vectors = np.ascontiguousarray(self._vectors[:n], dtype="<f4")
+            header = {
+                "format_version": FORMAT_VERSION,
+                "dim": self._dim,
+                "metric": self._metric,
+                "count": n,
+                "next_id": self._next_id,
+                "model": self._model,
+            }
+            digest = _digest(header, (ids, vectors))
+            line = MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(line)
+                    f.write(memoryview(ids).cast("B"))
+                    f.write(memoryview(vectors.reshape(-1)).cast("B"))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                raise
+
+    @classmethod
+    def load(cls, path, encoder=None) -> "Searcher":
+        """Read an index written by ``save``; damaged files raise ``IndexFileError`` naming the path."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                line = f.readline(_MAX_HEADER)
+                body = f.read()
+        except OSError as e:
+            raise IndexFileError(f"cannot read index file {path}: {e.strerror or e}") from e
+        if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+            raise IndexFileError(f"{path} is not a lookalike index file (no '{MAGIC.decode().strip()}' header line)")
+        try:
+            header = json.loads(line[len(MAGIC) :])
+            if not isinstance(header, dict):
+                raise ValueError(f"expected a JSON object, got {type(header).__name__}")
+            version = header["format_version"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise IndexFileError(f"{path}: damaged index header ({e})") from e
+        if version != FORMAT_VERSION:
+            raise IndexFileError(f"{path}: index format version {version!r}; this build reads version {FORMAT_VERSION}")
+        try:
+            digest = header.pop("sha256")
+            dim, count, metric = int(header["dim"]), int(header["count"]), header["metric"]
+            next_id, model = int(header["next_id"]), header["model"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise IndexFileError(f"{path}: damaged index header ({e!r})") from e
+        if dim <= 0 or count < 0 or metric not in METRICS:
+            raise IndexFileError(f"{path}: damaged index header (dim={dim}, count={count}, metric={metric!r})")
+        expected = count * 8 + count * dim * 4
+        if len(body) != expected:
+            raise IndexFileError(
+                f"{path}: truncated or damaged index: payload is {len(body)} bytes, header says {expected}"
+            )
+        ids = np.frombuffer(body, dtype="<i8", count=count)
+        vectors = np.frombuffer(body, dtype="<f4", offset=count * 8).reshape(count, dim)
+        if _digest(header, (ids, vectors)) != digest:
+            raise IndexFileError(f"{path}: checksum mismatch, the index file was altered or damaged")
+        if encoder is not None:
+            if model is not None and dict(encoder.identity) != model:
+                raise ModelError(
+                    f"{path} was built with model {model}, but the encoder given is {dict(encoder.identity)}"
+                )
+            if int(encoder.dim) != dim:
+                raise ModelError(f"{path} holds dim {dim} vectors, but the encoder {encoder.name} gives dim {encoder.dim}")
+        s = cls(dim, metric=metric)
+        s._encoder = encoder
+        s._model = model if model is not None else (dict(encoder.identity) if encoder is not None else None)
+        s._vectors = vectors.astype(np.float32)  # native, writable copy
+        s._ids = ids.astype(np.int64)
+        s._row = dict(zip(s._ids.tolist(), range(count)))
+        if len(s._row) != count:
+            raise IndexFileError(f"{path}: damaged index, duplicate ids")
+        s._n = count
+        s._next_id = next_id
+        return s
+
+
+def _digest(header: dict, arrays) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for a in arrays:
+        h.update(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B"))
+    return h.hexdigest()
+
+
+def _sq_norms(x: np.ndarray) -> np.ndarray:
+    """Squared L2 norm of each row of ``x``, in float64 (no overflow)."""
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for r0 in range(0, x.shape[0], _NORM_CHUNK):
+        c = x[r0 : r0 + _NORM_CHUNK].astype(np.float64)
+        out[r0 : r0 + _NORM_CHUNK] = np.einsum("ij,ij->i", c, c)
+    return out
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` (float32) divided by their L2 norm, computed in float64; zero rows stay zero."""
+    out = np.empty_like(x)
+    for r0 in range(0, x.shape[0], _NORM_CHUNK):
+        c = x[r0 : r0 + _NORM_CHUNK].astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", c, c))
+        norms[norms == 0] = 1.0
+        out[r0 : r0 + _NORM_CHUNK] = c / norms[:, None]
+    return out
+
+
+def _as_dim(dim) -> int:
+    try:
+        if isinstance(dim, bool):
+            raise TypeError
+        d = operator.index(dim)
+    except TypeError:
+        raise InputError(f"dim must be a positive int, got {dim!r}") from None
+    if d <= 0:
+        raise InputError(f"dim must be a positive int, got {d}")
+    return d
+
+
+def _as_k(k) -> int:
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        k = operator.index(k)
+    except TypeError:
+        raise InputError(f"k must be a positive int, got {k!r}") from None
+    if k <= 0:
+        raise InputError(f"k must be a positive int, got {k}")
+    return k

@@ -1,0 +1,476 @@
+"""engine.Searcher: exactness against the float64 oracle, the id and storage contract, bad input, files,
+and concurrent use."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import reference as ref
+
+from engine.errors import IndexFileError, InputError, ModelError
+from engine.searcher import FORMAT_VERSION, MAGIC, Searcher
+
+
+def data(seed, n, d):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+# -- exactness -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip"])
+@pytest.mark.parametrize("d", [1, 3, 97, 256])
+@pytest.mark.parametrize("nq", [1, 7, 1024])
+def test_search_matches_oracle(metric, d, nq):
+    rng = np.random.default_rng(d + nq)
+    x = data(d, 2000, d)
+    q = data(d + 1, nq, d)
+    s = Searcher(d, metric=metric)
+    ids = rng.permutation(10**6)[:2000]
+    assert s.add(x, ids=ids).tolist() == ids.tolist()
+    scores, got = s.search(q, 10)
+    if metric == "cosine":
+        x, q = ref.normalize(x), ref.normalize(q)
+    atol = 1e-5 if metric == "cosine" else 1e-5 * max(1.0, float(np.abs(x).sum(1).max() * np.abs(q).max()))
+    ref.check_topk(scores, got, q, x, 10, vector_ids=ids, atol=atol)
+
+
+def test_search_after_adds_and_removes_matches_oracle():
+    x = data(0, 3000, 24)
+    s = Searcher(24)
+    s.add(x[:1000])
+    s.add(x[1000:])
+    gone = np.random.default_rng(1).choice(3000, size=700, replace=False)
+    assert s.remove(gone) == 700
+    keep = np.setdiff1d(np.arange(3000), gone)
+    q = data(2, 40, 24)
+    scores, ids = s.search(q, 25)
+    ref.check_topk(scores, ids, ref.normalize(q), ref.normalize(x[keep]), 25, vector_ids=keep)
+
+
+def test_exact_ties_ordered_by_row():
+    """Duplicated vectors tie exactly; the earlier stored one (lower row) comes first."""
+    base = np.eye(4, dtype=np.float32)
+    s = Searcher(4)
+    s.add(np.vstack([base, base]), ids=[10, 11, 12, 13, 20, 21, 22, 23])
+    scores, ids = s.search(np.array([1, 0, 0, 0], np.float32), 3)
+    assert ids.tolist() == [[10, 20, 11]]
+    assert scores.tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_one_query_as_1d_is_answered_2d():
+    s = Searcher(3)
+    s.add(np.eye(3, dtype=np.float32))
+    scores, ids = s.search(np.array([0.0, 2.0, 0.0]), 2)
+    assert scores.shape == (1, 2) and ids.shape == (1, 2)
+    assert ids[0, 0] == 1 and scores[0, 0] == pytest.approx(1.0)
+
+
+def test_empty_index_answers_padding():
+    s = Searcher(5)
+    scores, ids = s.search(data(0, 3, 5), 4)
+    assert scores.dtype == np.float32 and ids.dtype == np.int64
+    assert (ids == -1).all() and np.isneginf(scores).all() and ids.shape == (3, 4)
+
+
+def test_k_beyond_count_is_padded():
+    s = Searcher(5)
+    x = data(0, 3, 5)
+    s.add(x)
+    scores, ids = s.search(x[:2], 6)
+    assert (ids[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
+    assert sorted(ids[0, :3].tolist()) == [0, 1, 2] and ids[0, 0] == 0 and ids[1, 0] == 1
+
+
+def test_zero_vectors_score_zero_and_stay_zero():
+    s = Searcher(4)
+    x = np.array([[0, 0, 0, 0], [3, 4, 0, 0], [0, 0, 0, 2]], np.float32)
+    s.add(x)
+    np.testing.assert_array_equal(s.get([0]), np.zeros((1, 4), np.float32))
+    np.testing.assert_allclose(s.get([1]), [[0.6, 0.8, 0, 0]], rtol=1e-6)
+    scores, ids = s.search(np.array([[0, 0, 0, 0], [1, 0, 0, 0]], np.float32), 3)
+    assert ids[0].tolist() == [0, 1, 2] and scores[0].tolist() == [0.0, 0.0, 0.0]  # zero query: row order
+    assert ids[1].tolist() == [1, 0, 2]
+    np.testing.assert_allclose(scores[1], [0.6, 0.0, 0.0], rtol=1e-6)
+
+
+def test_ip_metric_keeps_magnitudes():
+    s = Searcher(2, metric="ip")
+    s.add(np.array([[1, 0], [3, 0], [0, 5]], np.float32))
+    scores, ids = s.search(np.array([2.0, 1.0], np.float32), 3)
+    assert ids.tolist() == [[1, 2, 0]] and scores.tolist() == [[6.0, 5.0, 2.0]]
+    np.testing.assert_array_equal(s.get([2]), [[0, 5]])
+
+
+def test_float16_and_float64_are_cast():
+    s = Searcher(3, metric="ip")
+    s.add(np.array([[1, 2, 3]], np.float16))
+    s.add(np.array([[0.1, 0.2, 0.3]], np.float64))
+    assert s.get([0, 1]).dtype == np.float32
+    np.testing.assert_array_equal(s.get([1]), np.array([[0.1, 0.2, 0.3]], np.float32))
+    scores, ids = s.search(np.array([1, 0, 0], np.float64), 1)
+    assert ids.tolist() == [[0]] and scores.dtype == np.float32
+
+
+# -- ids, remove, get ----------------------------------------------------------------------------
+
+
+def test_generated_ids_continue_past_the_highest():
+    s = Searcher(2)
+    assert s.add(data(0, 3, 2)).tolist() == [0, 1, 2]
+    assert s.add(data(1, 2, 2), ids=[10, 7]).tolist() == [10, 7]
+    assert s.add(data(2, 2, 2)).tolist() == [11, 12]
+    s.remove([12, 11])
+    assert s.add(data(3, 1, 2)).tolist() == [13]  # never reused
+    assert s.add(np.zeros((0, 2), np.float32)).tolist() == []
+    assert len(s) == 6 and s.ids.tolist() == [0, 1, 2, 10, 7, 13]
+
+
+def test_duplicate_ids_are_refused_and_nothing_is_added():
+    s = Searcher(2)
+    s.add(data(0, 3, 2), ids=[5, 6, 7])
+    with pytest.raises(InputError, match="id 6 is already in the index"):
+        s.add(data(1, 2, 2), ids=[100, 6])
+    with pytest.raises(InputError, match="id 9 is given more than once"):
+        s.add(data(1, 3, 2), ids=[9, 1, 9])
+    assert len(s) == 3 and s.ids.tolist() == [5, 6, 7]
+    assert s.add(data(1, 1, 2)).tolist() == [8]  # the refused calls used up no ids
+
+
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([1.0, 2.0], "ids must be integers, got dtype float64"),
+        ([[1, 2]], r"ids must be a 1-D array of ints, got shape \(1, 2\)"),
+        ([1, 2, 3], "got 2 vectors but 3 ids"),
+        ([-1, 4], "ids must be >= 0"),
+    ],
+)
+def test_bad_ids_are_refused(ids, match):
+    s = Searcher(2)
+    with pytest.raises(InputError, match=match):
+        s.add(data(0, 2, 2), ids=ids)
+    assert len(s) == 0
+
+
+def test_remove_counts_and_ignores_unknown_ids():
+    s = Searcher(3)
+    x = data(0, 6, 3)
+    s.add(x)
+    assert s.remove([1, 99, 1, 4]) == 2  # 99 unknown, the second 1 already gone
+    assert s.remove([1]) == 0
+    assert s.remove([]) == 0
+    assert len(s) == 4 and sorted(s.ids.tolist()) == [0, 2, 3, 5]
+    np.testing.assert_allclose(s.get([5, 0]), ref.normalize(x[[5, 0]]), rtol=1e-6)  # 5 moved into a hole
+    with pytest.raises(KeyError, match="id 4 is not in the index"):
+        s.get([4])
+    scores, ids = s.search(x[5], 1)
+    assert ids.tolist() == [[5]]
+
+
+def test_remove_everything_then_reuse():
+    s = Searcher(3)
+    s.add(data(0, 5, 3))
+    assert s.remove(np.arange(5)) == 5
+    assert len(s) == 0
+    assert (s.search(data(1, 1, 3), 2)[1] == -1).all()
+    assert s.add(data(2, 1, 3)).tolist() == [5]
+
+
+def test_get_returns_in_asked_order_and_names_unknown_ids():
+    s = Searcher(2, metric="ip")
+    x = data(0, 4, 2)
+    s.add(x, ids=[40, 30, 20, 10])
+    np.testing.assert_array_equal(s.get([10, 40]), x[[3, 0]])
+    np.testing.assert_array_equal(s.get(30), x[[1]])  # a scalar id gives one row
+    with pytest.raises(KeyError, match="id 77 is not in the index"):
+        s.get([10, 77])
+
+
+def test_ids_property_is_a_copy():
+    s = Searcher(2)
+    s.add(data(0, 3, 2))
+    s.ids[:] = 99
+    assert s.ids.tolist() == [0, 1, 2] and s.dim == 2 and s.metric == "cosine"
+
+
+def test_storage_grows_geometrically():
+    s = Searcher(2)
+    caps = set()
+    for i in range(200):
+        s.add(data(i, 1, 2))
+        caps.add(s._vectors.shape[0])
+    assert len(caps) <= 12  # 16, 24, 36, ...: not one reallocation per add
+    assert s._vectors.flags.c_contiguous and s._vectors.dtype == np.float32
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (np.zeros((2, 3), np.float32), r"vectors must have shape \(n, 4\), got \(2, 3\)"),
+        (np.zeros(4, np.float32), r"vectors must have shape \(n, 4\), got \(4,\)"),
+        (np.zeros((2, 2, 4), np.float32), r"vectors must have shape \(n, 4\), got \(2, 2, 4\)"),
+        (np.zeros((2, 4), np.int64), "real floating-point array .*got dtype int64"),
+        (np.zeros((2, 4), bool), "got dtype bool"),
+        (np.zeros((2, 4), complex), "got dtype complex128"),
+        (np.zeros((2, 4), object), "got dtype object"),
+        ([["a"] * 4], "got dtype <U1"),
+    ],
+)
+def test_bad_vectors_are_refused(x, match):
+    s = Searcher(4)
+    s.add(data(0, 2, 4))
+    with pytest.raises(InputError, match=match):
+        s.add(x)
+    assert len(s) == 2
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])  # 1e39 overflows float32
+def test_nan_and_inf_are_refused_naming_rows(bad):
+    s = Searcher(3)
+    x = data(0, 12, 3)
+    x = x.astype(np.float64)
+    x[[2, 9], 1] = bad
+    with pytest.raises(InputError, match=r"NaN or inf .* rows \[2, 9\] \(2 in all\)"):
+        s.add(x)
+    assert len(s) == 0
+    s.add(data(1, 3, 3))
+    with pytest.raises(InputError, match=r"queries contain NaN or inf .* rows \[2, 9\]"):
+        s.search(x, 1)
+
+
+def test_ip_refuses_norms_that_would_overflow():
+    s = Searcher(2, metric="ip")
+    with pytest.raises(InputError, match=r"squared norm beyond float32's range .* rows \[1\]"):
+        s.add(np.array([[1, 1], [3e19, 3e19]], np.float32))
+    assert len(s) == 0
+
+
+@pytest.mark.parametrize(
+    "q, match",
+    [
+        (np.zeros(3, np.float32), r"one query must have shape \(4,\), got \(3,\)"),
+        (np.zeros((1, 5), np.float32), r"queries must have shape \(n, 4\), got \(1, 5\)"),
+        (np.zeros((1, 1, 4), np.float32), r"queries must have shape \(n, 4\), got \(1, 1, 4\)"),
+        (np.zeros((1, 4), np.int32), "got dtype int32"),
+    ],
+)
+def test_bad_queries_are_refused(q, match):
+    s = Searcher(4)
+    s.add(data(0, 2, 4))
+    with pytest.raises(InputError, match=match):
+        s.search(q, 1)
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.5, True, "3", None])
+def test_bad_k_is_refused(k):
+    s = Searcher(2)
+    s.add(data(0, 2, 2))
+    with pytest.raises(InputError, match="k must be a positive int"):
+        s.search(data(1, 1, 2), k)
+
+
+def test_numpy_int_k_is_accepted():
+    s = Searcher(2)
+    s.add(data(0, 2, 2))
+    assert s.search(data(1, 1, 2), np.int64(2))[1].shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((0,), {}, "dim must be a positive int, got 0"),
+        ((2.0,), {}, "dim must be a positive int"),
+        ((), {}, "dim is required"),
+        ((4,), {"metric": "l2"}, r"metric must be one of \('cosine', 'ip'\), got 'l2'"),
+    ],
+)
+def test_bad_construction_is_refused(args, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        Searcher(*args, **kwargs)
+
+
+def test_metric_is_case_insensitive():
+    assert Searcher(3, metric="IP").metric == "ip"
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+def filled(metric="cosine"):
+    s = Searcher(7, metric=metric)
+    s.add(data(0, 50, 7), ids=np.arange(100, 150))
+    s.remove([101, 120])
+    return s
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip"])
+def test_save_load_round_trip(tmp_path, metric):
+    s = filled(metric)
+    path = tmp_path / "sub" / "index.lkx"
+    s.save(path)
+    t = Searcher.load(path)
+    assert (t.dim, t.metric, len(t)) == (7, metric, 48)
+    np.testing.assert_array_equal(t.ids, s.ids)
+    np.testing.assert_array_equal(t.get(t.ids), s.get(s.ids))
+    q = data(1, 5, 7)
+    for a, b in zip(s.search(q, 6), t.search(q, 6)):
+        np.testing.assert_array_equal(a, b)
+    assert t.add(data(2, 1, 7)).tolist() == [150]  # next id kept
+    assert [p.name for p in path.parent.iterdir()] == ["index.lkx"]  # no temporary file left
+
+
+def test_save_empty_and_overwrite(tmp_path):
+    path = tmp_path / "i.lkx"
+    Searcher(3).save(path)
+    assert len(Searcher.load(path)) == 0
+    filled().save(path)
+    assert len(Searcher.load(path)) == 48
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "i.lkx"
+    filled().save(path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10])
+    with pytest.raises(IndexFileError, match=rf"{path}: truncated or damaged index"):
+        Searcher.load(path)
+    path.write_bytes(raw[:20])
+    with pytest.raises(IndexFileError, match=str(path)):
+        Searcher.load(path)
+
+
+@pytest.mark.parametrize("where", ["payload", "header"])
+def test_altered_file_is_refused(tmp_path, where):
+    path = tmp_path / "i.lkx"
+    filled().save(path)
+    raw = bytearray(path.read_bytes())
+    if where == "payload":
+        raw[-5] ^= 0x01
+    else:
+        raw = bytearray(bytes(raw).replace(b'"metric": "cosine"', b'"metric": "ip"', 1))
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IndexFileError, match=rf"{path}: checksum mismatch"):
+        Searcher.load(path)
+
+
+def test_other_format_version_is_refused(tmp_path):
+    path = tmp_path / "i.lkx"
+    filled().save(path)
+    raw = path.read_bytes()
+    line, body = raw.split(b"\n", 1)
+    header = json.loads(line[len(MAGIC) :])
+    header["format_version"] = FORMAT_VERSION + 1
+    path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + body)
+    with pytest.raises(IndexFileError, match=rf"{path}: index format version 2; this build reads version 1"):
+        Searcher.load(path)
+
+
+def test_foreign_and_missing_files_are_refused(tmp_path):
+    path = tmp_path / "not_an_index.bin"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n....")
+    with pytest.raises(IndexFileError, match=rf"{path} is not a lookalike index file"):
+        Searcher.load(path)
+    path.write_bytes(MAGIC + b"[1, 2]\n")
+    with pytest.raises(IndexFileError, match="damaged index header"):
+        Searcher.load(path)
+    with pytest.raises(IndexFileError, match=r"cannot read index file .*missing\.lkx"):
+        Searcher.load(tmp_path / "missing.lkx")
+
+
+class StandInEncoder:
+    """The attributes Searcher reads from an encoder (engine.encoder.Encoder's contract); no images."""
+
+    def __init__(self, name, dim, sha):
+        self.name, self.dim = name, dim
+        self.identity = {"name": name, "sha256": sha, "dim": dim}
+
+
+def test_model_identity_is_recorded_and_checked(tmp_path):
+    enc = StandInEncoder("mpnn", 7, "ab" * 32)
+    s = Searcher(encoder=enc)
+    assert s.dim == 7
+    s.add(data(0, 3, 7))
+    path = tmp_path / "i.lkx"
+    s.save(path)
+    header = json.loads(path.read_bytes().split(b"\n", 1)[0][len(MAGIC) :])
+    assert header["model"] == enc.identity
+    assert Searcher.load(path).encoder is None
+    assert Searcher.load(path, encoder=StandInEncoder("mpnn", 7, "ab" * 32)).encoder is not None
+    with pytest.raises(ModelError, match=r"built with model .*'ab.*but the encoder given is .*'cd"):
+        Searcher.load(path, encoder=StandInEncoder("mpnn", 7, "cd" * 32))
+    with pytest.raises(InputError, match="dim 5 does not match the encoder's dim 7"):
+        Searcher(5, encoder=enc)
+    with pytest.raises(InputError, match="no image encoder attached"):
+        Searcher(7).search_images([np.zeros((8, 8, 3), np.uint8)], 1)
+
+
+# -- concurrency -----------------------------------------------------------------------------------
+
+
+def test_concurrent_searches_during_adds_and_removes():
+    """4 threads search while 1 thread adds and removes vectors that can never enter the probes' top k
+    (they point the other way), moving stored rows around and growing the storage. Every answer must
+    equal the oracle's answer over the fixed base vectors (up to float32 near-ties)."""
+    rng = np.random.default_rng(0)
+    d, k = 64, 10
+    nbase = 20_000  # big enough that the larger batches run in topk's worker threads
+    base = np.hstack([np.ones((nbase, 1)), 0.1 * rng.standard_normal((nbase, d - 1))]).astype(np.float32)
+    probes = np.hstack([np.ones((64, 1)), 0.1 * rng.standard_normal((64, d - 1))]).astype(np.float32)
+    far = np.hstack([-np.ones((6000, 1)), 0.1 * rng.standard_normal((6000, d - 1))]).astype(np.float32)
+    nb, nq, nf = ref.normalize(base), ref.normalize(probes), ref.normalize(far)
+    want_scores, want_rows = ref.topk_ip(nq, nb, k)
+    assert (nf @ nq.T).max() < want_scores[:, -1].min()  # the far vectors never compete
+
+    s = Searcher(d)
+    far_ids = np.arange(10**6, 10**6 + 6000)
+    s.add(far[:500], ids=far_ids[:500])  # far rows first, so removals move base rows into holes
+    s.add(base, ids=np.arange(nbase))
+    present = list(far_ids[:500])
+    stop = threading.Event()
+    failures = []
+    count = [0]
+
+    def reader(batch):
+        rrng = np.random.default_rng(batch)
+        while not stop.is_set():
+            i0 = int(rrng.integers(0, nq.shape[0] - batch + 1))
+            scores, ids = s.search(probes[i0 : i0 + batch], k)
+            if not (np.array_equal(ids, want_rows[i0 : i0 + batch])
+                    and np.allclose(scores, want_scores[i0 : i0 + batch], atol=1e-5, rtol=0)):
+                try:  # a swap of float32 near-ties is allowed, anything else is not
+                    ref.check_topk(scores, ids, nq[i0 : i0 + batch], nb, k)
+                except AssertionError as e:
+                    failures.append((batch, i0, str(e)))
+            count[0] += 1
+
+    def writer():
+        wrng = np.random.default_rng(1)
+        nxt = 500
+        try:
+            for _ in range(150):
+                m = int(wrng.integers(1, 40))
+                s.add(far[nxt : nxt + m], ids=far_ids[nxt : nxt + m])
+                present.extend(far_ids[nxt : nxt + m])
+                nxt += m
+                drop = wrng.choice(len(present), size=min(len(present), int(wrng.integers(1, 40))), replace=False)
+                gone = [present[i] for i in drop]
+                assert s.remove(gone) == len(gone)
+                for g in gone:
+                    present.remove(g)
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=reader, args=(b,)) for b in (1, 7, 17, 64)]
+    threads.append(threading.Thread(target=writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, f"{len(failures)} inconsistent answers, first: {failures[0][:2]}"
+    assert count[0] > 0
+    assert sorted(s.ids.tolist()) == sorted(list(range(nbase)) + [int(p) for p in present])

@@ -1,0 +1,1 @@
+"""Export trained encoders to ONNX (``python -m export all``); see ``export.onnx`` and ``export.verify``."""

@@ -46,7 +46,7 @@ def list_encoders() -> list[str]:
     return sorted(_ENCODERS)
 
 
-def build_encoder(arch: str, **kwargs) -> nn.Module:
+def build_encoder(arch: str, /, **kwargs) -> nn.Module:
     _populate()
     if arch not in _ENCODERS:
         raise KeyError(f"unknown encoder architecture {arch!r}; known: {', '.join(sorted(_ENCODERS))}")
@@ -73,8 +73,13 @@ def load_encoder(path) -> tuple[nn.Module, EncoderInfo]:
     enc = ckpt.get("encoder")
     if not isinstance(enc, dict) or not {"arch", "kwargs", "state_dict", "dim", "preprocess"} <= set(enc):
         raise CheckpointError(f"{p} has no usable 'encoder' entry (expected arch, kwargs, state_dict, dim, preprocess)")
-    model = build_encoder(enc["arch"], **enc["kwargs"])
-    model.load_state_dict(enc["state_dict"])
+    try:
+        model = build_encoder(enc["arch"], **enc["kwargs"])
+        model.load_state_dict(enc["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{p}: this lookalike cannot rebuild encoder {enc['arch']!r} with kwargs {enc['kwargs']} ({e})"
+        ) from None
     model.eval()
     info = EncoderInfo(
         name=ckpt.get("name", enc["arch"]),

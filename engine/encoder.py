@@ -1,0 +1,417 @@
+"""ONNX image encoders at run time: images (files or uint8 arrays) -> L2-normalised float32 embeddings.
+
+An exported model (``python -m export``) carries in its ONNX metadata everything needed to use it: the model
+name, architecture, embedding size, input size and the exact preprocessing (``engine.preprocess.Preprocess``
+as JSON). ``Encoder`` reads that metadata, so nothing is guessed::
+
+    enc = Encoder("models/la.onnx")
+    x = enc.encode(["a.jpg", "b.png"])          # (2, enc.dim) float32, unit rows
+    x = enc.encode(frame)                        # one (H, W, 3) uint8 RGB array -> (1, dim)
+
+onnxruntime runs it on CUDA when it can (``CUDAExecutionProvider`` offered and a session really starts on it),
+else on the CPU; ``enc.providers`` says which are in use. No torch here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import ImageReadError, InputError, ModelError
+from engine.preprocess import Preprocess, read_image
+
+# -- the metadata contract between export/ (which writes it) and the engine (which reads it) -----------------
+FORMAT_VERSION = 1  # bump when the metadata's meaning changes; older engines refuse newer files
+PREFIX = "lookalike."
+KEY_FORMAT = PREFIX + "format_version"  # "1"
+KEY_NAME = PREFIX + "name"  # model name, e.g. "la"
+KEY_ARCH = PREFIX + "arch"  # registered architecture, e.g. "ae-vgg16bn"
+KEY_DIM = PREFIX + "dim"  # embedding size, e.g. "512"
+KEY_INPUT_SIZE = PREFIX + "input_size"  # JSON [height, width] of the network input
+KEY_PREPROCESS = PREFIX + "preprocess"  # Preprocess.to_json()
+KEY_CHECKPOINT_SHA256 = PREFIX + "checkpoint_sha256"  # sha256 of the source checkpoint's payload
+KEY_PRECISION = PREFIX + "precision"  # "float32", "float16" or "int8"
+KEY_KWARGS = PREFIX + "kwargs"  # JSON of the architecture's constructor arguments (informative)
+KEY_EXPORTER = PREFIX + "exporter"  # what wrote the file (informative)
+REQUIRED_KEYS = (KEY_FORMAT, KEY_NAME, KEY_ARCH, KEY_DIM, KEY_INPUT_SIZE, KEY_PREPROCESS, KEY_CHECKPOINT_SHA256,
+                 KEY_PRECISION)
+PRECISIONS = ("float32", "float16", "int8")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+_ORT_QUIET = 4  # onnxruntime logger severity while a session starts: fatal only (hides failed-CUDA noise)
+_ORT_DEFAULT = 2  # onnxruntime's own default (warnings)
+_DECODE_WORKERS = max(1, min(8, os.cpu_count() or 1))  # threads decoding and resizing the images of a batch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The lookalike metadata of an exported model."""
+
+    name: str
+    arch: str
+    dim: int
+    input_size: tuple[int, int]
+    preprocess: Preprocess
+    checkpoint_sha256: str
+    precision: str
+    format_version: int
+    extra: dict  # every other metadata entry, as strings
+
+    @classmethod
+    def from_metadata(cls, meta: dict, where: str) -> "ModelInfo":
+        missing = [k for k in REQUIRED_KEYS if k not in meta]
+        if missing:
+            have = sorted(k for k in meta if k.startswith(PREFIX))
+            raise ModelError(
+                f"{where} is an ONNX model but not a lookalike encoder: its metadata lacks {missing} "
+                f"(found {have or 'no lookalike keys'}); export it with `python -m export NAME`")
+        try:
+            version = int(meta[KEY_FORMAT])
+        except ValueError:
+            raise ModelError(f"{where}: metadata {KEY_FORMAT} must be an int, got {meta[KEY_FORMAT]!r}") from None
+        if version != FORMAT_VERSION:
+            raise ModelError(f"{where} has lookalike model format version {version}; this engine reads version "
+                             f"{FORMAT_VERSION}. Re-export it with this lookalike version.")
+        try:
+            dim = int(meta[KEY_DIM])
+            size = tuple(int(s) for s in json.loads(meta[KEY_INPUT_SIZE]))
+            preprocess = Preprocess.from_json(meta[KEY_PREPROCESS])
+        except (ValueError, TypeError, KeyError, InputError) as e:
+            raise ModelError(f"{where}: damaged lookalike metadata ({type(e).__name__}: {e})") from None
+        if dim < 1 or len(size) != 2 or size != preprocess.size:
+            raise ModelError(f"{where}: inconsistent metadata: dim={dim}, input_size={size}, "
+                             f"preprocess size={preprocess.size}")
+        if meta[KEY_PRECISION] not in PRECISIONS:
+            raise ModelError(f"{where}: metadata precision must be one of {PRECISIONS}, got {meta[KEY_PRECISION]!r}")
+        extra = {k: v for k, v in meta.items() if k not in REQUIRED_KEYS}
+        return cls(name=meta[KEY_NAME], arch=meta[KEY_ARCH], dim=dim, input_size=size, preprocess=preprocess,
+                   checkpoint_sha256=meta[KEY_CHECKPOINT_SHA256], precision=meta[KEY_PRECISION],
+                   format_version=version, extra=extra)
+
+
+def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preprocess, checkpoint_sha256: str,
+                   precision: str = "float32", kwargs: dict | None = None, exporter: str = "") -> dict[str, str]:
+    """The metadata entries (string -> string) an exported model carries; export/ writes exactly these."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    meta = {
+        KEY_FORMAT: str(FORMAT_VERSION),
+        KEY_NAME: str(info_name),
+        KEY_ARCH: str(arch),
+        KEY_DIM: str(int(dim)),
+        KEY_INPUT_SIZE: json.dumps(list(preprocess.size)),
+        KEY_PREPROCESS: preprocess.to_json(),
+        KEY_CHECKPOINT_SHA256: str(checkpoint_sha256),
+        KEY_PRECISION: precision,
+        KEY_KWARGS: json.dumps(kwargs or {}, sort_keys=True, default=str),
+    }
+    if exporter:
+        meta[KEY_EXPORTER] = exporter
+    return meta
+
+
+# -- onnxruntime sessions ------------------------------------------------------------------------------------
+
+_dlls_preloaded = False
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Let onnxruntime find CUDA / cuDNN from the nvidia pip packages (torch is never imported here)."""
+    global _dlls_preloaded
+    if _dlls_preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _dlls_preloaded = True
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ort.preload_dlls()
+        except Exception:  # missing libraries: the session below simply falls back to the CPU
+            pass
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU when this onnxruntime offers CUDA, else the CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def make_session(model: bytes, *, providers=None, threads: int | None = None, where: str = "model"):
+    """An onnxruntime InferenceSession; a provider that cannot start (CUDA without a GPU) is dropped quietly.
+
+    Returns ``(session, providers_in_use)``. When the caller named providers explicitly and one of them could
+    not start, a ``RuntimeWarning`` says so.
+    """
+    import onnxruntime as ort
+
+    asked = providers is not None
+    providers = list(providers) if asked else default_providers()
+    if not providers:
+        raise InputError("providers must name at least one onnxruntime execution provider, got an empty list")
+    available = ort.get_available_providers()
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    unknown = [p for p in names if p not in available]
+    if unknown:
+        raise InputError(f"execution providers {unknown} are not offered by this onnxruntime; available: {available}")
+    if threads is not None and (int(threads) != threads or threads < 1):
+        raise InputError(f"threads must be a positive int or None, got {threads!r}")
+    accelerated = any(n != CPU for n in names)
+    if accelerated:
+        _preload_cuda_libraries(ort)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    try:
+        session = _start(ort, model, opts, providers, quiet=accelerated)
+    except Exception as e:  # noqa: BLE001  (onnxruntime raises its own exception types)
+        kind = type(e).__name__
+        if kind in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile") or "protobuf" in str(e).lower():
+            raise ModelError(f"{where} is not a valid ONNX model ({kind}: {str(e).strip()[:300]})") from None
+        if accelerated and not asked:  # the default CUDA could not start at all: the CPU then
+            try:
+                session = _start(ort, model, opts, [CPU], quiet=False)
+            except Exception as e2:  # noqa: BLE001
+                e, kind = e2, type(e2).__name__
+                session = None
+        else:
+            session = None
+        if session is None:
+            raise ModelError(f"onnxruntime could not load {where} ({kind}: {str(e).strip()[:300]})") from None
+    in_use = list(session.get_providers())
+    dropped = [n for n in names if n not in in_use]
+    if asked and dropped:
+        warnings.warn(f"execution providers {dropped} could not start for {where}; running on {in_use}",
+                      RuntimeWarning, stacklevel=3)
+    return session, in_use
+
+
+def _start(ort, model: bytes, opts, providers: list, *, quiet: bool):
+    """Create the session; with ``quiet`` onnxruntime's messages about providers that fail to load are hidden."""
+    if not quiet:
+        return ort.InferenceSession(model, sess_options=opts, providers=providers)
+    ort.set_default_logger_severity(_ORT_QUIET)
+    try:
+        with _quiet_native_stderr():
+            return ort.InferenceSession(model, sess_options=opts, providers=providers)
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what native code writes to file descriptor 2 (onnxruntime's failed-provider messages)."""
+    try:
+        fd = os.dup(2)
+    except OSError:  # no real stderr (embedded interpreters): nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+# -- the encoder ---------------------------------------------------------------------------------------------
+
+class Encoder:
+    """An exported lookalike encoder: ``encode(images) -> (n, dim)`` float32 L2-normalised rows.
+
+    ``providers`` default to CUDA when onnxruntime can start on it, then CPU; ``batch_size`` images go
+    through the network at a time; ``threads`` caps onnxruntime's intra-op threads (None: its default).
+    """
+
+    def __init__(self, path, *, providers=None, batch_size: int = 32, threads: int | None = None):
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            why = "it is a folder" if self.path.is_dir() else "no such file"
+            raise ModelError(f"model file not found: {self.path} ({why}); export one with `python -m export NAME`")
+        data = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.session, self.providers = make_session(data, providers=providers, threads=threads, where=str(self.path))
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.info = ModelInfo.from_metadata(meta, str(self.path))
+        self.batch_size = int(batch_size)
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise ModelError(f"{self.path}: expected one input and one output, got {len(inputs)} and {len(outputs)}")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        shape = list(inputs[0].shape)
+        h, w = self.info.input_size
+        fixed = [None if not isinstance(d, int) else d for d in shape]
+        if len(shape) != 4 or fixed[1:] != [3, h, w]:
+            raise ModelError(f"{self.path}: the network input must be (batch, 3, {h}, {w}) as its metadata says, "
+                             f"got {shape}")
+        out_shape = list(outputs[0].shape)
+        if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != self.info.dim):
+            raise ModelError(f"{self.path}: the output must be (batch, {self.info.dim}), got {out_shape}")
+        if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
+            raise ModelError(f"{self.path}: input and output must be float32 tensors, got {inputs[0].type} and "
+                             f"{outputs[0].type}")
+
+    # -- what the model is -----------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.info.preprocess
+
+    @property
+    def identity(self) -> dict:
+        """What an index records to refuse embeddings of another model: name, sha256 of this file, dim, ..."""
+        return {
+            "model": self.info.name,
+            "arch": self.info.arch,
+            "dim": self.info.dim,
+            "precision": self.info.precision,
+            "sha256": self.sha256,
+            "checkpoint_sha256": self.info.checkpoint_sha256,
+        }
+
+    def __repr__(self) -> str:
+        return (f"Encoder({str(self.path)!r}, name={self.name!r}, dim={self.dim}, precision={self.info.precision!r}, "
+                f"providers={self.providers})")
+
+    # -- encoding ------------------------------------------------------------------------------------------
+    def encode(self, images, *, progress: bool = False) -> np.ndarray:
+        """Images -> ``(n, dim)`` float32 unit rows (a zero embedding stays zero).
+
+        ``images``: a path, a list of paths, one (H, W[, C]) uint8 RGB array, a list of arrays (paths and arrays
+        may mix), or an (n, H, W, C) uint8 array; C is 1 (grey), 3 (RGB) or 4 (RGBA).
+        """
+        items = _as_items(images)
+        n = len(items)
+        out = np.empty((n, self.dim), np.float32)
+        if n == 0:
+            return out
+        starts = list(range(0, n, self.batch_size))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=f"encode ({self.name})", unit="img", leave=False, dynamic_ncols=True)
+        try:
+            # One helper thread prepares the next batch while the network runs the current one; it spreads
+            # the batch's images over a few decoding threads (OpenCV releases the GIL).
+            workers = min(_DECODE_WORKERS, len(items))
+            with ThreadPoolExecutor(max_workers=1) as ahead, ThreadPoolExecutor(max_workers=workers) as decode:
+                pending = ahead.submit(self._prepare, items[0 : self.batch_size], decode)
+                for i, s in enumerate(starts):
+                    x = pending.result()
+                    if i + 1 < len(starts):
+                        nxt = starts[i + 1]
+                        pending = ahead.submit(self._prepare, items[nxt : nxt + self.batch_size], decode)
+                    out[s : s + len(x)] = self._run(x)
+                    if bar is not None:
+                        bar.update(len(x))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    def _prepare(self, items: list, pool=None) -> np.ndarray:
+        """Decode paths and preprocess: a list of paths / arrays -> (b, 3, h, w) float32 (= ``preprocess``)."""
+        pre = self.preprocess
+
+        def one(it):
+            return pre.resize_crop(read_image(it) if isinstance(it, (str, os.PathLike)) else it)
+
+        crops = list(pool.map(one, items)) if pool is not None and len(items) > 1 else [one(it) for it in items]
+        return pre.normalise(np.stack(crops))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """(b, 3, h, w) float32 network input -> (b, dim) float32 unit rows."""
+        y = self.session.run([self.output_name], {self.input_name: x})[0]
+        if y.ndim != 2 or y.shape != (len(x), self.dim):
+            raise ModelError(f"{self.path}: the network returned shape {y.shape}, expected ({len(x)}, {self.dim})")
+        y = y.astype(np.float32, copy=False)
+        norms = np.linalg.norm(y, axis=1, keepdims=True)
+        return y / np.maximum(norms, np.float32(1e-12))
+
+    def encode_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        """Already preprocessed ``(n, 3, h, w)`` float32 input -> ``(n, dim)`` unit rows (in batches)."""
+        x = np.asarray(x)
+        h, w = self.info.input_size
+        if x.ndim != 4 or x.shape[1:] != (3, h, w):
+            raise InputError(f"preprocessed images must have shape (n, 3, {h}, {w}), got {x.shape}")
+        if x.dtype != np.float32:
+            raise InputError(f"preprocessed images must be float32, got {x.dtype}")
+        x = np.ascontiguousarray(x)
+        out = np.empty((len(x), self.dim), np.float32)
+        for s in range(0, len(x), self.batch_size):
+            out[s : s + self.batch_size] = self._run(x[s : s + self.batch_size])
+        return out
+
+
+def _as_items(images) -> list:
+    """Normalise the accepted input forms to a list of paths and validated uint8 arrays."""
+    if isinstance(images, (str, os.PathLike)):
+        items = [images]
+    elif isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            _check_array(images, "images")
+            items = list(images)
+        elif images.ndim in (2, 3):
+            items = [images]
+        else:
+            raise InputError(f"an image array must have shape (H, W), (H, W, C) or (n, H, W, C), got {images.shape}")
+    elif isinstance(images, (bytes, bytearray)):
+        raise InputError("images must be paths or uint8 arrays, got raw bytes (decode them, or pass the file path)")
+    else:
+        try:
+            items = list(images)
+        except TypeError:
+            raise InputError(f"images must be a path, a list of paths / arrays or an array, "
+                             f"got {type(images).__name__}") from None
+    missing = []
+    for i, it in enumerate(items):
+        if isinstance(it, (str, os.PathLike)):
+            if not Path(it).is_file():
+                missing.append(str(it))
+        elif isinstance(it, np.ndarray):
+            if it.ndim not in (2, 3):
+                raise InputError(f"image {i} must have shape (H, W) or (H, W, 1|3|4), got {it.shape}")
+            _check_array(it, f"image {i}")
+        else:
+            raise InputError(f"image {i} must be a file path or a uint8 array, got {type(it).__name__}")
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ImageReadError(f"image file not found: {missing[0]}{more}")
+    return items
+
+
+def _check_array(a: np.ndarray, what: str) -> None:
+    """One image (H, W[, C]) or a batch (n, H, W, C): uint8, C in 1, 3, 4, sides >= 1."""
+    if a.dtype != np.uint8:
+        raise InputError(f"{what} must be uint8 RGB (0..255), got dtype {a.dtype} with shape {a.shape}; "
+                         f"convert with (x * 255).clip(0, 255).astype(np.uint8) if it is float in [0, 1]")
+    img = a.shape[1:] if a.ndim == 4 else a.shape
+    ok = len(img) == 2 or (len(img) == 3 and img[2] in (1, 3, 4))
+    if not ok or min(img[:2]) < 1:
+        raise InputError(f"{what} must have shape (H, W), (H, W, 1|3|4) or (n, H, W, 1|3|4) with H, W >= 1, "
+                         f"got {a.shape}")

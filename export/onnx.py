@@ -1,0 +1,484 @@
+"""Export trained encoders to ONNX files the engine can run without torch.
+
+``export_run`` takes one checkpoint (``runs/<name>/checkpoint.pt``) and writes ``<out>/<name>.onnx``:
+
+1. ``train.registry.load_encoder`` rebuilds the encoder alone (decoders, heads and unpooling stay out);
+2. ``torch.onnx.export`` (TorchScript exporter; the dynamo exporter when that one fails) with a dynamic batch
+   axis, input ``images`` (n, 3, H, W) float32, output ``embeddings`` (n, dim) float32, opset 17+;
+3. the metadata the engine needs (``engine.encoder.model_metadata``: name, arch, dim, input size, the
+   ``Preprocess`` JSON, format version, sha256 of the source checkpoint) goes into ``metadata_props``;
+4. ``onnx.checker.check_model(full_check=True)``, then onnxruntime is compared with torch on real images
+   (``export.verify.real_images``): a max abs difference above ``tolerance`` (1e-4) raises ``ExportError``
+   and nothing is written; otherwise the file is written atomically (temp file + ``os.replace``).
+
+Optional variants, measured against the float32 file on held-out real images (max abs difference, mean
+cosine, overlap@10 of the neighbour lists) and written as ``<name>.fp16.onnx`` / ``<name>.int8.onnx``:
+
+- float16: ``onnxruntime.transformers.float16`` with float32 inputs and outputs and the final L2
+  normalisation kept in float32;
+- int8: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8 activations),
+  calibrated on real images disjoint from the ones it is measured on; the normalisation stays float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from engine.encoder import CPU, KEY_PRECISION, ModelInfo, make_session, model_metadata
+from export import verify
+from train.checkpoint import CheckpointError, atomic_write_bytes
+from train.registry import MODEL_NAMES
+
+INPUT_NAME = "images"  # (n, 3, H, W) float32, preprocessed as the metadata says
+OUTPUT_NAME = "embeddings"  # (n, dim) float32, L2-normalised
+DEFAULT_OPSET = 17
+TOLERANCE = 1e-4  # max abs difference allowed between onnxruntime and torch (float32)
+EXPORTERS = ("auto", "torchscript", "dynamo")
+VARIANTS = ("fp16", "int8")
+SUFFIX = {"float32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}
+OVERLAP_K = 10
+
+# How each model name is trained, for the hints in error messages.
+TRAINERS = {
+    "mpnn": "python -m train.mpnn",
+    "ae-conv": "python -m train.ae --arch conv",
+    "ae-vgg16bn": "python -m train.ae --arch vgg16bn",
+    "la": "python -m train.la",
+    "siamese": "python -m train.siamese",
+}
+
+
+class ExportError(Exception):
+    """An export could not be done or did not pass its checks; nothing was written for it."""
+
+
+# -- finding runs -------------------------------------------------------------------------------------------
+
+def find_runs(runs_dir) -> dict[str, Path]:
+    """Run folders under ``runs_dir`` holding a checkpoint.pt: {name: checkpoint path}, sorted by name."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return {}
+    return {d.name: d / "checkpoint.pt" for d in sorted(runs_dir.iterdir())
+            if d.is_dir() and (d / "checkpoint.pt").is_file()}
+
+
+def resolve(names, runs_dir) -> list[tuple[str, Path]]:
+    """Model names (or ``all``) -> [(name, checkpoint path)]; clear errors for unknown or untrained names."""
+    runs_dir = Path(runs_dir)
+    names = list(names)
+    if not names:
+        raise ExportError(f"name the models to export, or 'all'; known model names: {', '.join(MODEL_NAMES)}")
+    found = find_runs(runs_dir)
+    if "all" in names:
+        if len(names) > 1:
+            raise ExportError(f"'all' exports every trained run; give it alone, got {names}")
+        if not found:
+            raise ExportError(
+                f"no trained runs under {runs_dir}/ (expected {runs_dir}/<name>/checkpoint.pt for a name in "
+                f"{', '.join(MODEL_NAMES)}); train one first, e.g. `{TRAINERS['la']}`, or give --runs")
+        return list(found.items())
+    out = []
+    for name in names:
+        folder = runs_dir / name
+        if not folder.is_dir():
+            if name in MODEL_NAMES:
+                raise ExportError(f"model {name!r} has no run folder at {folder}/; train it first "
+                                  f"(`{TRAINERS.get(name, 'python -m train.' + name)}`) or point --runs at its runs")
+            trained = ", ".join(found) or "none"
+            raise ExportError(f"unknown model {name!r}: no run folder {folder}/. Known model names: "
+                              f"{', '.join(MODEL_NAMES)}; trained runs in {runs_dir}/: {trained}")
+        ckpt = folder / "checkpoint.pt"
+        if not ckpt.is_file():
+            raise ExportError(f"run folder {folder}/ has no checkpoint.pt (a trainer writes it after each epoch; "
+                              f"was the run stopped before its first epoch ended?)")
+        out.append((name, ckpt))
+    return out
+
+
+# -- torch -> ONNX --------------------------------------------------------------------------------------------
+
+def to_onnx(model, example, *, opset: int = DEFAULT_OPSET, exporter: str = "auto") -> tuple[bytes, str]:
+    """The encoder as ONNX bytes with a dynamic batch axis, and a description of the exporter used."""
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if opset < 17:
+        raise ExportError(f"opset must be 17 or newer, got {opset}")
+    first_error = None
+    if exporter in ("auto", "torchscript"):
+        buf = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                # TracerWarnings from the encoders' Python-side shape checks, and the exporter's deprecation
+                # notice: the parity check below (at batch sizes other than the traced one) is what counts.
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                                  opset_version=opset, do_constant_folding=True, dynamo=False)
+            return buf.getvalue(), f"torch {torch.__version__} torchscript exporter, opset {opset}"
+        except Exception as e:  # noqa: BLE001  (any exporter failure: try the other exporter, or report it)
+            if exporter == "torchscript":
+                raise ExportError(f"the TorchScript exporter failed: {type(e).__name__}: {e}") from e
+            first_error = e
+    try:
+        batch = torch.export.Dim("batch")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=({0: batch},), opset_version=max(opset, 18), dynamo=True)
+        return program.model_proto.SerializeToString(), \
+            f"torch {torch.__version__} dynamo exporter, opset {max(opset, 18)}"
+    except Exception as e:  # noqa: BLE001
+        before = f"the TorchScript exporter failed ({type(first_error).__name__}: {first_error}); " if first_error else ""
+        raise ExportError(f"{before}the dynamo exporter failed: {type(e).__name__}: {e}") from e
+
+
+def _set_metadata(proto, meta: dict[str, str]) -> None:
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key not in meta]
+    del proto.metadata_props[:]
+    for k, v in keep + sorted(meta.items()):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.doc_string = (f"lookalike image encoder {meta.get('lookalike.name')!r} ({meta.get('lookalike.arch')}): "
+                        f"{INPUT_NAME} (n, 3, H, W) float32 preprocessed as lookalike.preprocess says -> "
+                        f"{OUTPUT_NAME} (n, {meta.get('lookalike.dim')}) L2-normalised float32")
+
+
+def _check(proto, what: str) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:  # noqa: BLE001  (onnx raises several types: ValidationError, InferenceError, ...)
+        raise ExportError(f"{what} fails onnx.checker.check_model(full_check=True): {type(e).__name__}: {e}") from e
+
+
+def _normalisation_tail(proto) -> tuple[str | None, list[str]]:
+    """The features tensor and the names of the nodes of the final L2 normalisation (every node downstream of
+    the input of the last ReduceL2), topologically ordered; (None, []) when there is no ReduceL2.
+
+    They stay float32 in the fp16 and int8 variants, so the embeddings remain unit vectors at full precision.
+    """
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    reduce = [n for n in proto.graph.node if n.op_type == "ReduceL2"]
+    if not reduce:
+        return None, []
+    feature = reduce[-1].input[0]
+    tail, produced = [], {feature}
+    for node in proto.graph.node:  # graph nodes are topologically sorted
+        if any(i in produced for i in node.input):
+            tail.append(node.name)
+            produced.update(node.output)
+    return feature, tail
+
+
+# -- one export ---------------------------------------------------------------------------------------------
+
+def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | None = None,
+               image_source: str = "", variants=(), opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE,
+               exporter: str = "auto", check_images: int = 64, log=print) -> dict:
+    """Export one checkpoint (a file or a run folder) to ``<out_dir>/<name>.onnx`` (+ variants); returns its
+    report entry. Raises ``ExportError`` (or ``CheckpointError`` for a damaged / foreign checkpoint), in which
+    case the float32 file is not written. A variant that fails is not written either; its error is listed under
+    the entry's ``errors`` (the float32 file stays)."""
+    import onnx
+
+    from train.registry import load_encoder
+
+    variants = tuple(variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ExportError(f"variants must be among {VARIANTS}, got {bad}")
+    started = time.time()
+    checkpoint = Path(checkpoint)
+    try:
+        model, info = load_encoder(checkpoint)
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:  # state dict / kwargs the code does not take
+        raise ExportError(f"{checkpoint}: train.registry.load_encoder cannot rebuild its encoder "
+                          f"({type(e).__name__}: {str(e).strip()[:400]}); a checkpoint written by another version "
+                          f"of the code needs re-training") from e
+    name = name or info.name
+    out_dir = Path(out_dir)
+    if images is None:
+        images, image_source = verify.real_images(check_images)
+    calib, evaluation = verify.split_images(images, calibration="int8" in variants)
+    if not evaluation or ("int8" in variants and not calib):
+        raise ExportError(f"{name}: the checks need real images (2 at least with int8, half of them calibrate it); "
+                          f"got {len(images)}")
+    pre = info.preprocess
+    x_eval = pre(evaluation)  # (n, 3, h, w) float32, the engine's own preprocessing
+    example = x_eval[:2] if len(x_eval) >= 2 else np.concatenate([x_eval, x_eval])[:2]
+
+    import torch
+
+    ref = verify.torch_embed(model, x_eval)
+    if ref.shape != (len(x_eval), info.dim):
+        raise ExportError(f"{checkpoint}: the encoder returns shape {ref.shape}, expected ({len(x_eval)}, {info.dim})")
+    raw, exporter_used = to_onnx(model, torch.from_numpy(np.ascontiguousarray(example)), opset=opset,
+                                 exporter=exporter)
+    proto = onnx.load_from_string(raw)
+    meta = model_metadata(name, arch=info.arch, dim=info.dim, preprocess=pre, checkpoint_sha256=info.sha256,
+                          precision="float32", kwargs=_checkpoint_kwargs(checkpoint), exporter=exporter_used)
+    _set_metadata(proto, meta)
+    _check(proto, f"the ONNX export of {checkpoint}")
+    data = proto.SerializeToString()
+    session, _ = make_session(data, providers=[CPU], where=f"the ONNX export of {checkpoint}")
+    ModelInfo.from_metadata(dict(session.get_modelmeta().custom_metadata_map), f"the ONNX export of {checkpoint}")
+    got = verify.ort_embed(session, x_eval)
+    if got.shape != ref.shape:
+        raise ExportError(f"{name}: onnxruntime returns shape {got.shape} where torch returns {ref.shape}; "
+                          f"nothing written")
+    diff = verify.max_abs_diff(got, ref) if np.isfinite(got).all() else float("inf")
+    if not diff <= tolerance:
+        raise ExportError(f"{name}: onnxruntime and torch disagree on {len(x_eval)} real images: max abs difference "
+                          f"{diff:.3g} > tolerance {tolerance:g}; nothing written")
+    path = out_dir / f"{name}{SUFFIX['float32']}"
+    atomic_write_bytes(path, data)
+    entry = {
+        "name": name,
+        "arch": info.arch,
+        "dim": info.dim,
+        "input_size": list(pre.size),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": info.sha256,
+        "exporter": exporter_used,
+        "images": {"source": image_source, "evaluation": len(evaluation), "calibration": len(calib)},
+        "float32": {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    "max_abs_diff_vs_torch": diff, "tolerance": tolerance,
+                    "min_cosine_vs_torch": float(verify.row_cosines(got, ref).min())},
+    }
+    log(f"{name}: wrote {path} ({len(data) / 1e6:.1f} MB, dim {info.dim}, input {pre.size[0]}x{pre.size[1]}); "
+        f"max |onnxruntime - torch| = {diff:.2e} on {len(x_eval)} real images")
+    errors = []
+    for variant in variants:
+        try:
+            vproto = _fp16(proto) if variant == "fp16" else _int8(proto, pre(calib), where=name)
+            _set_metadata(vproto, {**meta, KEY_PRECISION: "float16" if variant == "fp16" else "int8"})
+            entry[variant] = _finish_variant(vproto, variant, name, out_dir, x_eval, got, log)
+        except ExportError as e:
+            errors.append(str(e))
+        except Exception as e:  # noqa: BLE001  (converter / quantizer internals: report, keep the float32 file)
+            errors.append(f"{name}: the {variant} variant failed: {type(e).__name__}: {e}")
+    if errors:
+        entry["errors"] = errors
+    entry["seconds"] = round(time.time() - started, 2)
+    return entry
+
+
+def _checkpoint_kwargs(checkpoint: Path) -> dict:
+    from train.checkpoint import load_checkpoint
+
+    p = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
+    return dict(load_checkpoint(p).get("encoder", {}).get("kwargs", {}))
+
+
+def _fp16(proto):
+    """float16 weights and arithmetic, float32 input and output, the final L2 normalisation in float32.
+
+    The normalisation tail is cut off while ``convert_float_to_float16`` runs (with ``keep_io_types`` the
+    features then leave the float16 body through one Cast to float32), and put back afterwards.
+    """
+    import copy
+
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    p = copy.deepcopy(proto)
+    feature, tail = _normalisation_tail(p)
+    tail_nodes, outputs = [], list(p.graph.output)
+    if tail:
+        tail = _with_private_inputs(p.graph, set(tail), feature)
+        tail_nodes = [n for n in p.graph.node if n.name in tail]
+        body = [n for n in p.graph.node if n.name not in tail]
+        tail_tensors = {o for n in tail_nodes for o in n.output}
+        infos = [v for v in p.graph.value_info if v.name not in tail_tensors]
+        del p.graph.node[:]
+        p.graph.node.extend(body)
+        del p.graph.value_info[:]
+        p.graph.value_info.extend(infos)
+        del p.graph.output[:]
+        p.graph.output.append(onnx.helper.make_tensor_value_info(feature, onnx.TensorProto.FLOAT, None))
+    with warnings.catch_warnings(), _quiet_logging():
+        warnings.simplefilter("ignore")
+        p16 = convert_float_to_float16(p, keep_io_types=True)
+    if tail:
+        p16.graph.node.extend(tail_nodes)
+        del p16.graph.output[:]
+        p16.graph.output.extend(outputs)
+    _toposort(p16.graph)  # the converter appends its casts at the end of the node list
+    return p16
+
+
+def _with_private_inputs(graph, tail: set[str], feature: str) -> set[str]:
+    """``tail`` plus the nodes (Constants, ...) off the features' path whose outputs feed only the tail, so they
+    stay float32 too."""
+    producer = {o: n for n in graph.node for o in n.output}
+    upstream, stack = set(), [feature]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in upstream:
+            upstream.add(node.name)
+            stack.extend(node.input)
+    consumers: dict[str, set[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, set()).add(n.name)
+    graph_outputs = {o.name for o in graph.output}
+    tail = set(tail)
+    changed = True
+    while changed:
+        changed = False
+        for n in graph.node:
+            if n.name in tail or n.name in upstream or not n.output:
+                continue
+            users = set().union(*(consumers.get(o, set()) for o in n.output))
+            if users and users <= tail and not any(o in graph_outputs for o in n.output):
+                tail.add(n.name)
+                changed = True
+    return tail
+
+
+def _toposort(graph) -> None:
+    """Reorder ``graph.node`` topologically (stable: the original order wherever it is already valid)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    nodes = list(graph.node)
+    ordered, waiting = [], nodes
+    while waiting:
+        progressed, rest = False, []
+        for node in waiting:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            missing = sorted({i for n in rest for i in n.input if i not in ready})[:5]
+            raise ExportError(f"the graph has a cycle or dangling inputs {missing}; cannot sort it")
+        waiting = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _int8(proto, x_calib: np.ndarray, *, where: str):
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(x_calib) < 1:
+        raise ExportError(f"{where}: int8 calibration needs real images, got none")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([{INPUT_NAME: x_calib[i : i + 8]} for i in range(0, len(x_calib), 8)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory(prefix="lookalike-int8-") as tmp:
+        src, pre, dst = Path(tmp) / "f32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(proto, str(src))
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(src), str(pre))
+            pre_proto = onnx.load(str(pre))
+            exclude = _normalisation_tail(pre_proto)[1]
+            onnx.save(pre_proto, str(pre))
+            quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=exclude)
+        return onnx.load(str(dst))
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """The quantizer logs shape-inference chatter on the root logger; keep it to errors meanwhile."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _finish_variant(vproto, variant: str, name: str, out_dir: Path, x_eval: np.ndarray, ref: np.ndarray, log) -> dict:
+    _check(vproto, f"the {variant} variant of {name}")
+    data = vproto.SerializeToString()
+    session, _ = make_session(data, providers=[CPU], where=f"the {variant} variant of {name}")
+    got = verify.ort_embed(session, x_eval)
+    if not np.isfinite(got).all():
+        raise ExportError(f"{name}: the {variant} variant returns non-finite embeddings on real images "
+                          f"(overflow); {name}{SUFFIX[variant]} not written")
+    norms = np.linalg.norm(got, axis=1, keepdims=True)
+    got_unit = got / np.maximum(norms, 1e-12)  # what engine.Encoder returns
+    diff = verify.max_abs_diff(got_unit, ref)
+    cos = verify.row_cosines(got_unit, ref)
+    k = min(OVERLAP_K, len(ref) - 1)
+    overlap = verify.overlap_at_k(got_unit, ref, k) if k >= 1 else None  # one image: no neighbours
+    path = out_dir / f"{name}{SUFFIX[variant]}"
+    atomic_write_bytes(path, data)
+    log(f"{name}: wrote {path} ({len(data) / 1e6:.1f} MB); max |{variant} - float32| = {diff:.2e}, "
+        f"mean cosine {cos.mean():.5f}, overlap@{k} with float32 = "
+        f"{'-' if overlap is None else f'{overlap:.3f}'} on {len(ref)} real images")
+    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "max_abs_diff_vs_float32": diff, "mean_cosine_vs_float32": float(cos.mean()),
+            "min_cosine_vs_float32": float(cos.min()), f"overlap@{k}_vs_float32": overlap,
+            "method": ("onnxruntime.transformers.float16, float32 inputs/outputs and normalisation"
+                       if variant == "fp16" else
+                       "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, "
+                       "calibrated on real images disjoint from the ones measured; normalisation kept float32")}
+
+
+# -- several exports and the report ---------------------------------------------------------------------------
+
+def export_many(names, *, runs_dir="runs", out_dir="models", variants=(), check_images: int = 64,
+                opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE, exporter: str = "auto",
+                log=print) -> tuple[dict, list[str]]:
+    """Export each named run (or ``all``); returns (report, errors). The report is merged into
+    ``<out_dir>/export_report.json`` (atomically) for the models that exported."""
+    todo = resolve(names, runs_dir)
+    images, source = verify.real_images(check_images)
+    log(f"checking on {len(images)} real images: {source}")
+    done, errors = {}, []
+    for name, ckpt in todo:
+        try:
+            done[name] = export_run(ckpt, out_dir, name=name, images=images, image_source=source, variants=variants,
+                                    opset=opset, tolerance=tolerance, exporter=exporter, log=log)
+            errors += done[name].get("errors", [])
+        except (ExportError, CheckpointError) as e:
+            errors.append(f"{name}: {e}")
+    report = update_report(Path(out_dir) / "export_report.json", done) if done else {}
+    return report, errors
+
+
+def update_report(path: Path, entries: dict) -> dict:
+    import json
+
+    report = {"format_version": 1, "models": {}}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            if isinstance(old, dict) and isinstance(old.get("models"), dict):
+                report["models"].update(old["models"])
+        except (ValueError, OSError):
+            pass  # a damaged report is replaced
+    report["models"].update(entries)
+    atomic_write_bytes(path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    return report

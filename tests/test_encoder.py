@@ -1,0 +1,203 @@
+"""engine.Encoder: exported models on real images, parity with torch, input forms, errors.
+
+The oracle for parity is the torch encoder rebuilt from the checkpoint (train.registry.load_encoder) fed by
+the same Preprocess; every registered model is trained for 2 steps by its real trainer (cached).
+"""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+from engine import Encoder
+from engine.errors import ImageReadError, InputError, ModelError
+from engine.preprocess import read_image
+from train.registry import MODEL_NAMES
+from trained_models import ModelCache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache(request) -> ModelCache:
+    return ModelCache(request.config.cache.mkdir("lookalike-tiny-models"))
+
+
+@pytest.fixture(scope="module")
+def photo_paths():
+    """Real photo files: the shared fungi photos when present, else the embedded photographs."""
+    from export.verify import shared_data_dir
+    from train.data import photo_files
+
+    fungi = shared_data_dir() / "fungi-sample" / "images"
+    files = sorted(fungi.glob("*.jpg"))[::15] if fungi.is_dir() else photo_files()[::2]
+    return [str(p) for p in files[:11]]
+
+
+@pytest.fixture(scope="module")
+def fast_model(cache) -> Path:
+    return cache.onnx("mpnn")
+
+
+# -- parity with torch, for every registered model ------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parity_with_torch(cache, photo_paths, name):
+    import torch
+
+    from train.registry import load_encoder
+
+    enc = Encoder(cache.onnx(name), batch_size=4)  # 11 photos: batches of 4, 4, 3
+    got = enc.encode(photo_paths)
+    model, info = load_encoder(cache.run(name))
+    assert (enc.name, enc.dim, enc.preprocess) == (name, info.dim, info.preprocess)
+    x = info.preprocess([read_image(p) for p in photo_paths])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert got.shape == (len(photo_paths), info.dim) and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    cos = (got * ref).sum(1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.9999, cos
+
+
+# -- what the encoder says about itself ---------------------------------------------------------------------
+
+def test_identity_and_properties(fast_model):
+    enc = Encoder(fast_model)
+    assert enc.name == "mpnn"
+    meta = {p.key: p.value for p in onnx.load(str(fast_model)).metadata_props}
+    assert enc.dim == int(meta["lookalike.dim"])
+    ident = enc.identity
+    assert ident["model"] == "mpnn" and ident["dim"] == enc.dim
+    assert ident["sha256"] == hashlib.sha256(fast_model.read_bytes()).hexdigest()
+    assert ident["checkpoint_sha256"] == meta["lookalike.checkpoint_sha256"]
+    assert enc.preprocess.size == (64, 64)
+    assert "CPUExecutionProvider" in enc.providers
+    assert "mpnn" in repr(enc)
+
+
+def test_providers(fast_model):
+    import onnxruntime as ort
+
+    enc = Encoder(fast_model, providers=["CPUExecutionProvider"], threads=1)
+    assert enc.providers == ["CPUExecutionProvider"]
+    default = Encoder(fast_model)
+    # the default asks for CUDA when onnxruntime lists it; what runs is what the session really uses
+    assert set(default.providers) <= set(ort.get_available_providers())
+    assert default.providers[-1] == "CPUExecutionProvider"
+    with pytest.raises(InputError, match="NoSuchExecutionProvider"):
+        Encoder(fast_model, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(InputError, match="batch_size"):
+        Encoder(fast_model, batch_size=0)
+
+
+# -- input forms ------------------------------------------------------------------------------------------
+
+def test_input_forms_agree(fast_model, photo_paths):
+    enc = Encoder(fast_model, batch_size=3)
+    paths = photo_paths[:5]
+    arrays = [read_image(p) for p in paths]
+    ref = enc.encode(paths)
+    np.testing.assert_array_equal(enc.encode(arrays), ref)
+    mixed = [paths[0], arrays[1], Path(paths[2]), arrays[3], paths[4]]
+    np.testing.assert_array_equal(enc.encode(mixed), ref)
+    np.testing.assert_array_equal(enc.encode(arrays[2]), ref[2:3])  # one array -> (1, dim)
+    np.testing.assert_array_equal(enc.encode(paths[1]), ref[1:2])  # one path -> (1, dim)
+    # an (n, H, W, 3) array: the same as the list of its images
+    side = min(min(a.shape[:2]) for a in arrays)
+    stack = np.stack([np.ascontiguousarray(a[:side, :side]) for a in arrays])
+    np.testing.assert_array_equal(enc.encode(stack), enc.encode(list(stack)))
+    # batch size does not change the answer
+    np.testing.assert_allclose(Encoder(fast_model, batch_size=1).encode(paths), ref, atol=1e-6)
+    np.testing.assert_allclose(Encoder(fast_model, batch_size=64).encode(paths), ref, atol=1e-6)
+    # the answer is the network on the model's own preprocessing
+    np.testing.assert_allclose(enc.encode_preprocessed(enc.preprocess(arrays)), ref, atol=1e-6)
+
+
+def test_empty_input(fast_model):
+    enc = Encoder(fast_model)
+    for empty in ([], np.zeros((0, 10, 10, 3), np.uint8)):
+        out = enc.encode(empty)
+        assert out.shape == (0, enc.dim) and out.dtype == np.float32
+
+
+def test_grey_and_rgba_are_converted(fast_model, photo_paths, tmp_path):
+    enc = Encoder(fast_model)
+    rgb = read_image(photo_paths[0])
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    as_rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(enc.encode(grey), enc.encode(as_rgb))
+    np.testing.assert_array_equal(enc.encode(grey[:, :, None]), enc.encode(as_rgb))
+    alpha = np.full(rgb.shape[:2] + (1,), 200, np.uint8)
+    rgba = np.concatenate([rgb, alpha], axis=2)
+    np.testing.assert_array_equal(enc.encode(rgba), enc.encode(rgb))
+    # the same as files: a grey PNG and an RGBA PNG
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    cv2.imwrite(str(tmp_path / "rgba.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    np.testing.assert_array_equal(enc.encode([tmp_path / "grey.png", tmp_path / "rgba.png"]),
+                                  enc.encode([as_rgb, rgb]))
+
+
+def test_progress_bar_same_answer(fast_model, photo_paths, capsys):
+    enc = Encoder(fast_model, batch_size=2)
+    np.testing.assert_array_equal(enc.encode(photo_paths[:4], progress=True), enc.encode(photo_paths[:4]))
+
+
+# -- errors name the culprit ------------------------------------------------------------------------------
+
+def test_model_errors(tmp_path, fast_model):
+    with pytest.raises(ModelError, match="model file not found: .*absent.onnx"):
+        Encoder(tmp_path / "absent.onnx")
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model at all\n")
+    with pytest.raises(ModelError, match=r"notes\.onnx is not a valid ONNX model"):
+        Encoder(text)
+    proto = onnx.load(str(fast_model))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ModelError, match=r"bare\.onnx is an ONNX model but not a lookalike encoder.*lookalike\.dim"):
+        Encoder(tmp_path / "bare.onnx")
+    proto = onnx.load(str(fast_model))
+    for p in proto.metadata_props:
+        if p.key == "lookalike.format_version":
+            p.value = "99"
+    onnx.save(proto, str(tmp_path / "future.onnx"))
+    with pytest.raises(ModelError, match="format version 99"):
+        Encoder(tmp_path / "future.onnx")
+
+
+def test_image_errors(tmp_path, fast_model, photo_paths):
+    enc = Encoder(fast_model)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    with pytest.raises(ImageReadError, match=r"broken\.jpg"):
+        enc.encode([photo_paths[0], bad])
+    with pytest.raises(ImageReadError, match=r"image file not found: .*missing\.png"):
+        enc.encode([photo_paths[0], tmp_path / "missing.png"])
+    with pytest.raises(InputError, match="image 1 must be uint8.*float32"):
+        enc.encode([read_image(photo_paths[0]), np.zeros((20, 20, 3), np.float32)])
+    with pytest.raises(InputError, match="images must be uint8.*float64"):
+        enc.encode(np.zeros((2, 20, 20, 3)))
+    with pytest.raises(InputError, match=r"\(20, 20, 2\)"):
+        enc.encode(np.zeros((20, 20, 2), np.uint8))
+    with pytest.raises(InputError, match="image 0 must be a file path or a uint8 array, got int"):
+        enc.encode([3])
+    with pytest.raises(InputError, match="preprocessed images must have shape"):
+        enc.encode_preprocessed(np.zeros((1, 3, 8, 8), np.float32))
+
+
+def test_engine_imports_no_torch(fast_model, photo_paths):
+    code = ("import sys, engine; from engine import Encoder; "
+            f"e = Encoder({str(fast_model)!r}); e.encode([{photo_paths[0]!r}]); "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # creating a session that falls back from CUDA prints nothing
+    assert "CUDA" not in r.stderr, r.stderr

@@ -1,0 +1,269 @@
+"""python -m export: ONNX files with the engine's metadata, checked against torch on real images.
+
+Every registered model is trained for 2 steps by its real trainer (tests/trained_models.py, cached) and
+exported; the torch model rebuilt from the checkpoint is the oracle.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.encoder import FORMAT_VERSION, PREFIX
+from engine.preprocess import Preprocess
+from export import verify
+from export.__main__ import main as export_main
+from export.onnx import ExportError, export_run, resolve
+from train import registry
+from train.checkpoint import MAGIC, CheckpointError, checkpoint_sha256, load_checkpoint, save_checkpoint
+from train.common import encoder_spec
+from train.registry import MODEL_NAMES, load_encoder
+from trained_models import ModelCache
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def cache(request) -> ModelCache:
+    return ModelCache(request.config.cache.mkdir("lookalike-tiny-models"))
+
+
+@pytest.fixture(scope="module")
+def photos():
+    images, _ = verify.real_images(13)
+    return images
+
+
+def ort_session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def metadata(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+# -- every registered model ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_export_every_model(cache, photos, name):
+    run = cache.run(name)
+    path = cache.onnx(name)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+
+    # the metadata says everything the engine needs, and it matches the checkpoint
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    enc = ckpt["encoder"]
+    meta = metadata(path)
+    assert meta[PREFIX + "format_version"] == str(FORMAT_VERSION)
+    assert meta[PREFIX + "name"] == name
+    assert meta[PREFIX + "arch"] == enc["arch"]
+    assert int(meta[PREFIX + "dim"]) == enc["dim"]
+    pre = Preprocess.from_dict(enc["preprocess"])
+    assert Preprocess.from_json(meta[PREFIX + "preprocess"]) == pre
+    assert json.loads(meta[PREFIX + "input_size"]) == list(pre.size)
+    assert meta[PREFIX + "checkpoint_sha256"] == checkpoint_sha256(run / "checkpoint.pt")
+    assert meta[PREFIX + "precision"] == "float32"
+
+    # the encoder alone: one input with a dynamic batch axis, no decoder or unpooling in the graph
+    (inp,) = proto.graph.input
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")
+    assert [d.dim_value for d in dims[1:]] == [3, *pre.size]
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"MaxUnpool", "ConvTranspose"}, ops
+    assert len(proto.graph.output) == 1
+
+    # onnxruntime == torch on real photos, at batch sizes 1 and 13 (the export traced batch 2)
+    model, info = load_encoder(run)
+    x = pre(photos)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    sess = ort_session(path)
+    one = sess.run(None, {"images": x[:1]})[0]
+    many = sess.run(None, {"images": x})[0]
+    assert many.shape == (len(photos), info.dim) and many.dtype == np.float32
+    np.testing.assert_allclose(one, ref[:1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(many, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(many, axis=1), 1.0, atol=1e-5)
+
+
+# -- the command line with variants and the report ------------------------------------------------------------
+
+def overlap_loops(a, b, k):
+    """Slow reference for overlap@k: explicit loops over every image and its neighbours (self excluded)."""
+    n = len(a)
+    total = 0.0
+    for i in range(n):
+        sa = [(float(np.dot(a[i], a[j])), j) for j in range(n) if j != i]
+        sb = [(float(np.dot(b[i], b[j])), j) for j in range(n) if j != i]
+        top_a = {j for _, j in sorted(sa, key=lambda t: (-t[0], t[1]))[:k]}
+        top_b = {j for _, j in sorted(sb, key=lambda t: (-t[0], t[1]))[:k]}
+        total += len(top_a & top_b) / k
+    return total / n
+
+
+def test_cli_all_with_fp16_and_int8(cache, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name in ("mpnn", "siamese"):
+        shutil.copytree(cache.run(name), runs / name)
+    (runs / "notes").mkdir()  # a folder without checkpoint.pt is not a run: 'all' skips it
+    out = tmp_path / "models"
+    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--fp16", "--int8", "--check-images", "24"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["export_report.json"] + [f"{n}{s}" for n in ("mpnn", "siamese") for s in (".onnx", ".fp16.onnx", ".int8.onnx")])
+    report = json.loads((out / "export_report.json").read_text())
+    images, _ = verify.real_images(24)
+    evaluation = images[1::2]  # the report's held-out half (the other half calibrates int8)
+    for name in ("mpnn", "siamese"):
+        entry = report["models"][name]
+        assert entry["images"] == {"source": entry["images"]["source"], "evaluation": 12, "calibration": 12}
+        assert entry["float32"]["max_abs_diff_vs_torch"] <= 1e-4
+        pre = Preprocess.from_json(metadata(out / f"{name}.onnx")[PREFIX + "preprocess"])
+        x = pre(evaluation)
+        f32 = ort_session(out / f"{name}.onnx").run(None, {"images": x})[0]
+        for variant, precision in (("fp16", "float16"), ("int8", "int8")):
+            path = out / f"{name}.{variant}.onnx"
+            proto = onnx.load(str(path))
+            onnx.checker.check_model(proto, full_check=True)
+            meta = metadata(path)
+            assert meta[PREFIX + "precision"] == precision
+            assert meta[PREFIX + "checkpoint_sha256"] == entry["checkpoint_sha256"]
+            sess = ort_session(path)
+            assert sess.get_inputs()[0].type == sess.get_outputs()[0].type == "tensor(float)"
+            got = sess.run(None, {"images": x})[0]
+            got = got / np.linalg.norm(got, axis=1, keepdims=True)
+            measured = entry[variant]
+            # the report's figures are what an independent recomputation finds
+            assert measured["max_abs_diff_vs_float32"] == pytest.approx(np.abs(got - f32).max(), rel=1e-3, abs=1e-7)
+            assert measured["overlap@10_vs_float32"] == pytest.approx(overlap_loops(got, f32, 10), abs=1e-9)
+            assert measured["mean_cosine_vs_float32"] > 0.99
+            assert f"{name}.{variant}.onnx" in printed
+        types = {t.data_type for t in onnx.load(str(out / f"{name}.fp16.onnx")).graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in types
+        ops = {n.op_type for n in onnx.load(str(out / f"{name}.int8.onnx")).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+    # exporting one model again updates its entry and keeps the other's
+    rc = export_main(["siamese", "--runs", str(runs), "--out", str(out), "--check-images", "24"])
+    assert rc == 0
+    report2 = json.loads((out / "export_report.json").read_text())
+    assert set(report2["models"]) == {"mpnn", "siamese"}
+    assert "fp16" not in report2["models"]["siamese"] and "fp16" in report2["models"]["mpnn"]
+
+
+def test_overlap_helper_matches_loops():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(23, 7)).astype(np.float32)
+    b = a + rng.normal(scale=0.3, size=a.shape).astype(np.float32)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    assert verify.overlap_at_k(a, b, 10) == pytest.approx(overlap_loops(a, b, 10), abs=1e-12)
+    assert verify.overlap_at_k(a, a, 5) == 1.0
+    with pytest.raises(ValueError, match="more than 10"):
+        verify.overlap_at_k(a[:10], b[:10], 10)
+
+
+# -- failures: loud, clear, and nothing written -----------------------------------------------------------------
+
+def test_unknown_name_lists_known_ones(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ExportError, match="unknown model 'nope'") as e:
+        resolve(["nope"], tmp_path / "runs")
+    for name in MODEL_NAMES:
+        assert name in str(e.value)
+    rc = export_main(["nope", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "models")])
+    assert rc == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
+
+
+def test_missing_runs(tmp_path):
+    with pytest.raises(ExportError, match="no trained runs under"):
+        resolve(["all"], tmp_path)
+    with pytest.raises(ExportError, match=r"model 'la' has no run folder .*python -m train\.la"):
+        resolve(["la"], tmp_path)
+    (tmp_path / "mpnn").mkdir()
+    with pytest.raises(ExportError, match="has no checkpoint.pt"):
+        resolve(["mpnn"], tmp_path)
+
+
+def test_checkpoint_of_another_version_is_refused(cache, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    raw = (cache.run("siamese") / "checkpoint.pt").read_bytes()
+    nl = raw.index(b"\n")
+    header = json.loads(raw[len(MAGIC):nl])
+    header["version"] = 99
+    (runs / "siamese").mkdir(parents=True)
+    (runs / "siamese" / "checkpoint.pt").write_bytes(MAGIC + json.dumps(header).encode() + raw[nl:])
+    with pytest.raises(CheckpointError, match="version 99"):
+        export_run(runs / "siamese", tmp_path / "models", images=verify.real_images(4)[0])
+    rc = export_main(["siamese", "--runs", str(runs), "--out", str(tmp_path / "models"), "--check-images", "4"])
+    assert rc == 1
+    assert "version 99" in capsys.readouterr().err
+    assert not list((tmp_path / "models").glob("*.onnx"))
+
+
+def test_damaged_checkpoint_is_refused(cache, tmp_path):
+    (tmp_path / "siamese").mkdir()
+    raw = (cache.run("siamese") / "checkpoint.pt").read_bytes()
+    (tmp_path / "siamese" / "checkpoint.pt").write_bytes(raw[:-100])
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        export_run(tmp_path / "siamese", tmp_path / "models", images=verify.real_images(4)[0])
+    assert not (tmp_path / "models").exists()
+
+
+class BatchMean(nn.Module):
+    """An encoder whose output depends on the other images of the batch: its trace cannot match torch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        f = self.conv(x).mean(dim=(2, 3))
+        if x.shape[0] > 1:  # Python control flow on the batch size: frozen into the trace
+            f = f - f.mean(0, keepdim=True)
+        return F.normalize(f, dim=1)
+
+
+def test_parity_failure_writes_nothing(tmp_path):
+    arch = "test-batch-mean"
+    registry.register_encoder(arch)(lambda: BatchMean())
+    try:
+        torch.manual_seed(0)
+        model = BatchMean().eval()
+        pre = Preprocess(size=(16, 16))
+        save_checkpoint(tmp_path / "run" / "checkpoint.pt",
+                        {"name": "bm", "encoder": encoder_spec(arch, {}, model, 4, pre), "config": {}})
+        images = verify.real_images(6)[0]
+        with pytest.raises(ExportError, match=r"disagree .* max abs difference .* nothing written"):
+            export_run(tmp_path / "run", tmp_path / "models", images=images)
+        assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+    finally:
+        registry._ENCODERS.pop(arch, None)
+
+
+def test_tolerance_is_enforced(cache, tmp_path):
+    images = verify.real_images(4)[0]
+    with pytest.raises(ExportError, match="tolerance -1"):
+        export_run(cache.run("siamese"), tmp_path / "models", images=images, tolerance=-1.0)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_help_explains(capsys):
+    with pytest.raises(SystemExit) as e:
+        export_main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--fp16", "--int8", "--runs", "--out", "metadata", "export_report.json", *MODEL_NAMES):
+        assert word in text

@@ -1,0 +1,695 @@
+"""Train a Local Aggregation encoder (Zhuang, Zhai, Yamins, ICCV 2019) without labels.
+
+    python -m train.la                                     # embedded photos: works on a fresh machine
+    python -m train.la --data fungi --data-root ../shared/data/fungi-sample
+    python -m train.la --data cifar10 --data-root ../shared/data/cifar-10-batches-py
+    python -m train.la --arch vgg16bn --image-size 64 --init-from runs/ae-vgg16bn
+
+An encoder (VGG16-BN averaged over H, W, or the small conv encoder; then a linear head and L2 normalisation to
+128-d) is trained so that each image's code moves towards the codes of its close neighbours (images that
+k-means puts in its cluster) and away from the rest of its background neighbours (its nearest codes in a
+memory bank); see ``train/models/la.py`` for the objective. The first ``--warmup-epochs`` train with
+instance recognition (each image is its own class), since clusters of random codes mean nothing; then k-means
+is refit on the memory bank every ``--cluster-every`` epochs (the published code refit on every batch).
+
+Training sees augmented views (random resized crop, flip, colour jitter, random grey; done in torch on
+uint8 images resized once); evaluation and the exported encoder see the plain ``Preprocess`` recorded in the
+checkpoint (shorter side to ``--image-size``, centre crop, mean / std).
+
+Data: any ``train.data`` set (default: ``photos``, embedded in installed packages). MNIST and CIFAR-10 keep
+their last 20% back for evaluation (CIFAR-10's 10,000 test images: train on the first 8,000, evaluate on the
+last 2,000); other data sets train on everything and are evaluated leave-one-out. With labels, metrics.json
+gets 1-NN accuracy and k-means NMI of the embedding and, measured on the same images, of two label-free
+baselines (raw 32x32 pixels and an HSV colour histogram), and the time split between the encoder and the LA
+machinery (neighbours, cluster mates, bank update, k-means). The run folder (default ``runs/la``) also gets
+checkpoint.pt (every epoch, atomically, with the bank and cluster labels; ``--resume`` continues exactly),
+config.json and clusters.png (a row of thumbnails per cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.memory_bank import MemoryBank
+from engine.preprocess import Preprocess
+from train import evaluate as ev
+from train.checkpoint import CheckpointError, load_checkpoint
+from train.common import (Run, config_from_args, default_out, encoder_spec, make_parser, pick_device, progress,
+                          seed_everything)
+from train.data import DATASETS, ImageSet, load_images
+from train.models.ae import BACKBONES, backbone_state_from_ae
+from train.models.la import LAEncoder, LocalAggregation
+
+NAME = "la"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what (ImageNet-pretrained) VGG16-BN expects
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SHUFFLED_DATASETS = ("mnist", "cifar10")  # stored in a shuffled order: the last 20% are held out
+
+# Per-data-set defaults (the command line overrides each one); measured in /work/notes/quality_la.md.
+DATA_DEFAULTS = {
+    "fungi": {"image_size": 64, "train_side": 80, "epochs": 60, "batch_size": 32, "warmup_epochs": 10},
+    "cifar10": {"image_size": 32, "train_side": 32, "epochs": 12, "batch_size": 128, "warmup_epochs": 3},
+    "mnist": {"image_size": 32, "train_side": 32, "epochs": 3, "batch_size": 128, "warmup_epochs": 1},
+    "mnist-5k": {"image_size": 32, "train_side": 32, "epochs": 15, "batch_size": 128, "warmup_epochs": 3},
+    "digits": {"image_size": 32, "train_side": 32, "epochs": 20, "batch_size": 128, "warmup_epochs": 4},
+    "photos": {"image_size": 64, "train_side": 96, "epochs": 40, "batch_size": 22, "warmup_epochs": 10},
+    "video": {"image_size": 64, "train_side": 80, "epochs": 30, "batch_size": 32, "warmup_epochs": 6},
+    "folder": {"image_size": 64, "train_side": 80, "epochs": 30, "batch_size": 32, "warmup_epochs": 6},
+}
+VGG_IMAGE_SIZE = 64  # vgg16bn default input side: VGG16 costs ~(side/224)^2 of its 15 GFLOPs per image
+
+
+@dataclass
+class LAConfig:
+    arch: str = "conv"  # backbone: "conv" (small CIFAR encoder, 1000-d) or "vgg16bn" (VGG16-BN averaged, 512-d)
+    data: str = "photos"  # a train.data data set; photos are embedded in installed packages
+    data_root: str | None = None  # folder / file of the data set (None: the data set's default)
+    epochs: int = 40  # passes over the training images, warm-up included (per-data-set default: DATA_DEFAULTS)
+    batch_size: int = 22  # images per step (per-data-set default)
+    image_size: int = 64  # square network input side for evaluation / export (per-data-set default)
+    train_side: int = 96  # images are resized once to this square side; random crops are resized to image_size
+    dim: int = 128  # embedding size (the paper's 128)
+    code_dim: int = 1000  # conv only: the backbone's code size before the head
+    temperature: float = 0.07  # tau in exp(v_j . v / tau) (the paper's 0.07)
+    background: int = 4096  # k nearest bank rows in the background set B_i (capped at n - 1; the paper's 4096)
+    kmeans_k: int | None = None  # clusters per k-means run (None: round(sqrt(n)) for n training images)
+    kmeans_repeats: int = 3  # k-means runs whose cluster mates are united into C_i
+    kmeans_iterations: int = 20  # Lloyd iterations per k-means run
+    cluster_every: int = 1  # refit k-means on the bank every this many epochs (the published code: every batch)
+    warmup_epochs: int = 10  # instance-recognition epochs before LA (per-data-set default)
+    mixing_rate: float = 0.5  # bank update v <- normalise(r * new + (1 - r) * v) (the paper's 0.5)
+    lr: float = 0.03  # SGD learning rate (the paper's 0.03), cosine-annealed to 0 over the run
+    momentum: float = 0.9  # SGD momentum (the paper's 0.9)
+    weight_decay: float = 5e-4  # SGD weight decay
+    crop_scale: float = 0.3  # random resized crop keeps between this fraction and all of the image's area
+    jitter: float = 0.2  # brightness / contrast / saturation factors drawn from [1 - jitter, 1 + jitter]
+    hue: float = 0.0  # hue rotation drawn from [-hue, hue] turns (0.5 = half the colour circle)
+    grayscale: float = 0.0  # probability that a training view is turned grey
+    init_from: str | None = None  # an autoencoder checkpoint (run folder or file) whose encoder starts the backbone
+    pretrained: bool = False  # vgg16bn only: start from torchvision's ImageNet weights when they can be had
+    holdout: float | None = None  # fraction held out for evaluation (None: 0.2 for mnist / cifar10, else 0)
+    limit: int | None = None  # at most this many training images (None: all)
+    max_steps: int | None = None  # stop each epoch after this many steps (None: whole epoch)
+    eval_every: int = 0  # with labels, also evaluate every this many epochs (0: only at the end)
+    seed: int = 0  # fixes init, data order, augmentation and k-means; fixed seed + CPU gives identical runs
+    device: str = "auto"  # auto / cpu / cuda
+
+
+# Settings that shape the model, the data or the bank: a resumed run must keep them.
+RESUME_KEYS = ("arch", "data", "data_root", "image_size", "train_side", "dim", "code_dim", "limit", "holdout",
+               "seed", "kmeans_k", "kmeans_repeats", "background")
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def data_defaults(data: str, arch: str) -> dict:
+    d = dict(DATA_DEFAULTS.get(data, DATA_DEFAULTS["folder"]))
+    if arch == "vgg16bn" and d["image_size"] < VGG_IMAGE_SIZE:
+        d["image_size"] = d["train_side"] = VGG_IMAGE_SIZE
+    return d
+
+
+def build_parser(data: str = "photos", arch: str = "conv") -> argparse.ArgumentParser:
+    d = data_defaults(data, arch)
+    p = make_parser("train.la", "Train a Local Aggregation encoder (Zhuang et al., ICCV 2019) without labels.",
+                    datasets=DATASETS, default_data="photos", epochs=d["epochs"], batch_size=d["batch_size"])
+    p.add_argument("--arch", default="conv", choices=BACKBONES,
+                   help="backbone: conv (small CIFAR encoder) or vgg16bn (VGG16-BN averaged over H, W) (default: conv)")
+    p.add_argument("--image-size", type=int, default=d["image_size"],
+                   help=f"square network input side (default for this data set: {d['image_size']})")
+    p.add_argument("--train-side", type=int, default=d["train_side"],
+                   help=f"side the training images are resized to before random crops (default: {d['train_side']})")
+    p.add_argument("--dim", type=int, default=128, help="embedding size (default: 128)")
+    p.add_argument("--code-dim", type=int, default=1000, help="conv: the backbone's code size (default: 1000)")
+    p.add_argument("--temperature", type=float, default=0.07, help="softmax temperature tau (default: 0.07)")
+    p.add_argument("--background", "--k", dest="background", type=int, default=4096,
+                   help="background neighbours: k nearest bank rows, capped at n - 1 (default: 4096)")
+    p.add_argument("--kmeans-k", type=int, default=None,
+                   help="clusters per k-means run (default: round(sqrt(n)) for n training images)")
+    p.add_argument("--kmeans-repeats", type=int, default=3, help="k-means runs united into close neighbours (default: 3)")
+    p.add_argument("--kmeans-iterations", type=int, default=20, help="Lloyd iterations per k-means run (default: 20)")
+    p.add_argument("--cluster-every", type=int, default=1, help="refit k-means every this many epochs (default: 1)")
+    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"],
+                   help=f"instance-recognition epochs before LA (default for this data set: {d['warmup_epochs']})")
+    p.add_argument("--mixing-rate", type=float, default=0.5, help="memory-bank mixing rate (default: 0.5)")
+    p.add_argument("--lr", type=float, default=0.03, help="SGD learning rate, cosine-annealed (default: 0.03)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
+    p.add_argument("--crop-scale", type=float, default=0.3,
+                   help="random resized crops keep between this fraction and all of the area (default: 0.3)")
+    p.add_argument("--jitter", type=float, default=0.2,
+                   help="brightness / contrast / saturation jitter strength (default: 0.2)")
+    p.add_argument("--hue", type=float, default=0.0, help="hue jitter in turns, at most 0.5 (default: 0)")
+    p.add_argument("--grayscale", type=float, default=0.0, help="probability of a grey training view (default: 0)")
+    p.add_argument("--init-from", default=None,
+                   help="start the backbone from this autoencoder checkpoint (run folder or file, e.g. runs/ae-conv)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="vgg16bn: start from torchvision's ImageNet weights (needs them cached or a network)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="fraction held out for evaluation (default: 0.2 for mnist / cifar10, else 0: leave-one-out)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="with labels, also evaluate (1-NN, NMI) every this many epochs (default: 0, only at the end)")
+    return p
+
+
+def parse_config(argv=None) -> tuple[LAConfig, argparse.Namespace]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--data", default="photos")
+    pre.add_argument("--arch", default="conv")
+    known, _ = pre.parse_known_args(argv)
+    args = build_parser(known.data, known.arch).parse_args(argv)
+    checks = [("limit", 1), ("max_steps", 1), ("epochs", 1), ("batch_size", 2), ("image_size", 8),
+              ("train_side", 8), ("dim", 1), ("background", 1), ("kmeans_k", 1), ("kmeans_repeats", 1),
+              ("kmeans_iterations", 1), ("cluster_every", 1), ("warmup_epochs", 0), ("eval_every", 0)]
+    for key, low in checks:
+        v = getattr(args, key)
+        if v is not None and v < low:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= {low}, got {v}")
+    if not 0.0 < args.crop_scale <= 1.0:
+        raise SystemExit(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
+    if not 0.0 <= args.jitter < 1.0:
+        raise SystemExit(f"--jitter must be in [0, 1), got {args.jitter}")
+    if not 0.0 <= args.hue <= 0.5:
+        raise SystemExit(f"--hue must be in [0, 0.5], got {args.hue}")
+    if not 0.0 <= args.grayscale <= 1.0:
+        raise SystemExit(f"--grayscale must be in [0, 1], got {args.grayscale}")
+    if not 0.0 < args.mixing_rate <= 1.0:
+        raise SystemExit(f"--mixing-rate must be in (0, 1], got {args.mixing_rate}")
+    if not args.temperature > 0:
+        raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
+    if args.holdout is not None and not 0.0 <= args.holdout < 1.0:
+        raise SystemExit(f"--holdout must be in [0, 1), got {args.holdout}")
+    if args.arch == "conv" and args.image_size % 8:
+        raise SystemExit(f"--image-size must be a multiple of 8 for the conv backbone, got {args.image_size}")
+    if args.arch == "vgg16bn" and args.image_size < 32:
+        raise SystemExit(f"--image-size must be at least 32 for vgg16bn (five 2x2 pools), got {args.image_size}")
+    cfg = config_from_args(LAConfig, args)
+    if cfg.holdout is None:
+        cfg.holdout = 0.2 if cfg.data in SHUFFLED_DATASETS else 0.0
+    return cfg, args
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def load_split(cfg: LAConfig, *, progress_bar: bool = False) -> tuple[ImageSet, ImageSet | None]:
+    """(train, held-out) for ``cfg``: held-out is the tail of MNIST / CIFAR-10 (stored shuffled), evenly spread
+    items of other data sets, or None with ``holdout == 0`` (evaluation is then leave-one-out on train)."""
+    h = float(cfg.holdout or 0.0)
+    load_limit = None if cfg.limit is None else int(math.ceil(cfg.limit / (1.0 - h)))
+    full = load_images(cfg.data, cfg.data_root, limit=load_limit, progress=progress_bar)
+    if h == 0.0:
+        train = full if cfg.limit is None else full.subset(slice(0, cfg.limit))
+        test = None
+    else:
+        tr, te = ev.holdout_split(len(full), fraction=h, tail=cfg.data in SHUFFLED_DATASETS)
+        train, test = full.subset(tr[: cfg.limit] if cfg.limit is not None else tr), full.subset(te)
+    if len(train) < 3:
+        raise SystemExit(f"data set {cfg.data!r} gave {len(train)} training image(s); LA needs at least 3")
+    return train, test
+
+
+def fitted_preprocess(images, *, size: int, sample: int = 2000, **kw) -> Preprocess:
+    """A Preprocess whose per-channel mean / std are the training images' own, measured after resizing on at
+    most ``sample`` evenly spread images."""
+    base = Preprocess(size=(size, size), **kw)
+    n = len(images)
+    pick = np.unique((np.arange(min(n, sample)) * n) // max(1, min(n, sample)))
+    x = base([images[i] for i in pick]).astype(np.float64)  # (m, 3, s, s) in [0, 1]
+    mean = tuple(float(v) for v in x.mean(axis=(0, 2, 3)))
+    std = tuple(max(float(v), 1e-3) for v in x.std(axis=(0, 2, 3)))
+    return Preprocess(size=(size, size), mean=mean, std=std, **kw)
+
+
+def make_preprocess(cfg: LAConfig, train_images, init_pre: Preprocess | None = None) -> Preprocess:
+    """The evaluation / export preprocessing: shorter side to image_size, centre crop, mean / std (ImageNet's
+    for vgg16bn, the training images' own for conv, or the autoencoder's when starting from one)."""
+    size = (cfg.image_size, cfg.image_size)
+    extra = {"model": NAME}
+    if init_pre is not None:
+        return Preprocess(size=size, mean=init_pre.mean, std=init_pre.std, color=init_pre.color, extra=extra)
+    if cfg.arch == "vgg16bn":
+        return Preprocess(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, extra=extra)
+    return fitted_preprocess(train_images, size=cfg.image_size, extra=extra)
+
+
+def resized_uint8(images, side: int, *, batch: int = 2048) -> torch.Tensor:
+    """Every image's centre square at ``side`` x ``side`` (the eval Preprocess's resize and crop) -> (n, side,
+    side, 3) uint8 tensor: what the augmentation crops from."""
+    pre = Preprocess(size=(side, side))
+    out = np.empty((len(images), side, side, 3), np.uint8)
+    for s in range(0, len(images), batch):
+        for j, im in enumerate(images[s : s + batch]):
+            out[s + j] = pre.resize_crop(im)
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# augmentation (torch, batched)
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as OpenCV's RGB -> grey
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    return (_LUMA[0] * x[:, 0] + _LUMA[1] * x[:, 1] + _LUMA[2] * x[:, 2]).unsqueeze(1)  # (b, 1, h, w)
+
+
+def augment(images: torch.Tensor, *, out_size: int, mean, std, crop_scale: float = 0.3, jitter: float = 0.2,
+            hue: float = 0.0, grayscale: float = 0.0, color: str = "RGB",
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random views of ``images`` (b, H, W, 3) uint8 RGB -> (b, 3, out_size, out_size) float32 network input.
+
+    Per image: a random resized crop (area fraction in [crop_scale, 1], aspect ratio in [3/4, 4/3], bilinear,
+    one affine grid for the batch), a horizontal flip with probability 1/2, brightness, contrast and
+    saturation factors in [1 - jitter, 1 + jitter] (in random order), a hue rotation in [-hue, hue] turns (in
+    YIQ space), grey with probability ``grayscale``; then clipping to [0, 1] and ``(x - mean) / std``.
+    """
+    import torch.nn.functional as F
+
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be a uint8 tensor of shape (b, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    g = generator
+    b = images.shape[0]
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (b, 3, H, W)
+    area = torch.empty(b).uniform_(crop_scale, 1.0, generator=g)
+    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
+    w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)  # crop width / image width
+    h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] grid units
+    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (b, 3, s, s)
+    if jitter > 0:
+        factors = torch.empty(3, b, 1, 1, 1).uniform_(1 - jitter, 1 + jitter, generator=g)
+        for op in torch.randperm(3, generator=g).tolist():
+            f = factors[op]
+            if op == 0:  # brightness
+                x = (x * f).clamp_(0, 1)
+            elif op == 1:  # contrast, around the mean grey level
+                m = _grey(x).mean(dim=(2, 3), keepdim=True)
+                x = ((x - m) * f + m).clamp_(0, 1)
+            else:  # saturation, around each pixel's grey
+                gr = _grey(x)
+                x = ((x - gr) * f + gr).clamp_(0, 1)
+    if hue > 0:
+        a = torch.empty(b).uniform_(-hue, hue, generator=g) * (2 * math.pi)
+        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        rot = torch.zeros(b, 3, 3)
+        rot[:, 0, 0] = 1
+        rot[:, 1, 1] = torch.cos(a)
+        rot[:, 1, 2] = -torch.sin(a)
+        rot[:, 2, 1] = torch.sin(a)
+        rot[:, 2, 2] = torch.cos(a)
+        m = torch.linalg.inv(yiq) @ rot @ yiq  # (b, 3, 3)
+        x = torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
+    if grayscale > 0:
+        grey = (torch.rand(b, generator=g) < grayscale).float().view(b, 1, 1, 1)
+        x = x * (1 - grey) + _grey(x) * grey
+    x = (x - torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    if color == "BGR":
+        x = x.flip(1)
+    return x.contiguous()
+
+
+def plain_views(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """(b, S, S, 3) uint8 centre squares -> (b, 3, s, s) float32 through ``pre`` (no augmentation)."""
+    return torch.from_numpy(pre(images.numpy()))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Augmentation randomness of one epoch: depends on (seed, epoch) only, so a resumed run repeats it."""
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + epoch + 7)
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: depends on (seed, epoch) only, so a resumed run repeats it."""
+    g = torch.Generator()
+    g.manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def batches(order: torch.Tensor, batch_size: int, max_steps: int | None) -> list[torch.Tensor]:
+    """Index batches of one epoch; a last batch of a single image is dropped (batch norm needs two)."""
+    out = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out = out[:-1]
+    return out[:max_steps] if max_steps is not None else out
+
+
+def check_resume(out: Path, cfg_dict: dict) -> None:
+    """Before the run folder is touched (``Run`` rewrites config.json): refuse to resume a checkpoint of
+    another model or one trained with other model-, data- or bank-shaping settings (``RESUME_KEYS``);
+    epochs, learning rate and the like may change."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.is_file():
+        return
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    if state.get("name") != NAME:
+        raise SystemExit(f"--resume: {path} holds model {state.get('name')!r}, not {NAME!r}; use another --out")
+    old = state.get("config", {})
+    diff = [f"{k}: checkpoint {old.get(k)!r}, now {cfg_dict.get(k)!r}" for k in RESUME_KEYS if old.get(k) != cfg_dict.get(k)]
+    if diff:
+        raise SystemExit(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
+                         "); use another --out or the same settings")
+
+
+def lr_at(cfg: LAConfig, step: int, total_steps: int) -> float:
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def _init_backbone(model: LAEncoder, cfg: LAConfig) -> Preprocess:
+    """Load the autoencoder's encoder weights into the backbone; returns the autoencoder's Preprocess."""
+    try:
+        state = backbone_state_from_ae(cfg.init_from, cfg.arch)
+        path = Path(cfg.init_from)
+        ckpt = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+    except CheckpointError as e:
+        raise SystemExit(f"--init-from: {e}") from None
+    try:
+        model.backbone.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"--init-from {cfg.init_from}: its encoder does not fit this {cfg.arch} backbone at "
+                         f"--image-size {cfg.image_size} / --code-dim {cfg.code_dim} ({str(e).splitlines()[0]})") from None
+    pre = Preprocess.from_dict(ckpt["encoder"]["preprocess"])
+    if cfg.arch == "conv" and tuple(pre.size) != (cfg.image_size, cfg.image_size):
+        raise SystemExit(f"--init-from {cfg.init_from}: the autoencoder was trained at {pre.size}, "
+                         f"this run at {cfg.image_size}x{cfg.image_size}")
+    print(f"la: backbone initialised from {ckpt['_path']}", file=sys.stderr)
+    return pre
+
+
+def encoder_kwargs(cfg: LAConfig) -> dict:
+    return {"backbone": cfg.arch, "dim": cfg.dim, "image_size": cfg.image_size, "code_dim": cfg.code_dim}
+
+
+def default_kmeans_k(n: int) -> int:
+    """round(sqrt(n)), at least 2 and at most n: 13 for 158 fungi photos, 89 for 8,000 CIFAR images."""
+    return int(min(n, max(2, round(math.sqrt(n)))))
+
+
+@torch.no_grad()
+def initial_codes(model, views: torch.Tensor, pre: Preprocess, device, batch_size: int) -> np.ndarray:
+    """The bank's starting point: one pass of the (plain, unaugmented) training images through the encoder
+    in training mode, batch by batch as training will see them. (In eval mode a fresh network's batch norms
+    use their initial running statistics and give codes unlike the training-mode codes the loss compares
+    with the bank; the instance-recognition loss then starts above log n.) The pass also warms the batch-norm
+    running statistics."""
+    model.train()
+    n = len(views)
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:  # batch norm needs two images: merge a last single
+        del bounds[-2]
+    out = [model(plain_views(views[a:b], pre).to(device)).cpu().numpy() for a, b in zip(bounds, bounds[1:])]
+    return np.concatenate(out).astype(np.float32)
+
+
+class _Clock:
+    """Accumulates wall time per category (seconds)."""
+
+    def __init__(self, totals: dict | None = None):
+        self.totals = dict(totals or {})
+
+    def add(self, key: str, seconds: float) -> None:
+        self.totals[key] = self.totals.get(key, 0.0) + seconds
+
+
+def train_step(model, objective: LocalAggregation, optimizer, views: torch.Tensor, rows: torch.Tensor, *,
+               mode: str, clock: _Clock | None = None) -> tuple[float, torch.Tensor]:
+    """One step: codes of the views, loss from the bank as it is, backward + optimiser step, and only then the
+    bank update with the (detached) codes. Returns (loss, codes)."""
+    t0 = time.perf_counter()
+    codes = model(views)  # (b, dim)
+    t1 = time.perf_counter()
+    before = objective.timings["neighbours"]
+    loss = objective.loss(rows, codes, mode=mode)
+    t2 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    t3 = time.perf_counter()
+    objective.update_bank(rows, codes)
+    if clock is not None:
+        clock.add("encoder", (t1 - t0) + (t3 - t2))
+        clock.add("loss", (t2 - t1) - (objective.timings["neighbours"] - before))
+    return float(loss.detach()), codes.detach()
+
+
+def main(argv=None) -> dict:
+    cfg, args = parse_config(argv)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    t_start = time.time()
+
+    train_set, test_set = load_split(cfg, progress_bar=not args.no_progress)
+    n = len(train_set)
+    if cfg.kmeans_k is None:
+        cfg.kmeans_k = default_kmeans_k(n)
+    if cfg.kmeans_k > n:
+        raise SystemExit(f"--kmeans-k must be at most the number of training images ({n}), got {cfg.kmeans_k}")
+    batch_size = min(cfg.batch_size, n)
+
+    out = Path(args.out or default_out(NAME))
+    if args.resume:
+        check_resume(out, asdict(cfg))
+    run = Run(out, name=NAME, config=asdict(cfg), resume=args.resume)
+    state = run.resume_state()
+    model = LAEncoder(backbone=cfg.arch, dim=cfg.dim, image_size=cfg.image_size, code_dim=cfg.code_dim,
+                      pretrained=cfg.pretrained and state is None)
+    if state is not None:
+        pre = Preprocess.from_dict(state["encoder"]["preprocess"])
+    else:
+        init_pre = _init_backbone(model, cfg) if cfg.init_from else None
+        pre = make_preprocess(cfg, train_set.images, init_pre)
+    model = model.to(device)
+    views = resized_uint8(train_set.images, cfg.train_side)  # (n, S, S, 3) uint8
+    print(f"la: {n} training images ({cfg.data}), {0 if test_set is None else len(test_set)} held out, "
+          f"{cfg.arch} at {cfg.image_size}px, k-means k={cfg.kmeans_k} x{cfg.kmeans_repeats}, "
+          f"background k={min(cfg.background, n - 1)}, device {device}", file=sys.stderr)
+
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    bank = MemoryBank(n, cfg.dim, mixing_rate=cfg.mixing_rate, seed=cfg.seed)
+    objective = LocalAggregation(bank, background=cfg.background, temperature=cfg.temperature)
+    start_epoch, step, losses, modes, epoch_times, evals = 0, 0, [], [], [], []
+    evaluator = Evaluator(train_set, test_set)
+    clock = _Clock()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        extra = state["extra"]
+        objective.bank = bank = MemoryBank.from_state_dict(extra["bank"])
+        objective.cluster_labels = extra.get("cluster_labels")
+        losses, modes = list(extra.get("losses", [])), list(extra.get("modes", []))
+        epoch_times = list(extra.get("epoch_seconds", []))
+        evals = list(extra.get("eval_per_epoch", []))
+        clock = _Clock(extra.get("time_split", {}))
+        Run.restore_rng(state)
+    else:
+        t = time.perf_counter()
+        bank.fill(initial_codes(model, views, pre, device, max(batch_size, 2)))  # the encoder's codes
+        clock.add("bank_init", time.perf_counter() - t)
+
+    steps_per_epoch = len(batches(torch.arange(n), batch_size, cfg.max_steps))
+    total_steps = steps_per_epoch * cfg.epochs
+    aug = dict(out_size=cfg.image_size, mean=pre.mean, std=pre.std, color=pre.color, crop_scale=cfg.crop_scale,
+               jitter=cfg.jitter, hue=cfg.hue, grayscale=cfg.grayscale)
+
+    def save(epoch_done: int) -> None:
+        encoder = encoder_spec(NAME, encoder_kwargs(cfg), model, cfg.dim, pre)
+        # The encoder is the whole model: hand over the live state dict instead of encoder_spec's clone, so
+        # torch.save stores the weights once (the conv backbone at 64 px holds 8.5M parameters).
+        encoder["state_dict"] = model.state_dict()
+        run.save(model=model, optimizer=opt, epoch=epoch_done, step=step, encoder=encoder,
+                 extra={"bank": bank.state_dict(), "cluster_labels": objective.cluster_labels, "losses": losses,
+                        "modes": modes, "epoch_seconds": epoch_times, "time_split": clock.totals, "eval_per_epoch": evals})
+
+    for epoch in range(start_epoch, cfg.epochs):
+        te = time.perf_counter()
+        model.train()
+        mode = "ir" if epoch < cfg.warmup_epochs else "la"
+        if mode == "la" and ((epoch - cfg.warmup_epochs) % cfg.cluster_every == 0 or objective.cluster_labels is None):
+            t = time.perf_counter()
+            objective.recluster(cfg.kmeans_k, repeats=cfg.kmeans_repeats, iterations=cfg.kmeans_iterations,
+                                seed=cfg.seed * 1000 + epoch)
+            clock.add("cluster", time.perf_counter() - t)
+        gen = epoch_generator(cfg.seed, epoch)
+        idx_batches = batches(epoch_order(n, cfg.seed, epoch), batch_size, cfg.max_steps)
+        total, count = 0.0, 0
+        nb0, up0 = objective.timings["neighbours"], objective.timings["bank_update"]
+        bar = progress(idx_batches, desc=f"la epoch {epoch + 1}/{cfg.epochs} ({mode})", disable=args.no_progress)
+        for idx in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step, total_steps)
+            t = time.perf_counter()
+            xb = augment(views[idx], generator=gen, **aug).to(device)
+            clock.add("augment", time.perf_counter() - t)
+            loss, _ = train_step(model, objective, opt, xb, idx, mode=mode, clock=clock)
+            step += 1
+            total += loss * len(idx)
+            count += len(idx)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        clock.add("neighbours", objective.timings["neighbours"] - nb0)
+        clock.add("bank_update", objective.timings["bank_update"] - up0)
+        losses.append(total / max(count, 1))
+        modes.append(mode)
+        epoch_times.append(time.perf_counter() - te)
+        clock.add("epochs", epoch_times[-1])
+        print(f"la epoch {epoch + 1}/{cfg.epochs} ({mode}): loss {losses[-1]:.4f} ({epoch_times[-1]:.1f}s)",
+              file=sys.stderr)
+        if cfg.eval_every and evaluator.labelled and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+            evals.append({"epoch": epoch + 1, **evaluator.embedding(model, pre, device=device)})
+            print(f"la epoch {epoch + 1}: 1-NN {evals[-1]['knn1_accuracy']:.4f}, NMI {evals[-1]['kmeans_nmi']:.4f}",
+                  file=sys.stderr)
+        t = time.perf_counter()
+        save(epoch + 1)
+        clock.add("checkpoint", time.perf_counter() - t)
+
+    train_seconds = time.time() - t_start
+    metrics = {"model": NAME, "data": cfg.data, "arch": cfg.arch, "n_train": n,
+               "n_test": 0 if test_set is None else len(test_set), "epochs": cfg.epochs, "steps": step,
+               "kmeans_k": cfg.kmeans_k, "background": min(cfg.background, n - 1),
+               "loss_per_epoch": losses, "mode_per_epoch": modes, "epoch_seconds": [round(s, 2) for s in epoch_times],
+               "time_split": time_split(clock.totals), "train_seconds": round(train_seconds, 1)}
+    metrics["eval_per_epoch"] = evals
+    metrics.update(evaluator(model, pre, device=device))
+    run.write_metrics(metrics)
+    _clusters_figure(run, objective, views, cfg)
+    report(metrics)
+    return metrics
+
+
+def time_split(totals: dict) -> dict:
+    """Seconds per category over the epochs run here and the machinery's share of the epochs' wall time.
+
+    encoder: forward + backward + optimiser step; loss: scores against the bank and the logsumexps;
+    machinery: neighbours (top-k of the bank, cluster mates) + bank update + k-means."""
+    out = {k: round(float(v), 3) for k, v in totals.items()}
+    wall = float(totals.get("epochs", 0.0))
+    machinery = sum(float(totals.get(k, 0.0)) for k in ("neighbours", "bank_update", "cluster"))
+    out["machinery"] = round(machinery, 3)
+    if wall > 0:
+        out["machinery_fraction"] = round(machinery / wall, 4)
+        out["machinery_and_loss_fraction"] = round((machinery + float(totals.get("loss", 0.0))) / wall, 4)
+        out["encoder_fraction"] = round(float(totals.get("encoder", 0.0)) / wall, 4)
+        out["augment_fraction"] = round(float(totals.get("augment", 0.0)) / wall, 4)
+    return out
+
+
+class Evaluator:
+    """With labels: 1-NN accuracy (held-out against train, or leave-one-out on train) and k-means NMI (k =
+    number of classes) of the embedding and of the raw-pixel and HSV-histogram baselines on the same images.
+    The baselines are computed once, on first use."""
+
+    def __init__(self, train_set: ImageSet, test_set: ImageSet | None):
+        self.train_set, self.test_set = train_set, test_set
+        self.held_out = test_set is not None and len(test_set) > 0
+        self._baselines: dict | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.train_set.labels is not None
+
+    def _scores(self, key: str, emb_tr: np.ndarray, emb_te: np.ndarray | None) -> dict:
+        tr, te = self.train_set, self.test_set
+        if self.held_out:
+            return {f"knn1_accuracy{key}": ev.knn1_accuracy(emb_tr, tr.labels, emb_te, te.labels),
+                    f"kmeans_nmi{key}": ev.kmeans_nmi(emb_te, te.labels, seed=0)}
+        return {f"knn1_accuracy{key}": ev.loo_knn1_accuracy(emb_tr, tr.labels),
+                f"kmeans_nmi{key}": ev.kmeans_nmi(emb_tr, tr.labels, seed=0)}
+
+    def baselines(self) -> dict:
+        if self._baselines is None:
+            out = {}
+            for key, fn in (("_raw_pixels", lambda im: ev.raw_pixels(im, size=32)), ("_hsv_histogram", ev.hsv_histogram)):
+                out.update(self._scores(key, fn(self.train_set.images),
+                                        fn(self.test_set.images) if self.held_out else None))
+            self._baselines = out
+        return self._baselines
+
+    def embedding(self, model, pre: Preprocess, *, device) -> dict:
+        emb_tr = ev.embed(model, self.train_set.images, pre, device=device)
+        emb_te = ev.embed(model, self.test_set.images, pre, device=device) if self.held_out else None
+        return self._scores("", emb_tr, emb_te)
+
+    def __call__(self, model, pre: Preprocess, *, device) -> dict:
+        if not self.labelled:
+            return {}
+        out = {"eval": "held-out images, 1-NN against the training images" if self.held_out
+               else "leave-one-out 1-NN and k-means NMI on the training images"}
+        out.update(self.embedding(model, pre, device=device))
+        out.update(self.baselines())
+        out["beats_baselines"] = bool(
+            all(out["knn1_accuracy"] > out[f"knn1_accuracy_{b}"] and out["kmeans_nmi"] > out[f"kmeans_nmi_{b}"]
+                for b in ("raw_pixels", "hsv_histogram")))
+        return out
+
+
+def report(metrics: dict) -> None:
+    ts = metrics["time_split"]
+    if "machinery_fraction" in ts:
+        print(f"la time split: encoder {ts.get('encoder', 0):.1f}s, machinery {ts['machinery']:.1f}s "
+              f"({100 * ts['machinery_fraction']:.1f}% of {ts['epochs']:.1f}s of epochs)")
+    if "knn1_accuracy" in metrics:
+        print(f"la ({metrics['eval']}):")
+        for name, key in (("LA", ""), ("raw 32x32 pixels", "_raw_pixels"), ("HSV histogram", "_hsv_histogram")):
+            print(f"  {name:<18} 1-NN {metrics['knn1_accuracy' + key]:.4f}  NMI {metrics['kmeans_nmi' + key]:.4f}")
+
+
+def _clusters_figure(run: Run, objective: LocalAggregation, views: torch.Tensor, cfg: LAConfig,
+                     rows: int = 8, per_row: int = 10) -> None:
+    """Contact sheet: the largest clusters of the final bank, one row each, members nearest the centroid first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bank = objective.bank
+    k = min(cfg.kmeans_k, len(bank))
+    labels = bank.cluster(k, repeats=1, iterations=cfg.kmeans_iterations, seed=cfg.seed)[0]
+    centroids = bank.centroids[0]
+    sizes = np.bincount(labels, minlength=k)
+    order = np.argsort(-sizes, kind="stable")[: min(rows, int((sizes > 0).sum()))]
+    fig, axes = plt.subplots(len(order), per_row, figsize=(1.2 * per_row, 1.3 * len(order)), squeeze=False)
+    for r, c in enumerate(order):
+        members = np.flatnonzero(labels == c)
+        members = members[np.argsort(-(bank.vectors[members] @ centroids[c]), kind="stable")][:per_row]
+        for j in range(per_row):
+            ax = axes[r][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.axis("off")
+            if j < len(members):
+                ax.imshow(views[members[j]].numpy())
+        axes[r][0].set_title(f"cluster {c} ({sizes[c]} images)", fontsize=7, loc="left")
+    fig.suptitle(f"la on {cfg.data}: the {len(order)} largest of {k} clusters of the memory bank")
+    run.save_figure(fig, "clusters.png")
+
+
+if __name__ == "__main__":
+    main()

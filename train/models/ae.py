@@ -1,0 +1,283 @@
+"""Autoencoders and their encoders (backbones), also reused by LA (``train/models/la.py``).
+
+Two architectures:
+
+- ``vgg16bn``: a SegNet-style autoencoder. The encoder is torchvision's ``vgg16_bn().features`` (13 conv +
+  batch norm + ReLU layers, 5 max-pools); each pool keeps its argmax indices, and the mirrored decoder
+  (``MaxUnpool2d`` with those indices, then ``ConvTranspose2d`` + batch norm + ReLU per encoder conv, in
+  reverse) rebuilds the image; the last layer (back to 3 channels) has no batch norm and no activation.
+  Backbone features: the encoder's (n, 512, h, w) output averaged over h and w -> (n, 512).
+- ``conv``: a small CIFAR conv autoencoder: 4 conv layers (3 of them stride 2) then a linear layer to a
+  1000-d code, mirrored by the decoder. Backbone features: the code, (n, 1000).
+
+``build_backbone(kind)`` gives the unnormalised feature extractor; the registered encoders ``ae-vgg16bn``
+and ``ae-conv`` wrap it with an L2 normalisation (the embedding the engine searches).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train.registry import register_encoder
+
+BACKBONES = ("vgg16bn", "conv")
+
+
+class L2Normalized(nn.Module):
+    """Wraps a feature extractor: (n, 3, H, W) -> (n, dim) unit vectors."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(x), dim=1)
+
+
+def _check_images(x: torch.Tensor, min_side: int = 1) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must be a tensor of shape (n, 3, H, W), got {tuple(x.shape)}")
+    if min(x.shape[2], x.shape[3]) < min_side:
+        raise ValueError(f"images must be at least {min_side}x{min_side} pixels, got {tuple(x.shape[2:])}")
+
+
+# --------------------------------------------------------------------------------------------------
+# VGG16-BN / SegNet
+
+
+def _load_pretrained_vgg16bn() -> nn.Sequential | None:
+    """torchvision's ImageNet vgg16_bn features, or None (with a warning) when the weights cannot be had."""
+    import torchvision
+
+    try:
+        vgg = torchvision.models.vgg16_bn(weights=torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
+    except Exception as e:  # no network, no cached file, damaged download ...
+        print(
+            f"WARNING: --pretrained: torchvision's ImageNet vgg16_bn weights cannot be had ({type(e).__name__}: {e}); "
+            f"training continues from random initialisation. To use them, place vgg16_bn-6c64b313.pth in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}.",
+            file=sys.stderr,
+        )
+        return None
+    return vgg.features
+
+
+class VGG16BNBackbone(nn.Module):
+    """torchvision ``vgg16_bn().features`` (same parameter names, so ImageNet weights load as they are)."""
+
+    out_dim = 512
+    min_side = 32  # five 2x2 pools
+
+    def __init__(self, *, pretrained: bool = False):
+        super().__init__()
+        import torchvision
+
+        features = _load_pretrained_vgg16bn() if pretrained else None
+        self.features = features if features is not None else torchvision.models.vgg16_bn(weights=None).features
+
+    def encode(self, x: torch.Tensor, *, with_indices: bool = False):
+        """(n, 3, H, W) -> (n, 512, H/32, W/32) feature map; with indices also the pools' argmax indices
+        and input sizes (one per pool, encoder order) for the SegNet decoder."""
+        _check_images(x, self.min_side)
+        indices, sizes = [], []
+        for m in self.features:
+            if isinstance(m, nn.MaxPool2d):
+                if with_indices:
+                    sizes.append(x.shape[-2:])
+                    x, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                          ceil_mode=m.ceil_mode, return_indices=True)
+                    indices.append(idx)
+                else:
+                    x = m(x)
+            else:
+                x = m(x)
+        return (x, indices, sizes) if with_indices else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x).mean(dim=(2, 3))  # (n, 512)
+
+
+class SegNetDecoder(nn.Module):
+    """The mirror of a VGG ``features`` stack: unpool with the encoder's indices, then transposed convs."""
+
+    def __init__(self, features: nn.Sequential):
+        super().__init__()
+        # Group the encoder into blocks of convs, each closed by a pool.
+        blocks, convs = [], []
+        for m in features:
+            if isinstance(m, nn.Conv2d):
+                convs.append(m)
+            elif isinstance(m, nn.MaxPool2d):
+                blocks.append(convs)
+                convs = []
+        if convs:
+            raise ValueError("a VGG features stack must end with a max-pool")
+        self.unpool = nn.MaxUnpool2d(2, stride=2)
+        stages = []
+        first_conv = blocks[0][0]
+        for convs in reversed(blocks):
+            layers = []
+            for conv in reversed(convs):
+                layers.append(nn.ConvTranspose2d(conv.out_channels, conv.in_channels, 3, padding=1))
+                if conv is not first_conv:  # the final layer (back to RGB) keeps no norm and no activation
+                    layers += [nn.BatchNorm2d(conv.in_channels), nn.ReLU(inplace=True)]
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, z: torch.Tensor, indices: list, sizes: list) -> torch.Tensor:
+        if len(indices) != len(self.stages) or len(sizes) != len(self.stages):
+            raise ValueError(f"expected {len(self.stages)} pooling indices and sizes, got {len(indices)} and {len(sizes)}")
+        x = z
+        for stage, idx, size in zip(self.stages, reversed(indices), reversed(sizes)):
+            x = self.unpool(x, idx, output_size=size)
+            x = stage(x)
+        return x
+
+
+class SegNetAutoencoder(nn.Module):
+    """VGG16-BN encoder with pooling indices + mirrored decoder; forward returns the reconstruction."""
+
+    def __init__(self, *, pretrained: bool = False):
+        super().__init__()
+        self.encoder = VGG16BNBackbone(pretrained=pretrained)
+        self.decoder = SegNetDecoder(self.encoder.features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, indices, sizes = self.encoder.encode(x, with_indices=True)
+        return self.decoder(z, indices, sizes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small CIFAR conv autoencoder
+
+
+class ConvEncoder(nn.Module):
+    """(n, 3, s, s) -> (n, code_dim) code; s must be a multiple of 8 (32 for CIFAR).
+
+    The code passes a batch norm without affine parameters, so each code dimension is centred and scaled
+    to unit variance (over the training set, in eval mode): cosine similarity between codes is then a
+    correlation, not dominated by the shared mean code."""
+
+    def __init__(self, *, image_size: int = 32, code_dim: int = 1000, width: int = 16, code_norm: bool = True):
+        super().__init__()
+        if image_size % 8 or image_size < 8:
+            raise ValueError(f"conv autoencoder image_size must be a positive multiple of 8, got {image_size}")
+        self.image_size = int(image_size)
+        self.out_dim = int(code_dim)
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),                  # s
+            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),  # s/2
+            nn.Conv2d(2 * w, 4 * w, 4, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True),  # s/4
+            nn.Conv2d(4 * w, 8 * w, 4, stride=2, padding=1), nn.BatchNorm2d(8 * w), nn.ReLU(inplace=True),  # s/8
+        )
+        self.map_shape = (8 * w, image_size // 8, image_size // 8)
+        self.fc = nn.Linear(8 * w * (image_size // 8) ** 2, code_dim)
+        self.norm = nn.BatchNorm1d(code_dim, affine=False) if code_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x)
+        if tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"conv encoder expects (n, 3, {self.image_size}, {self.image_size}) images, got {tuple(x.shape)}")
+        return self.norm(self.fc(self.features(x).flatten(1)))  # (n, code_dim)
+
+
+class ConvDecoder(nn.Module):
+    def __init__(self, encoder: ConvEncoder):
+        super().__init__()
+        c, h, w = encoder.map_shape
+        self.map_shape = (c, h, w)
+        self.fc = nn.Linear(encoder.out_dim, c * h * w)
+        self.net = nn.Sequential(
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.BatchNorm2d(c // 2), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(c // 2, c // 4, 4, stride=2, padding=1), nn.BatchNorm2d(c // 4), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(c // 4, c // 8, 4, stride=2, padding=1), nn.BatchNorm2d(c // 8), nn.ReLU(inplace=True),
+            nn.Conv2d(c // 8, 3, 3, padding=1),
+        )
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.net(self.fc(code).view(-1, *self.map_shape))
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self, *, image_size: int = 32, code_dim: int = 1000):
+        super().__init__()
+        self.encoder = ConvEncoder(image_size=image_size, code_dim=code_dim)
+        self.decoder = ConvDecoder(self.encoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Public helpers
+
+
+def build_backbone(kind: str, *, pretrained: bool = False, image_size: int = 32,
+                   code_dim: int = 1000) -> tuple[nn.Module, int]:
+    """An unnormalised feature extractor (n, 3, H, W) -> (n, out_dim) and its out_dim.
+
+    ``vgg16bn``: vgg16_bn features averaged over height and width (512); ``pretrained`` asks for
+    torchvision's ImageNet weights (a warning, and random init, when they cannot be had).
+    ``conv``: the CIFAR conv encoder (``code_dim``, 1000 by default) for ``image_size`` square inputs.
+    """
+    if kind == "vgg16bn":
+        m = VGG16BNBackbone(pretrained=pretrained)
+        return m, m.out_dim
+    if kind == "conv":
+        if pretrained:
+            print("WARNING: there are no pretrained weights for the conv backbone; using random init", file=sys.stderr)
+        m = ConvEncoder(image_size=image_size, code_dim=code_dim)
+        return m, m.out_dim
+    raise ValueError(f"backbone kind must be one of {BACKBONES}, got {kind!r}")
+
+
+def build_autoencoder(arch: str, *, pretrained: bool = False, image_size: int = 32,
+                      code_dim: int = 1000) -> nn.Module:
+    """The whole autoencoder; its ``encoder`` attribute is ``build_backbone(arch)``'s module."""
+    if arch == "vgg16bn":
+        return SegNetAutoencoder(pretrained=pretrained)
+    if arch == "conv":
+        return ConvAutoencoder(image_size=image_size, code_dim=code_dim)
+    raise ValueError(f"autoencoder arch must be one of {BACKBONES}, got {arch!r}")
+
+
+def backbone_state_from_ae(checkpoint_path, kind: str) -> dict:
+    """The encoder weights of an autoencoder checkpoint (file or run folder), as a state dict that loads
+    into ``build_backbone(kind)[0]`` (for LA's ``--init-from``)."""
+    from train.checkpoint import CheckpointError, load_checkpoint
+
+    if kind not in BACKBONES:
+        raise ValueError(f"backbone kind must be one of {BACKBONES}, got {kind!r}")
+    p = Path(checkpoint_path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    ckpt = load_checkpoint(p)
+    want = f"ae-{kind}"
+    if ckpt.get("name") != want:
+        raise CheckpointError(f"{p} holds model {ckpt.get('name')!r}; a {kind} backbone needs an {want!r} checkpoint")
+    model = ckpt.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{p} has no 'model' state dict")
+    state = {k[len("encoder."):]: v for k, v in model.items() if k.startswith("encoder.")}
+    if not state:
+        raise CheckpointError(f"{p}: the model state dict has no 'encoder.*' entries")
+    return state
+
+
+@register_encoder("ae-vgg16bn")
+def ae_vgg16bn_encoder(**kwargs) -> nn.Module:
+    """SegNet/VGG16-BN encoder, features averaged over H and W, L2-normalised: (n, 3, H, W) -> (n, 512)."""
+    return L2Normalized(build_backbone("vgg16bn", **kwargs)[0])
+
+
+@register_encoder("ae-conv")
+def ae_conv_encoder(*, image_size: int = 32, code_dim: int = 1000) -> nn.Module:
+    """CIFAR conv autoencoder code, L2-normalised: (n, 3, s, s) -> (n, code_dim)."""
+    return L2Normalized(build_backbone("conv", image_size=image_size, code_dim=code_dim)[0])

@@ -416,7 +416,9 @@ class Searcher:
                     f"{path} was built with model {model}, but the encoder given is {dict(encoder.identity)}"
                 )
             if int(encoder.dim) != dim:
-                raise ModelError(f"{path} holds dim {dim} vectors, but the encoder {encoder.name} gives dim {encoder.dim}")
+                raise ModelError(
+                    f"{path} holds dim {dim} vectors, but the encoder {encoder.name} gives dim {encoder.dim}"
+                )
         s = cls(dim, metric=metric)
         s._encoder = encoder
         s._model = model if model is not None else (dict(encoder.identity) if encoder is not None else None)

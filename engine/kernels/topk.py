@@ -26,9 +26,9 @@ Methods (``topk_ip(method=...)``):
   workers would cost more than it saves), searches without threadpoolctl, and ``threads=1`` run one
   part in the calling thread, with BLAS's own threads, in few large calls.
 - ``"fused"``: ``fused_topk`` computes dot products and keeps the heaps in one numba-parallel pass over
-  the rows (read from memory once). Measured slower than "gemm" at every batch size on the reference
-  machine (see BENCHMARKS.md); "auto" uses it only for <= ``FUSED_MAX_QUERIES`` queries when the BLAS
-  thread count cannot be controlled.
+  the rows (read from memory once). Measured slower than "gemm" at 1, 4 and 16 queries on the
+  reference machine (2 cores; BENCHMARKS.md); "auto" uses it only for <= ``FUSED_MAX_QUERIES`` queries
+  when the BLAS thread count cannot be controlled.
 Memory stays bounded: never a full (nq, n) score matrix; a search allocates its buffers, one per worker,
 plus the heaps.
 """

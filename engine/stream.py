@@ -16,21 +16,25 @@ image encoder (anything with ``encode(frames) -> (n, dim)`` unit rows and ``dim`
 It starts from the published MPNN demo: each frame is compared with an *anchor* (the first frame of the
 current shot) on the embedding dimensions of highest variance over a window of recent frames, and a new
 anchor is taken when that similarity falls low. Unlike the demo, memory is bounded (ring buffers of fixed
-size; at most ``max_shots`` shot signatures), and the similarity curve is turned into events:
+size; at most ``max_shots`` shot signatures), and the frames are turned into events:
 
 - a **cut** is a frame much less similar to the frame before than its neighbours are to theirs (a spike of
-  dissimilarity, ``cut_threshold`` and ``cut_ratio``), unless the content comes back within
-  ``flash_frames`` frames (a flash, an occlusion): those frames are then ignored as outliers;
-- a **gradual** transition is a **fade** (the mean brightness falls steadily to near black, and/or rises
-  steadily from it; the dark frames in between belong to the transition) or a **dissolve**: the mean
-  embeddings of the ``gradual_window`` frames before and after a point differ by at least
-  ``gradual_threshold``, the content before and after the change differs, the change is spread over several
-  frames (no single step carries more than ``smooth_ratio`` of it: fast motion fails this), and it is not
-  explained by sliding the embedding maps (a camera pan fails this);
-- a **shot** runs from one transition to the next; when it ends, its signature (mean pooled embedding) is
-  compared with those of earlier shots, and ``recurs_with`` names the earlier shot that shows the same scene.
+  dissimilarity: ``cut_threshold`` and ``cut_ratio``) that also changes the picture in one step; when the
+  content comes back within ``flash_frames`` frames it was a flash or an occlusion, and those frames are
+  ignored as outliers;
+- a **fade** is found by brightness: it falls steadily to near black and / or rises steadily from it (the
+  dark frames in between belong to the transition);
+- a **dissolve** is found where the mean embeddings of the ``gradual_window`` frames before and after a point
+  differ, then checked on small colour thumbnails (a dissolve is a blend, frame = (1 - a) * P + a * Q): the
+  straightest long stretch of thumbnails is taken, the content before and after it must differ by
+  ``gradual_threshold`` (embeddings), its frames must lie near the blends of P and Q (``blend_residual``),
+  blend the whole picture alike (``blend_spread``) and move from P to Q a little at a time
+  (``smooth_ratio``). Camera pans and moving objects fail those tests;
+- a **shot** runs from one transition to the next; when it ends, its signature (the mean embedding, pooled)
+  is compared with those of earlier shots, and ``recurs_with`` names the earlier shot that shows the same
+  scene again.
 
-Events come out in order, each with a latency of a few frames (the lookahead the decisions need, plus the
+Transitions of either kind are ``gradual``. Events come out in order, each with a latency of a few frames (the lookahead the decisions need, plus the
 batch); ``flush()`` ends the stream and resets the comparator for a new one.
 
 Frame indices count from 0 in the order frames were given. A cut has ``first == last ==`` the first frame
@@ -54,7 +58,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -354,6 +358,7 @@ class StreamComparator:
         self._dims = None  # the selected dimensions (None: all)
         self._anchor = None
         self._shot_start = 0
+        self._shot_start_time = None
         self._shot_sum = np.zeros(self.signature_dim, np.float64)  # signatures of the shot's frames evicted so far
         self._shot_n = 0
         self._sig_total = np.zeros(self.signature_dim, np.float64)  # every decided frame: the stream's mean
@@ -556,6 +561,8 @@ class StreamComparator:
             self._shot_sum += self._sig[gone]
             self._shot_n += 1
         i = self._emb.append(x)
+        if i == self._shot_start:
+            self._shot_start_time = t
         self._sig.append(sig)
         self._thumb.append(thumb)
         self._luma.append(luma)
@@ -639,6 +646,8 @@ class StreamComparator:
     def _decide(self, k: int, final: bool) -> list[Event]:
         """Stage 2, in frame order: fades, cuts, dissolves, the anchor, the frame's scores."""
         events: list[Event] = []
+        while self._barriers and self._barriers[0] < k - self.reach:
+            self._barriers.popleft()  # too old to stop any window
         p = self._valid_before(k)
         c_k = 0.0 if p is None else 1.0 - self._sim(p, k)
         is_cut = bool(self._cuts) and self._cuts[0][0] == k
@@ -892,6 +901,10 @@ class StreamComparator:
 
     def _open_shot(self, start: int) -> None:
         self._shot_start = start
+        self._shot_start_time = None
+        if start < self._emb.end:
+            t = float(self._time[start])
+            self._shot_start_time = None if math.isnan(t) else t
         self._shot_sum = np.zeros(self.signature_dim, np.float64)
         self._shot_n = 0
         if start < self._emb.end:
@@ -921,7 +934,7 @@ class StreamComparator:
         self._shot_sigs[slot] = sig
         self._shot_ids[slot] = index
         self._shot_count += 1
-        t0 = float(self._time[start]) if start >= self._time.start else math.nan
+        t0 = math.nan if self._shot_start_time is None else float(self._shot_start_time)
         t1 = float(self._time[end])
         recur = best_id if best >= self.recur_threshold else None
         return Shot(index=index, start=int(start), end=int(end), recurs_with=recur,
@@ -993,9 +1006,10 @@ class VideoReader:
             self.cap.release()
 
 
-def detect(source, encoder, *, max_frames: int | None = None, **options) -> list[Event]:
-    """Every event of a video file, camera index or iterable of frames, in one call (``StreamComparator.run``)."""
-    return list(StreamComparator(encoder, **options).run(source, max_frames=max_frames))
+def detect(source, encoder, *, max_frames: int | None = None, workers: int = 1, **options) -> list[Event]:
+    """Every event of a video file, camera index or iterable of frames, in one call (``StreamComparator.run``;
+    ``options`` go to ``StreamComparator``)."""
+    return list(StreamComparator(encoder, **options).run(source, max_frames=max_frames, workers=workers))
 
 
 # ---------------------------------------------------------------------------------------------------------------

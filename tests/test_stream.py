@@ -239,6 +239,9 @@ def test_detect_over_a_file_equals_frame_by_frame(encoder, tmp_path):
     comp = StreamComparator(encoder)
     by_hand = [e for i, f in enumerate(_read(path)) for e in comp.process_frame(f, i / 25.0)] + comp.flush()
     assert by_file == by_hand  # same events, same timestamps (the file's 25 frames/s)
+    spans = lambda evs: [(e.kind, getattr(e, "type", None), getattr(e, "first", getattr(e, "start", None)),  # noqa: E731
+                          getattr(e, "last", getattr(e, "end", None))) for e in evs]
+    assert spans(detect(path, encoder, workers=2, batch_size=2)) == spans(by_file)  # two batches at a time
     assert [(type(e).__name__, getattr(e, "type", None)) for e in by_file] == \
         [("Shot", None), ("Transition", "cut"), ("Shot", None)]
     assert abs(by_file[1].first - 20) <= 2 and by_file[1].start_time == pytest.approx(by_file[1].first / 25.0)
@@ -294,7 +297,7 @@ def test_cli_writes_report_timeline_and_annotated_video(encoder, mpnn_model, tmp
         w.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
     w.release()
     out = tmp_path / "out"
-    assert main([str(video), "--model", str(mpnn_model), "--out", str(out), "--annotate", "--threads", "2"]) == 0
+    assert main([str(video), "--model", str(mpnn_model), "--out", str(out), "--annotate"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["frames"] == 60 and report["fps"] > 0
     assert [(t["type"], t["first"]) for t in report["transitions"]] in ([("cut", k)] for k in (28, 29, 30, 31, 32))

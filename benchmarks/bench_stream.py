@@ -87,15 +87,11 @@ def score(pred, truth: video_truth.Truth) -> dict:
     return m
 
 
-def recurrence(shots: list[Shot], trans, truth: video_truth.Truth) -> dict:
+def recurrence(shots: list[Shot], truth: video_truth.Truth) -> dict:
     """Our shots matched to the true ones (by overlap); a reported recurrence is right when it points at a true
     shot of the same scene."""
-    def true_shot(s: Shot):
-        best = max(range(len(truth.shots)), key=lambda j: min(s.end, truth.shots[j]["end"]) -
-                   max(s.start, truth.shots[j]["start"]))
-        return best
-
-    mapped = [true_shot(s) for s in shots]
+    mapped = [max(range(len(truth.shots)), key=lambda j: min(s.end, truth.shots[j]["end"]) -
+                  max(s.start, truth.shots[j]["start"])) for s in shots]
     said = right = 0
     for s, j in zip(shots, mapped):
         if s.recurs_with is not None:
@@ -249,7 +245,7 @@ def compare_all(model, out_dir, *, options=None, encoder_threads: int = 1, psd: 
         pred, shots, stats = run_ours(path, encoder, **options)
         row["ours"] = {**score(pred, truth), "fps": stats["frames"] / stats["seconds"],
                        "cpu_ms": stats["cpu_seconds"] * 1e3 / stats["frames"],
-                       "recurrence": recurrence(shots, pred, truth),
+                       "recurrence": recurrence(shots, truth),
                        "detected": [list(p) for p in pred]}
         for det in PSD_DETECTORS if psd else ():
             cuts, st = run_pyscenedetect(path, det)
@@ -287,6 +283,7 @@ def main(argv=None) -> int:
                     "int8 variant NAME.int8.onnx beside it is measured too when present")
     ap.add_argument("--out", default="runs/bench_stream", help="videos and results.json go here")
     ap.add_argument("--skip-quality", action="store_true", help="only the speed measurements")
+    ap.add_argument("--skip-speed", action="store_true", help="only the quality tables")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,6 +297,9 @@ def main(argv=None) -> int:
             results["int8"] = {n: {k: v for k, v in r["ours"].items() if k != "detected"} for n, r in q["videos"].items()}
             print("\nint8 model, ours: " + ", ".join(f"{n} F1 {r['f1']:.2f} ({r['typed']}/{r['tp']} typed)"
                                                   for n, r in results["int8"].items()), flush=True)
+    if args.skip_speed:
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        return 0
     from engine.encoder import Encoder
 
     videos = video_truth.build_all(out / "videos")

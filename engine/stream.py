@@ -700,16 +700,24 @@ class StreamComparator:
                 s -= 1
             if k - s < 2:
                 s = k  # one darker step is a cut into black, not a fade out
-            self._fade = {"state": "dark", "start": s, "dark_first": k, "dark_last": k, "end": k, "rises": []}
+            self._fade = {"state": "dark", "start": s, "dark_first": k, "dark_last": k, "end": k, "rises": [],
+                          "long": False}
             return [], s < k
         if f["state"] == "dark":
             if dark:
                 f["dark_last"] = f["end"] = k
-                if k - f["dark_first"] >= self.max_gradual:  # a long black stretch is a shot of its own
-                    self._fade = None
+                if not f["long"] and k - f["dark_first"] >= self.max_gradual:
+                    # a long black stretch is a shot of its own: the fade out (if any) ends where it starts,
+                    # and a fade in, if one comes, starts a transition of its own
+                    f["long"] = True
+                    if f["dark_first"] - f["start"] >= 2:
+                        return self._fade_transition(f["start"], f["dark_first"] - 1), True
                 return [], True
             if c_k >= self.cut_threshold and luma > 2.0 * self.dark_threshold:
                 # a cut out of the black: the fade (if it faded out) ends on the frame before
+                if f["long"]:
+                    self._fade = None
+                    return [], False
                 took = f["dark_first"] - f["start"] >= 2
                 return self._finish_fade(), took
             f["state"], f["end"] = "in", k
@@ -724,10 +732,13 @@ class StreamComparator:
 
     def _finish_fade(self) -> list[Event]:
         f, self._fade = self._fade, None
-        s, e = f["start"], f["end"]
-        faded = f["dark_first"] - s >= 2 or e - f["dark_last"] >= 2
+        s, e = (f["dark_last"] + 1, f["end"]) if f["long"] else (f["start"], f["end"])
+        faded = e - f["dark_last"] >= 2 if f["long"] else (f["dark_first"] - s >= 2 or e - f["dark_last"] >= 2)
         if not faded or s <= self._shot_start or s - 1 < self._emb.start:
             return []  # black from the start, or plain cuts into and out of black (the cut test has those)
+        return self._fade_transition(s, e)
+
+    def _fade_transition(self, s: int, e: int) -> list[Event]:
         before = self._window_mean(max(self._emb.start, self._shot_start, s - 3), s)
         after = self._window_mean(e + 1, min(self._emb.end, e + 4)) if e + 1 < self._emb.end else self._emb[e]
         score = 1.0 - _cos(self._sel(before), self._sel(after))
@@ -1104,7 +1115,7 @@ class _Overlay:
         _, frame = self.frames.popleft()
         img = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
         h, w = img.shape[:2]
-        scale = max(0.4, w / 900)
+        scale = max(0.6, w / 800)
         bar_w = int(w * 0.3)
         for row, (label, value, color) in enumerate((("frame", s.similarity, (80, 220, 80)),
                                                      ("anchor", s.anchor_similarity, (220, 180, 60)))):

@@ -2,8 +2,8 @@
 
 The encoder is the real thing: an MPNN trained briefly by ``train.mpnn`` on the embedded bikes.mp4 (the main
 job's default architecture and data, a tiny step budget), exported by ``export.onnx.export_run`` and run by
-``engine.Encoder``. It is built once and cached in pytest's cache folder, keyed by the training, export and
-preprocessing sources. The test clips are cut from the real sample videos with known truth: where two real
+``engine.Encoder``. It is built once and cached in pytest's cache folder, keyed by the sources it depends on (the
+MPNN trainer, export, preprocessing, encoder). The test clips are cut from the real sample videos with known truth: where two real
 shots are joined, dissolved or faded, where frames were brightened (a flash), where a window slides across a
 real wide frame (a pan).
 """
@@ -40,8 +40,9 @@ TRAIN_ARGS = ["--level-steps", "2", "--init-frames", "8", "--eval-limit", "8", "
 
 def _digest() -> str:
     h = hashlib.sha256()
-    files = [*ROOT.glob("train/**/*.py"), *ROOT.glob("export/*.py"), ROOT / "engine" / "preprocess.py",
-             ROOT / "engine" / "encoder.py"]
+    files = [ROOT / "train" / f for f in ("mpnn.py", "common.py", "data.py", "checkpoint.py", "registry.py")]
+    files += [ROOT / "train" / "models" / "mpnn.py", *ROOT.glob("export/*.py"), ROOT / "engine" / "preprocess.py",
+              ROOT / "engine" / "encoder.py"]
     for f in sorted(files):
         h.update(f.relative_to(ROOT).as_posix().encode())
         h.update(f.read_bytes())
@@ -172,6 +173,20 @@ def test_dissolve_and_fade_are_gradual(encoder):
     assert _overlaps(transitions[1], f_first, f_last) and transitions[1].fade
     assert transitions[1].first <= f_first + 2 and transitions[1].last >= f_last - 2  # the whole fade
     assert len(shots) == 3 and shots[1].start == transitions[0].last + 1 and shots[2].start == transitions[1].last + 1
+
+
+def test_a_long_black_stretch_is_a_shot_between_a_fade_out_and_a_fade_in(encoder):
+    a, c = _shot("bikes", 137, 167), _shot("carphone_pristine", 0, 30)
+    n, hold = 8, 50  # 2 s of black: longer than max_gradual (40 frames)
+    black = np.zeros_like(a[0])
+    clip = [*a[:-n], *[_blend(a[-n + i], black, (i + 1) / (n + 1)) for i in range(n)], *[black] * hold,
+            *[_blend(black, c[i], (i + 1) / (n + 1)) for i in range(n)], *c[n:]]
+    transitions, shots, _ = _events(encoder, clip)
+    out_first, in_last = len(a) - n, len(a) + hold + n - 1
+    assert [(t.type, t.fade) for t in transitions] == [("gradual", True), ("gradual", True)], transitions
+    assert _overlaps(transitions[0], out_first, len(a) - 1) and transitions[0].last < len(a) + 2
+    assert _overlaps(transitions[1], len(a) + hold, in_last) and transitions[1].first > len(a) + hold - 3
+    assert len(shots) == 3 and shots[1].start <= len(a) + 1 and shots[1].end >= len(a) + hold - 2  # the black
 
 
 def test_flash_inside_a_shot_is_not_a_transition(encoder):

@@ -46,7 +46,7 @@ ARCH_DEFAULTS = {
     # reconstruction error, not the search quality), so 3 epochs of the 8,000 CIFAR images (375 steps) do
     "conv": {"image_size": 32, "epochs": 3, "batch_size": 64, "lr": 1e-3},
     # 96 (not 224) keeps the default photos run within 10 minutes on 2 CPU cores: VGG16 costs ~(side/224)^2
-    "vgg16bn": {"image_size": 96, "epochs": 15, "batch_size": 8, "lr": 1e-3},
+    "vgg16bn": {"image_size": 96, "epochs": 40, "batch_size": 8, "lr": 1e-3},
 }
 
 

@@ -57,13 +57,13 @@ SHUFFLED_DATASETS = ("mnist", "cifar10")  # stored in a shuffled order: the last
 # Photos (fungi, the embedded photos, video frames, folders): few images, so many epochs at 64 px; mild colour
 # jitter only, since colour tells species apart. CIFAR-10 / digits: thousands of images at 32 px, a few epochs;
 # strong colour augmentation (SimCLR's) for CIFAR.
-_PHOTO = {"image_size": 64, "train_side": 80, "epochs": 60, "batch_size": 32, "warmup_epochs": 15, "lr": 0.03,
+_PHOTO = {"image_size": 64, "train_side": 80, "center_crop": 1.0, "epochs": 60, "batch_size": 32, "warmup_epochs": 15, "lr": 0.03,
           "crop_scale": 0.3, "jitter": 0.2, "hue": 0.0, "grayscale": 0.0}
-_SMALL = {"image_size": 32, "train_side": 32, "epochs": 8, "batch_size": 64, "warmup_epochs": 3, "lr": 0.01,
+_SMALL = {"image_size": 32, "train_side": 32, "center_crop": 1.0, "epochs": 8, "batch_size": 64, "warmup_epochs": 3, "lr": 0.01,
           "crop_scale": 0.2, "jitter": 0.4, "hue": 0.1, "grayscale": 0.2}
 _DIGITS = dict(_SMALL, crop_scale=0.3, jitter=0.2, hue=0.0, grayscale=0.0)  # grey already
 DATA_DEFAULTS = {
-    "fungi": _PHOTO,
+    "fungi": dict(_PHOTO, center_crop=0.75),  # mushrooms sit in the middle of the photo: less background
     "photos": dict(_PHOTO, batch_size=22),  # 22 photographs: one batch per epoch
     "video": dict(_PHOTO, epochs=30, warmup_epochs=8),
     "folder": dict(_PHOTO, epochs=30, warmup_epochs=8),
@@ -85,6 +85,7 @@ class LAConfig:
     batch_size: int = 22  # images per step (photos)
     image_size: int = 64  # square network input side for evaluation / export (photos)
     train_side: int = 80  # images are resized once to this square side; random crops are resized to image_size
+    center_crop: float = 1.0  # the encoder sees the central square of this fraction of the shorter side (photos)
     dim: int = 128  # embedding size (the paper's 128)
     code_dim: int = 1000  # conv only: the backbone's code size before the head
     temperature: float = 0.07  # tau in exp(v_j . v / tau) (the paper's 0.07)
@@ -113,8 +114,8 @@ class LAConfig:
 
 
 # Settings that shape the model, the data or the bank: a resumed run must keep them.
-RESUME_KEYS = ("arch", "data", "data_root", "image_size", "train_side", "dim", "code_dim", "limit", "holdout",
-               "seed", "kmeans_k", "kmeans_repeats", "background")
+RESUME_KEYS = ("arch", "data", "data_root", "image_size", "train_side", "center_crop", "dim", "code_dim", "limit",
+               "holdout", "seed", "kmeans_k", "kmeans_repeats", "background")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +139,9 @@ def build_parser(data: str = "photos", arch: str = "conv") -> argparse.ArgumentP
                    help=f"square network input side (default for this data set: {d['image_size']})")
     p.add_argument("--train-side", type=int, default=d["train_side"],
                    help=f"side the training images are resized to before random crops (default: {d['train_side']})")
+    p.add_argument("--center-crop", type=float, default=d["center_crop"],
+                   help=f"the encoder (training and export) sees the central square of this fraction of the "
+                        f"shorter side (default for this data set: {d['center_crop']})")
     p.add_argument("--dim", type=int, default=128, help="embedding size (default: 128)")
     p.add_argument("--code-dim", type=int, default=1000, help="conv: the backbone's code size (default: 1000)")
     p.add_argument("--temperature", type=float, default=0.07, help="softmax temperature tau (default: 0.07)")
@@ -186,6 +190,8 @@ def parse_config(argv=None) -> tuple[LAConfig, argparse.Namespace]:
         v = getattr(args, key)
         if v is not None and v < low:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= {low}, got {v}")
+    if not 0.0 < args.center_crop <= 1.0:
+        raise SystemExit(f"--center-crop must be in (0, 1], got {args.center_crop}")
     if not 0.0 < args.crop_scale <= 1.0:
         raise SystemExit(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
     if not 0.0 <= args.jitter < 1.0:
@@ -231,34 +237,40 @@ def load_split(cfg: LAConfig, *, progress_bar: bool = False) -> tuple[ImageSet, 
     return train, test
 
 
-def fitted_preprocess(images, *, size: int, sample: int = 2000, **kw) -> Preprocess:
+def fitted_preprocess(images, *, size: tuple[int, int], sample: int = 2000, **kw) -> Preprocess:
     """A Preprocess whose per-channel mean / std are the training images' own, measured after resizing on at
     most ``sample`` evenly spread images."""
-    base = Preprocess(size=(size, size), **kw)
+    base = Preprocess(size=size, **kw)
     n = len(images)
     pick = np.unique((np.arange(min(n, sample)) * n) // max(1, min(n, sample)))
     x = base([images[i] for i in pick]).astype(np.float64)  # (m, 3, s, s) in [0, 1]
     mean = tuple(float(v) for v in x.mean(axis=(0, 2, 3)))
     std = tuple(max(float(v), 1e-3) for v in x.std(axis=(0, 2, 3)))
-    return Preprocess(size=(size, size), mean=mean, std=std, **kw)
+    return Preprocess(size=size, mean=mean, std=std, **kw)
+
+
+def _resize_to(side: int, fraction: float) -> int:
+    """Shorter side to resize to so that a centre crop of ``side`` keeps ``fraction`` of it."""
+    return max(side, int(round(side / fraction)))
 
 
 def make_preprocess(cfg: LAConfig, train_images, init_pre: Preprocess | None = None) -> Preprocess:
-    """The evaluation / export preprocessing: shorter side to image_size, centre crop, mean / std (ImageNet's
-    for vgg16bn, the training images' own for conv, or the autoencoder's when starting from one)."""
+    """The evaluation / export preprocessing: shorter side to image_size / center_crop, centre crop of
+    image_size, mean / std (ImageNet's for vgg16bn, the training images' own for conv, or the autoencoder's
+    when starting from one)."""
     size = (cfg.image_size, cfg.image_size)
-    extra = {"model": NAME}
+    geometry = dict(size=size, resize_to=_resize_to(cfg.image_size, cfg.center_crop), extra={"model": NAME})
     if init_pre is not None:
-        return Preprocess(size=size, mean=init_pre.mean, std=init_pre.std, color=init_pre.color, extra=extra)
+        return Preprocess(mean=init_pre.mean, std=init_pre.std, color=init_pre.color, **geometry)
     if cfg.arch == "vgg16bn":
-        return Preprocess(size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, extra=extra)
-    return fitted_preprocess(train_images, size=cfg.image_size, extra=extra)
+        return Preprocess(mean=IMAGENET_MEAN, std=IMAGENET_STD, **geometry)
+    return fitted_preprocess(train_images, **geometry)
 
 
-def resized_uint8(images, side: int, *, batch: int = 2048) -> torch.Tensor:
-    """Every image's centre square at ``side`` x ``side`` (the eval Preprocess's resize and crop) -> (n, side,
-    side, 3) uint8 tensor: what the augmentation crops from."""
-    pre = Preprocess(size=(side, side))
+def resized_uint8(images, side: int, *, center_crop: float = 1.0, batch: int = 2048) -> torch.Tensor:
+    """Every image's centre square (the part the eval Preprocess keeps: ``center_crop`` of the shorter side)
+    at ``side`` x ``side`` -> (n, side, side, 3) uint8 tensor: what the augmentation crops from."""
+    pre = Preprocess(size=(side, side), resize_to=_resize_to(side, center_crop))
     out = np.empty((len(images), side, side, 3), np.uint8)
     for s in range(0, len(images), batch):
         for j, im in enumerate(images[s : s + batch]):
@@ -498,7 +510,7 @@ def main(argv=None) -> dict:
         init_pre = _init_backbone(model, cfg) if cfg.init_from else None
         pre = make_preprocess(cfg, train_set.images, init_pre)
     model = model.to(device)
-    views = resized_uint8(train_set.images, cfg.train_side)  # (n, S, S, 3) uint8
+    views = resized_uint8(train_set.images, cfg.train_side, center_crop=cfg.center_crop)  # (n, S, S, 3) uint8
     print(f"la: {n} training images ({cfg.data}), {0 if test_set is None else len(test_set)} held out, "
           f"{cfg.arch} at {cfg.image_size}px, k-means k={cfg.kmeans_k} x{cfg.kmeans_repeats}, "
           f"background k={min(cfg.background, n - 1)}, device {device}", file=sys.stderr)

@@ -403,3 +403,36 @@ def test_config_defaults_are_the_default_data_sets_and_cifar_has_its_own():
     cifar, _ = parse_config(["--data", "cifar10", "--lr", "0.5"])
     assert cifar.holdout == 0.2 and cifar.image_size == 32 and cifar.lr == 0.5
     assert cifar.batch_size == DATA_DEFAULTS["cifar10"]["batch_size"]
+
+
+def test_init_from_an_autoencoder_starts_from_its_encoder_and_preprocessing(tmp_path):
+    from train.ae import main as ae_main
+    from train.checkpoint import load_checkpoint
+    from train.la import main
+
+    ae_main(["--arch", "conv", "--data", "digits", "--limit", "40", "--image-size", "16", "--code-dim", "32",
+             "--epochs", "1", "--max-steps", "2", "--no-progress", "--out", str(tmp_path / "ae")])
+    # lr 0 and no weight decay: one step leaves the parameters where --init-from put them
+    main(TINY + ["--epochs", "1", "--max-steps", "1", "--lr", "0", "--weight-decay", "0",
+                 "--init-from", str(tmp_path / "ae"), "--out", str(tmp_path / "la")])
+    ae = load_checkpoint(tmp_path / "ae" / "checkpoint.pt")
+    la = load_checkpoint(tmp_path / "la" / "checkpoint.pt")
+    params = [k for k, _ in LAEncoder(backbone="conv", image_size=16, code_dim=32).named_parameters()]
+    backbone = [k for k in params if k.startswith("backbone.")]
+    assert backbone
+    for k in backbone:
+        assert torch.equal(la["model"][k], ae["model"]["encoder." + k[len("backbone."):]]), k
+    assert la["encoder"]["preprocess"]["mean"] == ae["encoder"]["preprocess"]["mean"]
+    assert la["encoder"]["preprocess"]["std"] == ae["encoder"]["preprocess"]["std"]
+    with pytest.raises(SystemExit, match="does not fit"):
+        main(TINY + ["--code-dim", "64", "--epochs", "1", "--max-steps", "1", "--init-from", str(tmp_path / "ae"),
+                     "--out", str(tmp_path / "la2")])
+
+
+def test_center_crop_is_recorded_in_the_exported_preprocessing(tmp_path):
+    from train.la import main
+    from train.registry import load_encoder
+
+    main(TINY + ["--center-crop", "0.5", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path)])
+    _, info = load_encoder(tmp_path)
+    assert info.preprocess.size == (16, 16) and info.preprocess.resize_to == 32 and info.preprocess.crop == "center"

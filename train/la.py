@@ -14,7 +14,8 @@ is refit on the memory bank every ``--cluster-every`` epochs (the published code
 
 Training sees augmented views (random resized crop, flip, colour jitter, random grey; done in torch on
 uint8 images resized once); evaluation and the exported encoder see the plain ``Preprocess`` recorded in the
-checkpoint (shorter side to ``--image-size``, centre crop, mean / std).
+checkpoint (shorter side to ``--image-size / --center-crop``, centre crop of ``--image-size``, mean / std).
+Per-data-set defaults: ``DATA_DEFAULTS`` (``--help`` with ``--data`` shows them).
 
 Data: any ``train.data`` set (default: ``photos``, embedded in installed packages). MNIST and CIFAR-10 keep
 their last 20% back for evaluation (CIFAR-10's 10,000 test images: train on the first 8,000, evaluate on the
@@ -57,9 +58,11 @@ SHUFFLED_DATASETS = ("mnist", "cifar10")  # stored in a shuffled order: the last
 # Photos (fungi, the embedded photos, video frames, folders): few images, so many epochs at 64 px; mild colour
 # jitter only, since colour tells species apart. CIFAR-10 / digits: thousands of images at 32 px, a few epochs;
 # strong colour augmentation (SimCLR's) for CIFAR.
-_PHOTO = {"image_size": 64, "train_side": 80, "center_crop": 1.0, "epochs": 60, "batch_size": 32, "warmup_epochs": 15, "lr": 0.03,
+_PHOTO = {"image_size": 64, "train_side": 80, "center_crop": 1.0, "epochs": 60, "batch_size": 32, "warmup_epochs": 15,
+          "lr": 0.03,
           "crop_scale": 0.3, "jitter": 0.2, "hue": 0.0, "grayscale": 0.0}
-_SMALL = {"image_size": 32, "train_side": 32, "center_crop": 1.0, "epochs": 8, "batch_size": 64, "warmup_epochs": 3, "lr": 0.01,
+_SMALL = {"image_size": 32, "train_side": 32, "center_crop": 1.0, "epochs": 8, "batch_size": 64, "warmup_epochs": 3,
+          "lr": 0.01,
           "crop_scale": 0.2, "jitter": 0.4, "hue": 0.1, "grayscale": 0.2}
 _DIGITS = dict(_SMALL, crop_scale=0.3, jitter=0.2, hue=0.0, grayscale=0.0)  # grey already
 DATA_DEFAULTS = {
@@ -149,7 +152,8 @@ def build_parser(data: str = "photos", arch: str = "conv") -> argparse.ArgumentP
                    help="background neighbours: k nearest bank rows, capped at n - 1 (default: 4096)")
     p.add_argument("--kmeans-k", type=int, default=None,
                    help="clusters per k-means run (default: round(sqrt(n)) for n training images)")
-    p.add_argument("--kmeans-repeats", type=int, default=3, help="k-means runs united into close neighbours (default: 3)")
+    p.add_argument("--kmeans-repeats", type=int, default=3,
+                   help="k-means runs united into close neighbours (default: 3)")
     p.add_argument("--kmeans-iterations", type=int, default=20, help="Lloyd iterations per k-means run (default: 20)")
     p.add_argument("--cluster-every", type=int, default=1, help="refit k-means every this many epochs (default: 1)")
     p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"],
@@ -160,10 +164,12 @@ def build_parser(data: str = "photos", arch: str = "conv") -> argparse.ArgumentP
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
     p.add_argument("--crop-scale", type=float, default=d["crop_scale"],
-                   help=f"random resized crops keep between this fraction and all of the area (default: {d['crop_scale']})")
+                   help=f"random resized crops keep between this fraction and all of the area "
+                        f"(default: {d['crop_scale']})")
     p.add_argument("--jitter", type=float, default=d["jitter"],
                    help=f"brightness / contrast / saturation jitter strength (default: {d['jitter']})")
-    p.add_argument("--hue", type=float, default=d["hue"], help=f"hue jitter in turns, at most 0.5 (default: {d['hue']})")
+    p.add_argument("--hue", type=float, default=d["hue"],
+                   help=f"hue jitter in turns, at most 0.5 (default: {d['hue']})")
     p.add_argument("--grayscale", type=float, default=d["grayscale"],
                    help=f"probability of a grey training view (default: {d['grayscale']})")
     p.add_argument("--init-from", default=None,
@@ -301,7 +307,8 @@ def augment(images: torch.Tensor, *, out_size: int, mean, std, crop_scale: float
     import torch.nn.functional as F
 
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
-        raise ValueError(f"images must be a uint8 tensor of shape (b, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be a uint8 tensor of shape (b, H, W, 3), got {images.dtype} {tuple(images.shape)}")
     g = generator
     b = images.shape[0]
     x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (b, 3, H, W)
@@ -345,7 +352,8 @@ def augment(images: torch.Tensor, *, out_size: int, mean, std, crop_scale: float
     if grayscale > 0:
         grey = (torch.rand(b, generator=g) < grayscale).float().view(b, 1, 1, 1)
         x = x * (1 - grey) + _grey(x) * grey
-    x = (x - torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (x - torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float32).view(1, 3, 1, 1)
     if color == "BGR":
         x = x.flip(1)
     return x.contiguous()
@@ -396,7 +404,8 @@ def check_resume(out: Path, cfg_dict: dict) -> None:
     if state.get("name") != NAME:
         raise SystemExit(f"--resume: {path} holds model {state.get('name')!r}, not {NAME!r}; use another --out")
     old = state.get("config", {})
-    diff = [f"{k}: checkpoint {old.get(k)!r}, now {cfg_dict.get(k)!r}" for k in RESUME_KEYS if old.get(k) != cfg_dict.get(k)]
+    diff = [f"{k}: checkpoint {old.get(k)!r}, now {cfg_dict.get(k)!r}"
+            for k in RESUME_KEYS if old.get(k) != cfg_dict.get(k)]
     if diff:
         raise SystemExit(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
                          "); use another --out or the same settings")
@@ -417,8 +426,9 @@ def _init_backbone(model: LAEncoder, cfg: LAConfig) -> Preprocess:
     try:
         model.backbone.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(f"--init-from {cfg.init_from}: its encoder does not fit this {cfg.arch} backbone at "
-                         f"--image-size {cfg.image_size} / --code-dim {cfg.code_dim} ({str(e).splitlines()[0]})") from None
+        raise SystemExit(
+            f"--init-from {cfg.init_from}: its encoder does not fit this {cfg.arch} backbone at --image-size "
+            f"{cfg.image_size} / --code-dim {cfg.code_dim} ({str(e).splitlines()[0]})") from None
     pre = Preprocess.from_dict(ckpt["encoder"]["preprocess"])
     if cfg.arch == "conv" and tuple(pre.size) != (cfg.image_size, cfg.image_size):
         raise SystemExit(f"--init-from {cfg.init_from}: the autoencoder was trained at {pre.size}, "
@@ -550,7 +560,8 @@ def main(argv=None) -> dict:
         encoder["state_dict"] = model.state_dict()
         run.save(model=model, optimizer=opt, epoch=epoch_done, step=step, encoder=encoder,
                  extra={"bank": bank.state_dict(), "cluster_labels": objective.cluster_labels, "losses": losses,
-                        "modes": modes, "epoch_seconds": epoch_times, "time_split": clock.totals, "eval_per_epoch": evals})
+                        "modes": modes, "epoch_seconds": epoch_times, "time_split": clock.totals,
+                        "eval_per_epoch": evals})
 
     for epoch in range(start_epoch, cfg.epochs):
         te = time.perf_counter()
@@ -649,7 +660,8 @@ class Evaluator:
     def baselines(self) -> dict:
         if self._baselines is None:
             out = {}
-            for key, fn in (("_raw_pixels", lambda im: ev.raw_pixels(im, size=32)), ("_hsv_histogram", ev.hsv_histogram)):
+            for key, fn in (("_raw_pixels", lambda im: ev.raw_pixels(im, size=32)),
+                            ("_hsv_histogram", ev.hsv_histogram)):
                 out.update(self._scores(key, fn(self.train_set.images),
                                         fn(self.test_set.images) if self.held_out else None))
             self._baselines = out

@@ -80,7 +80,8 @@ def la_loss(scores: torch.Tensor, close: torch.Tensor) -> torch.Tensor:
     close member (in LA the image itself), else the probability is 0 and the loss infinite: refused.
     """
     if scores.ndim != 2:
-        raise ValueError(f"scores must be a 2-D tensor of shape (batch_size, background_size), got {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must be a 2-D tensor of shape (batch_size, background_size), got {tuple(scores.shape)}")
     if close.shape != scores.shape:
         raise ValueError(f"close must have the shape of scores {tuple(scores.shape)}, got {tuple(close.shape)}")
     if close.dtype != torch.bool:

@@ -27,9 +27,9 @@ Contract
   an id not in the index raises ``KeyError`` naming it.
 - Thread-safe: searches run concurrently with each other; ``add`` / ``remove`` / ``load`` wait for them and
   run alone (a readers-writer lock), so every answer reflects one consistent state of the index.
-- Exact: ``engine.kernels.topk.topk_ip`` (BLAS matrix products on blocks of stored rows in worker
-  threads, each block's scores merged into per-query heaps by numba); memory beyond the index is bounded
-  (a 4 MiB score buffer per worker thread, the heaps and the answer).
+- Exact: ``engine.kernels.topk.topk_ip`` (BLAS matrix products, on BLAS's own threads, over blocks of
+  stored rows, each block's scores merged into per-query heaps by numba); memory beyond the index is
+  bounded (a 4 MiB score buffer, 16 MiB for small searches, the heaps and the answer).
 
 File format (``save`` / ``load``), version 1: one header line ``LOOKALIKE-INDEX {json}\\n`` then the
 payload: the ids (count int64, little-endian) and the vectors (count x dim float32, little-endian, row

@@ -8,8 +8,8 @@ import pytest
 from engine.kernels import topk
 import reference as ref
 
-# every way topk_ip can run: the fused numba pass; BLAS blocks in the calling thread; BLAS blocks in
-# worker threads over several parts of the rows (merged at the end)
+# every way topk_ip can run: the fused numba pass; BLAS blocks in the calling thread (the default); BLAS
+# blocks in worker threads over several parts of the rows (merged at the end)
 METHODS = {
     "fused": {"method": "fused"},
     "gemm-1": {"method": "gemm", "threads": 1},
@@ -118,7 +118,7 @@ def test_no_queries():
 def test_every_method_gives_the_same_answer(threads):
     rng = np.random.default_rng(11)
     x = unit(rng, 20000, 32)
-    for nq in (topk.FUSED_MAX_QUERIES, topk.FUSED_MAX_QUERIES + 1):
+    for nq in (16, 17):
         q = unit(rng, nq, 32)
         a = topk.topk_ip(q, x, 20000, 10, threads=threads)  # "auto"
         ref.check_topk(*a, q, x, 10)
@@ -193,6 +193,12 @@ def test_heap_sort_orders_partial_heaps():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="method must be"):
         topk.topk_ip(np.ones((1, 2), np.float32), np.ones((3, 2), np.float32), 3, 1, method="magic")
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_bad_thread_count_is_refused(threads):
+    with pytest.raises(ValueError, match=f"threads must be None or a positive int, got {threads!r}"):
+        topk.topk_ip(np.ones((1, 2), np.float32), np.ones((3, 2), np.float32), 3, 1, threads=threads)
 
 
 def test_no_full_score_matrix_is_allocated():

@@ -13,22 +13,24 @@ arrays ``best_scores`` (nq, k) float32 and ``best_rows`` (nq, k) int64 (``heap_i
 padding, ``merge_heaps`` folds one set of heaps into another, ``heap_sort`` orders them best first).
 
 Methods (``topk_ip(method=...)``):
-- ``"gemm"`` (the default): the stored rows are cut into parts (2 per worker thread); each worker walks
-  its part in blocks, gets the scores of a block against a tile of queries from a BLAS matrix product
-  (numpy) into a buffer of ``GEMM_BUFFER_FLOATS`` floats that stays in cache, and merges them into its
-  own heaps with ``merge_block_serial``; the parts' heaps are merged at the end. The merge counts the
+- ``"gemm"`` (the default): the stored rows are walked in blocks; the scores of a block against a tile of
+  queries come from a BLAS matrix product (numpy) into a buffer of ``GEMM_BUFFER_FLOATS`` floats that
+  stays in cache, and are merged into per-query heaps with ``merge_block_serial``. The merge counts the
   scores above the current k-th best 64 at a time (a vectorised loop) and looks closer only at groups
-  that hold one, so it costs a few percent of the product. During the search BLAS runs one thread per
-  call (set through threadpoolctl, restored afterwards): the workers already use every core, and this
-  way a search synchronises threads once instead of once per block, which keeps it close to one bare
-  matrix product even when other processes load the machine (where BLAS's own threads, woken once per
-  call, lose much time). Small searches (<= ``SMALL_WORK`` multiply-adds, where handing work to the
-  workers would cost more than it saves), searches without threadpoolctl, and ``threads=1`` run one
-  part in the calling thread, with BLAS's own threads, in few large calls.
+  that hold one, so it costs a few percent of the product. Two ways to use the cores:
+  - ``threads=None`` or ``1`` (the default): one part, in the calling thread; BLAS spreads each product
+    over its own threads (numpy's setting). Measured on the quiet 2-core reference machine, interleaved
+    with the bare product (BENCHMARKS.md): 0.94-1.11x the floor at every Q.
+  - ``threads=N >= 2``: the rows are cut into parts (2 per worker) searched by N worker threads, BLAS at
+    one thread per call meanwhile (threadpoolctl, restored afterwards), the parts' heaps merged at the end:
+    one thread synchronisation per search instead of one per block. It equals the default when the
+    machine is otherwise idle, but loses a core to BLAS's own idle threads, which keep spinning for a
+    while after any multi-threaded numpy product (0.62-0.78x the floor at 1 and 16 queries when
+    interleaved with it): that is why it is not the default. Without threadpoolctl it runs as one part.
+  Small searches (<= ``SMALL_WORK`` multiply-adds) use few large BLAS calls.
 - ``"fused"``: ``fused_topk`` computes dot products and keeps the heaps in one numba-parallel pass over
   the rows (read from memory once). Measured slower than "gemm" at 1, 4 and 16 queries on the
-  reference machine (2 cores; BENCHMARKS.md); "auto" uses it only for <= ``FUSED_MAX_QUERIES`` queries
-  when the BLAS thread count cannot be controlled.
+  reference machine; kept for BLAS-less experiments. ``"auto"`` means "gemm".
 Memory stays bounded: never a full (nq, n) score matrix; a search allocates its buffers, one per worker,
 plus the heaps.
 """
@@ -54,7 +56,6 @@ GEMM_MIN_BLOCK = 512  # fewest stored rows per BLAS call
 MIN_PART_ROWS = 8192  # fewest stored rows worth a part of their own
 SMALL_WORK = 1 << 24  # nq * n * d multiply-adds up to this (a few ms): one part, in the calling thread
 ONE_CALL_FLOATS = 1 << 22  # score buffer of that one part: up to 4M floats = 16 MiB
-FUSED_MAX_QUERIES = 16  # "auto" without BLAS thread control: fused pass up to this many queries
 _GROUP = 64  # scores tested per vectorised count in the merge scan (64: LLVM vectorises the loop)
 
 
@@ -311,7 +312,7 @@ def _blas_single_thread():
 
 
 def default_threads() -> int:
-    """Worker threads of the "gemm" method: numba's thread count (NUMBA_NUM_THREADS, default all cores)."""
+    """Cores numba would use (NUMBA_NUM_THREADS, default all cores): a natural ``threads`` for worker mode."""
     return max(1, int(numba.config.NUMBA_NUM_THREADS))
 
 
@@ -336,17 +337,19 @@ def topk_ip(queries, vectors, n, k, *, method="auto", threads=None, parts=None, 
     """Exact top-k by inner product of ``queries`` (nq, d) against ``vectors[:n]``; see the module notes.
 
     Returns ``(scores (nq, k) float32, rows (nq, k) int64)``, best first, padded with -inf / -1.
-    ``method``: "auto", "gemm" or "fused"; for "gemm": ``threads`` workers (default: numba's thread count
-    when BLAS threads can be controlled, else 1), the rows cut in ``parts`` (default: 2 per worker, at
-    least ``MIN_PART_ROWS`` rows each), ``block_rows`` stored rows per BLAS call.
+    ``method``: "auto" (= "gemm"), "gemm" or "fused"; for "gemm": ``threads`` None or 1 searches in the
+    calling thread with BLAS's own threads, N >= 2 uses N worker threads over ``parts`` parts of the rows
+    (default: 2 per worker, at least ``MIN_PART_ROWS`` rows each) with single-threaded BLAS;
+    ``block_rows`` stored rows per BLAS call.
     """
     nq = queries.shape[0]
     if method not in ("auto", "gemm", "fused"):
         raise ValueError(f"method must be 'auto', 'gemm' or 'fused', got {method!r}")
-    if threads is None:
-        threads = default_threads() if blas_controllable() else 1
+    if threads is not None and (isinstance(threads, bool) or int(threads) != threads or threads < 1):
+        raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+    threads = 1 if threads is None or not blas_controllable() else int(threads)
     if method == "auto":
-        method = "fused" if threads == 1 and nq <= FUSED_MAX_QUERIES else "gemm"
+        method = "gemm"
     if n == 0 or nq == 0:
         return heap_init(nq, k)
     if method == "fused":

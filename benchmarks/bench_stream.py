@@ -218,8 +218,8 @@ def end_to_end(model, path, *, rounds: int = 3) -> list[dict]:
     for prec, p in paths:
         setups.append((prec, "1 session x 2 onnxruntime threads, batch 8",
                        Encoder(p, providers=["CPUExecutionProvider"], threads=2), 1, 8))
-        setups.append((prec, "2 workers x 1 onnxruntime thread, batch 4 (the CLI default)",
-                       Encoder(p, providers=["CPUExecutionProvider"], threads=1), 2, 4))
+        setups.append((prec, "2 workers x 1 onnxruntime thread, batch 1 (the CLI default)",
+                       Encoder(p, providers=["CPUExecutionProvider"], threads=1), 2, 1))
     got: dict = {}
     for _ in range(rounds):
         for prec, label, enc, workers, batch in setups:

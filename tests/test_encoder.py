@@ -192,6 +192,16 @@ def test_image_errors(tmp_path, fast_model, photo_paths):
         enc.encode_preprocessed(np.zeros((1, 3, 8, 8), np.float32))
 
 
+def test_every_public_name_of_engine_resolves_without_torch():
+    code = ("import sys, engine; missing = [n for n in engine.__all__ if getattr(engine, n, None) is None]; "
+            "assert not missing, missing; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; assert not bad, bad; "
+            "print(len(engine.__all__))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) >= 16  # Searcher, MemoryBank, Encoder, StreamComparator, the events, detect, the errors
+
+
 def test_engine_imports_no_torch(fast_model, photo_paths):
     code = ("import sys, engine; from engine import Encoder; "
             f"e = Encoder({str(fast_model)!r}); e.encode([{photo_paths[0]!r}]); "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from train.models.mpnn import (MPNN, Level, MPNNEncoder, embedding_dim, max_abs_cosine, max_abs_cosine_per_image,
                                mean_max_abs_cosine, pairwise_cosine_loss, pairwise_cosines, patch_second_moment)
@@ -121,6 +122,16 @@ def test_level_shapes_and_published_structure():
     net = MPNN(levels=3)
     assert [lv.conv.in_channels for lv in net.levels] == [3, 16, 16]
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 8, 8)
+
+
+@pytest.mark.parametrize("side", [(10, 14), (11, 13)])  # odd sides: both orders drop the last row / column
+def test_level_computes_the_published_order_exactly(side):
+    """conv 5x5 -> ReLU -> conv 1x1 -> AvgPool 2, computed here in that order, in float64."""
+    torch.manual_seed(0)
+    lv = Level(3).double()
+    x = torch.randn(2, 3, *side, dtype=torch.float64)
+    published = F.avg_pool2d(F.conv2d(F.relu(lv.conv(x)), lv.mix.weight, lv.mix.bias), 2)
+    torch.testing.assert_close(lv(x), published, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("levels,size,n", [(1, 32, 1), (3, 48, 3), (5, 224, 2)])

@@ -115,11 +115,15 @@ def _jsonable(o):
 
 
 def encoder_spec(arch: str, kwargs: dict, module: torch.nn.Module, dim: int, preprocess: Preprocess) -> dict:
-    """The checkpoint's ``encoder`` entry: enough for ``train.registry.load_encoder`` to rebuild it."""
+    """The checkpoint's ``encoder`` entry: enough for ``train.registry.load_encoder`` to rebuild it.
+
+    The state dict shares storage with the live module on the CPU (no copy), so ``torch.save`` writes the
+    weights once although the checkpoint's ``model`` entry holds them too; save it before training goes on.
+    """
     return {
         "arch": arch,
         "kwargs": dict(kwargs),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "dim": int(dim),
         "preprocess": preprocess.to_dict(),
     }

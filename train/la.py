@@ -554,10 +554,7 @@ def main(argv=None) -> dict:
                jitter=cfg.jitter, hue=cfg.hue, grayscale=cfg.grayscale)
 
     def save(epoch_done: int) -> None:
-        encoder = encoder_spec(NAME, encoder_kwargs(cfg), model, cfg.dim, pre)
-        # The encoder is the whole model: hand over the live state dict instead of encoder_spec's clone, so
-        # torch.save stores the weights once (the conv backbone at 64 px holds 8.5M parameters).
-        encoder["state_dict"] = model.state_dict()
+        encoder = encoder_spec(NAME, encoder_kwargs(cfg), model, cfg.dim, pre)  # shares the model's weights
         run.save(model=model, optimizer=opt, epoch=epoch_done, step=step, encoder=encoder,
                  extra={"bank": bank.state_dict(), "cluster_labels": objective.cluster_labels, "losses": losses,
                         "modes": modes, "epoch_seconds": epoch_times, "time_split": clock.totals,

@@ -41,7 +41,10 @@ class Level(nn.Module):
         self.pool = nn.AvgPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.mix(F.relu(self.conv(x))))
+        # The published order is conv -> ReLU -> 1x1 -> pool. A 1x1 conv is affine per pixel and the 2x2 average
+        # is linear, so they commute exactly: pooling first gives the same maps with a 4x cheaper 1x1 conv
+        # (7% of the default network's multiply-adds; tests/test_mpnn.py checks the equality).
+        return self.mix(self.pool(F.relu(self.conv(x))))
 
     @torch.no_grad()
     def pca_init_(self, x: torch.Tensor) -> torch.Tensor:

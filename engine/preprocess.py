@@ -10,7 +10,9 @@ Steps, in order:
 2. resize:
    - ``"shorter"``: scale so the shorter side is ``resize_to`` (aspect kept), then crop to ``size``;
    - ``"exact"``: resize straight to ``size`` (aspect not kept), no crop.
-   Downscaling uses ``cv2.INTER_AREA``, upscaling ``cv2.INTER_LINEAR``.
+   Shrinking to half or less (along either axis) uses ``cv2.INTER_AREA``; milder shrinking and enlarging use
+   ``cv2.INTER_LINEAR`` (below 2x the two differ by < 1 grey level on average, and bilinear is ~6x cheaper:
+   0.06 vs 0.36 ms for a 272 x 272 video window to 224 x 224).
 3. crop: ``"center"`` takes the central ``size`` window (only with ``resize="shorter"``). It is done
    before the resize, in source pixels: the central window of the source that the scaled crop covers
    (``source_window``), resized once to ``size``. The same picture as scaling the whole image and then
@@ -180,8 +182,8 @@ def _normalise(batch, scale, shift, bgr, out):
 
 
 def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
-    down = w * h < img.shape[0] * img.shape[1]
-    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
+    halved = 2 * w <= img.shape[1] or 2 * h <= img.shape[0]
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if halved else cv2.INTER_LINEAR)
 
 
 def read_image(path) -> np.ndarray:

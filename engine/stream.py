@@ -259,8 +259,9 @@ class StreamComparator:
     - ``max_shots``: shot signatures kept for recurrence (the oldest are forgotten).
     - ``signature_dim``: entries in a shot signature (the mean embedding, pooled in blocks when larger).
     - ``thumb_size``: side of the small colour thumbnails kept per frame to tell dissolves from motion.
-    - ``batch_size``: frames embedded together (default 1: on the 2-core reference machine the default MPNN
-      costs 7.1 ms per frame at batch 1 against 7.8 ms at batch 4, whose activations fall out of the cache).
+    - ``batch_size``: frames embedded together (default 2: end to end with 2 workers on the 2-core reference
+      machine, median frames/s at batch 1 / 2 / 4 were 218 / 222 / 217 on mixed.mp4 and 201 / 209 / 210 on
+      bikes.mp4; larger batches' activations fall out of the cache).
     - ``on_score``: called with a ``FrameScore`` for every frame once it is decided (timelines, overlays).
     """
 
@@ -270,7 +271,7 @@ class StreamComparator:
                  blend_residual: float = 0.3, blend_spread: float = 0.4, smooth_ratio: float = 0.25,
                  max_gradual: int = 40, dark_threshold: float = 24.0, anchor_threshold: float = 0.5,
                  min_gap: int = 8, recur_threshold: float = 0.4, max_shots: int = 256, signature_dim: int = 1024,
-                 thumb_size: int = 32, batch_size: int = 1, on_score: Callable[[FrameScore], None] | None = None):
+                 thumb_size: int = 32, batch_size: int = 2, on_score: Callable[[FrameScore], None] | None = None):
         if not hasattr(encoder, "encode") or not hasattr(encoder, "dim"):
             raise InputError(f"encoder must have encode(frames) and dim (an engine.Encoder), got {type(encoder).__name__}")
         self.encoder = encoder

@@ -228,7 +228,11 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
     ref = verify.torch_embed(model, x_eval)
     if ref.shape != (len(x_eval), info.dim):
         raise ExportError(f"{checkpoint}: the encoder returns shape {ref.shape}, expected ({len(x_eval)}, {info.dim})")
-    raw, exporter_used = to_onnx(model, torch.from_numpy(np.ascontiguousarray(example)), opset=opset,
+    # an encoder may offer an equivalent, cheaper module for inference (LA folds its linear tail); the check
+    # below still compares onnxruntime with the encoder as trained
+    for_export = getattr(model, "for_export", None)
+    exported = for_export() if callable(for_export) else model
+    raw, exporter_used = to_onnx(exported, torch.from_numpy(np.ascontiguousarray(example)), opset=opset,
                                  exporter=exporter)
     proto = onnx.load_from_string(raw)
     meta = model_metadata(name, arch=info.arch, dim=info.dim, preprocess=pre, checkpoint_sha256=info.sha256,

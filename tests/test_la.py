@@ -436,3 +436,25 @@ def test_center_crop_is_recorded_in_the_exported_preprocessing(tmp_path):
     main(TINY + ["--center-crop", "0.5", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path)])
     _, info = load_encoder(tmp_path)
     assert info.preprocess.size == (16, 16) and info.preprocess.resize_to == 32 and info.preprocess.crop == "center"
+
+
+def test_for_export_folds_the_linear_tail_into_one_layer_with_the_same_output():
+    torch.manual_seed(0)
+    model = LAEncoder(backbone="conv", image_size=16, code_dim=48, dim=8)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # give the batch norms running statistics that are not the identity
+            model(torch.randn(16, 3, 16, 16) * 2 + 0.5)
+    model.eval()
+    assert model.for_export() is not model
+    folded = model.for_export()
+    linears = [m for m in folded.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and tuple(linears[0].weight.shape) == (8, 128 * 2 * 2)  # 128 maps of 2 x 2
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    model.train()
+    assert model.for_export() is model  # training mode: batch statistics, nothing to fold
+    vgg = LAEncoder(backbone="vgg16bn", dim=8).eval()
+    assert vgg.for_export() is vgg

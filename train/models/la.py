@@ -57,6 +57,43 @@ class LAEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(x)), dim=1)  # (n, dim)
 
+    @torch.no_grad()
+    def for_export(self) -> nn.Module:
+        """The same function for inference, cheaper: with the conv backbone, everything after the conv stack is
+        linear in eval mode (fc -> batch norm with running statistics -> head), so the three fold into one
+        Linear (8192 -> 128 at 64 px instead of 8192 -> 1000 -> 128), composed in float64. ``export`` writes
+        this module and checks it against ``self`` (onnxruntime vs torch <= 1e-4). The vgg16bn backbone (its
+        mean over H, W precedes the head directly) is returned as is."""
+        bb = self.backbone
+        if self.kind != "conv" or self.training:
+            return self
+        w = bb.fc.weight.double()  # (code, feat)
+        b = bb.fc.bias.double()
+        if isinstance(bb.norm, nn.BatchNorm1d):
+            n = bb.norm
+            scale = 1.0 / torch.sqrt(n.running_var.double() + n.eps)
+            shift = -n.running_mean.double() * scale
+            if n.affine:
+                scale, shift = scale * n.weight.double(), shift * n.weight.double() + n.bias.double()
+            w, b = w * scale[:, None], b * scale + shift
+        h_w, h_b = self.head.weight.double(), self.head.bias.double()
+        fused = nn.Linear(w.shape[1], self.dim)
+        fused.weight.copy_((h_w @ w).float())
+        fused.bias.copy_((h_w @ b + h_b).float())
+        return _FoldedConvLA(bb.features, fused).eval()
+
+
+class _FoldedConvLA(nn.Module):
+    """conv features -> flatten -> one Linear -> L2 normalisation (``LAEncoder.for_export``)."""
+
+    def __init__(self, features: nn.Module, linear: nn.Linear):
+        super().__init__()
+        self.features = features
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(self.features(x).flatten(1)), dim=1)
+
 
 @register_encoder("la")
 def la_encoder(*, backbone: str = "conv", dim: int = 128, image_size: int = 32, code_dim: int = 1000,

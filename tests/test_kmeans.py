@@ -187,3 +187,17 @@ def test_methods_agree_and_fused_ignores_thread_count():
     np.testing.assert_array_equal(one.centroids, a.centroids)
     with pytest.raises(ValueError, match="method must be 'fused' or 'gemm', got 'blas'"):
         K.spherical_kmeans(x, 9, method="blas")
+
+
+def test_two_worker_assignment_gives_the_serial_answer(monkeypatch):
+    rng = np.random.default_rng(12)
+    x = mixture(rng, 20000, 24, 15, spread=0.6)
+    assert x.shape[0] >= K.PARALLEL_MIN_ROWS  # two halves in two worker threads
+    two = K.spherical_kmeans(x, 15, iterations=8, seed=3)
+    fused = K.spherical_kmeans(x, 15, iterations=8, seed=3, method="fused")
+    monkeypatch.setattr(K, "PARALLEL_MIN_ROWS", 10**9)
+    serial = K.spherical_kmeans(x, 15, iterations=8, seed=3)
+    np.testing.assert_array_equal(two.labels, serial.labels)
+    np.testing.assert_array_equal(two.labels, fused.labels)
+    np.testing.assert_allclose(two.centroids, serial.centroids, atol=1e-6)
+    assert two.iterations == serial.iterations and abs(two.inertia - serial.inertia) <= 1e-6 * serial.inertia

@@ -4,13 +4,15 @@ Choice: spherical, because the memory bank holds unit vectors and its neighbours
 clusters should be cosine clusters too (as faiss ``Kmeans(spherical=True)``). One Lloyd iteration:
 
 - assign: each point goes to the centroid of highest inner product (ties: the lower centroid index). Default
-  ``method="gemm"``: BLAS sgemm on row blocks (BLAS's own threads) + a serial numba argmax; ``"fused"``: one
-  parallel numba kernel (dot products + argmax), whose result does not depend on the thread count or the BLAS
-  build. On the quiet 2-core reference machine, 100k x 128, 100 clusters, 20 iterations: gemm 0.49-0.54 s,
-  fused 0.61 s, faiss.Kmeans 0.46-0.60 s (benchmarks/bench_kmeans.py; per iteration sgemm 13 ms, argmax 5 ms,
-  update 3 ms). Under heavy load the two measured within noise of each other;
+  ``method="gemm"``: sgemm on row blocks + a serial numba argmax; from ``PARALLEL_MIN_ROWS`` points the rows are
+  cut in two halves, each assigned (single-threaded sgemm, argmax) and summed per cluster by its own worker
+  thread, so the argmax and the sums use both cores too. ``"fused"``: one parallel numba kernel (dot products +
+  argmax), whose result does not depend on the thread count or the BLAS build. On the quiet 2-core reference
+  machine, 100k x 128, 100 clusters, 20 iterations: gemm 0.43 s (0.51 s with BLAS's own threads and a serial
+  argmax and update), fused 0.49-0.61 s, faiss.Kmeans 0.46-0.48 s (benchmarks/bench_kmeans.py);
 - update: each centroid becomes the normalised sum of its members, summed in float64 in increasing point
-  order (deterministic whatever the thread count);
+  order (with "gemm" on two halves: each half in point order, then the two sums added; deterministic for a
+  given thread count);
 - empty clusters (and clusters whose members sum to zero) are re-seeded, in increasing cluster order, at the
   points farthest from their centroid at that iteration's assignment (lowest best inner product, ties by
   lower index), one distinct point each.
@@ -39,6 +41,7 @@ FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # k-means++ seeding looks at no more than this many points per cluster (a uniform subsample): seeding from
 # all points reads the data once per cluster and cost more than the Lloyd iterations at 100k x 128, k = 100.
 SEED_POINTS_PER_CLUSTER = 256
+PARALLEL_MIN_ROWS = 16384  # "gemm" assigns in two worker threads from this many points
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def kmeanspp(x, first, uniforms):
     return seeds
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _argmax_row(scores, i, labels, best):
     bj = 0
     bs = scores[i, 0]
@@ -112,7 +115,7 @@ def _argmax_row(scores, i, labels, best):
     return changed
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def argmax_rows(scores, labels, best):
     """labels[i] = argmax_j scores[i, j] (lowest j on ties), best[i] = that score; returns changed labels.
 
@@ -177,6 +180,48 @@ def update_centroids(x, labels, centroids):
     return dead
 
 
+@njit(cache=True, nogil=True)
+def accumulate(x, labels, acc):
+    """acc[labels[i]] += x[i] in float64, in point order (one part of the centroid update)."""
+    for i in range(x.shape[0]):
+        j = labels[i]
+        for t in range(x.shape[1]):
+            acc[j, t] += x[i, t]
+
+
+@njit(cache=True)
+def finish_centroids(acc, centroids):
+    """centroids[j] = acc[j] / |acc[j]|; returns the (k,) bool mask of zero sums (left as they were)."""
+    k, dim = acc.shape
+    dead = np.zeros(k, dtype=np.bool_)
+    for j in range(k):
+        s = 0.0
+        for t in range(dim):
+            s += acc[j, t] * acc[j, t]
+        if s == 0.0:
+            dead[j] = True
+        else:
+            inv = 1.0 / np.sqrt(s)
+            for t in range(dim):
+                centroids[j, t] = np.float32(acc[j, t] * inv)
+    return dead
+
+
+def _gemm_part(x, ct, labels, best, block, lo, hi, acc):
+    """Assign rows lo..hi-1 (sgemm blocks + argmax) and, with ``acc``, sum them per cluster; returns changes."""
+    k = ct.shape[1]
+    buf = np.empty(min(block, hi - lo) * k, dtype=np.float32)
+    changed = 0
+    for b0 in range(lo, hi, block):
+        b1 = min(b0 + block, hi)
+        s = buf[: (b1 - b0) * k].reshape(b1 - b0, k)  # (block, k)
+        np.matmul(x[b0:b1], ct, out=s)
+        changed += int(argmax_rows(s, labels[b0:b1], best[b0:b1]))
+    if acc is not None:
+        accumulate(x[lo:hi], labels[lo:hi], acc)
+    return changed
+
+
 def reseed(x, centroids, dead, best):
     """Re-seed the dead clusters (increasing cluster order) at the points of lowest best inner product
     (farthest from their centroid; ties by lower point index), one distinct point each, normalised."""
@@ -185,19 +230,28 @@ def reseed(x, centroids, dead, best):
         normalise_rows(x[i : i + 1], centroids[j : j + 1])
 
 
-def _assign(x, centroids, labels, best, block, method):
+def _assign(x, centroids, labels, best, block, method, acc=None):
+    """Assign every point; returns the number of changed labels. With ``acc`` ((k, dim) float64 zeros; "gemm"
+    only) the members' sums per cluster are left in it. "gemm" on large inputs: two halves of the rows in two
+    worker threads, each with single-threaded sgemm, its argmax and its sums (``PARALLEL_MIN_ROWS``)."""
     if method == "fused":
         return int(assign_fused(x, centroids, labels, best))
     n = x.shape[0]
-    k = centroids.shape[0]
     ct = np.ascontiguousarray(centroids.T)  # (dim, k)
-    buf = np.empty(min(block, n) * k, dtype=np.float32)
-    changed = 0
-    for b0 in range(0, n, block):
-        b1 = min(b0 + block, n)
-        s = buf[: (b1 - b0) * k].reshape(b1 - b0, k)  # (block, k)
-        np.matmul(x[b0:b1], ct, out=s)
-        changed += int(argmax_rows(s, labels[b0:b1], best[b0:b1]))
+    from . import topk
+
+    if n < PARALLEL_MIN_ROWS or not topk.blas_controllable():
+        changed = _gemm_part(x, ct, labels, best, block, 0, n, acc)
+        return changed
+    half = n // 2
+    accs = [None, None] if acc is None else [acc, np.zeros_like(acc)]
+    pool = topk._executor(2)
+    with topk._blas_single_thread():
+        futures = [pool.submit(_gemm_part, x, ct, labels, best, block, lo, hi, a)
+                   for (lo, hi), a in zip(((0, half), (half, n)), accs)]
+        changed = sum(f.result() for f in futures)
+    if acc is not None:
+        acc += accs[1]
     return changed
 
 
@@ -220,11 +274,14 @@ def _one_run(x, sqnorms_sum, n_clusters, iterations, rng, block, method):
     labels = np.full(n, -1, dtype=np.int64)
     best = np.empty(n, dtype=np.float32)
     done = 0
+    acc = np.zeros(centroids.shape, dtype=np.float64) if method == "gemm" else None
     for it in range(iterations):
-        changed = _assign(x, centroids, labels, best, block, method)
+        if acc is not None:
+            acc[:] = 0.0
+        changed = _assign(x, centroids, labels, best, block, method, acc)
         if it > 0 and changed == 0:
             break
-        dead = update_centroids(x, labels, centroids)
+        dead = update_centroids(x, labels, centroids) if acc is None else finish_centroids(acc, centroids)
         done = it + 1
         if dead.any():
             reseed(x, centroids, dead, best)

@@ -25,16 +25,13 @@ refuses a damaged file with ``IndexFileError`` naming the path.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import IndexFileError, InputError
+from engine.fileio import read_framed, write_framed
 from engine.kernels import bank as K
 from engine.kernels.kmeans import KMeansResult, spherical_kmeans
 
@@ -255,34 +252,9 @@ class MemoryBank:
         Layout: ``LOOKALIKE-MEMORYBANK {json header}\\n`` then n * dim little-endian float32, row-major. The
         header holds version, n, dim, mixing_rate, dtype, nbytes and sha256 of the payload.
         """
-        path = Path(path)
         body = self._v.astype("<f4", copy=False).tobytes(order="C")
-        digest = hashlib.sha256(body).hexdigest()
-        header = {
-            "version": FILE_VERSION,
-            "n": len(self),
-            "dim": self.dim,
-            "mixing_rate": self._r,
-            "dtype": "<f4",
-            "nbytes": len(body),
-            "sha256": digest,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + json.dumps(header).encode() + b"\n")
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return digest
+        header = {"version": FILE_VERSION, "n": len(self), "dim": self.dim, "mixing_rate": self._r, "dtype": "<f4"}
+        return write_framed(path, MAGIC, header, body)
 
     @classmethod
     def load(cls, path) -> MemoryBank:
@@ -290,29 +262,7 @@ class MemoryBank:
         path = Path(path)
         if not path.is_file():
             raise IndexFileError(f"no memory-bank file at {path}")
-        raw = path.read_bytes()
-        if not raw.startswith(MAGIC):
-            raise IndexFileError(f"{path} is not a lookalike memory-bank file (it does not start with {MAGIC!r})")
-        nl = raw.find(b"\n")
-        try:
-            header = json.loads(raw[len(MAGIC) : nl])
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise IndexFileError(f"{path}: damaged memory-bank header ({e})") from None
-        if header.get("version") != FILE_VERSION:
-            raise IndexFileError(
-                f"{path} is memory-bank format version {header.get('version')!r}; this lookalike reads version "
-                f"{FILE_VERSION}"
-            )
-        body = raw[nl + 1 :]
-        if len(body) != header.get("nbytes"):
-            raise IndexFileError(
-                f"{path} is truncated or damaged: header says {header.get('nbytes')} payload bytes, "
-                f"found {len(body)}"
-            )
-        if hashlib.sha256(body).hexdigest() != header.get("sha256"):
-            raise IndexFileError(f"{path} is damaged: the payload's sha256 does not match the header")
+        header, body = read_framed(path, MAGIC, FILE_VERSION, what="memory-bank", error=IndexFileError)
         n, dim = header.get("n"), header.get("dim")
         shape_ok = isinstance(n, int) and isinstance(dim, int) and n * dim * 4 == len(body)
         if header.get("dtype") != "<f4" or not shape_ok:

@@ -20,12 +20,12 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import ImageReadError, IndexFileError, InputError, LookalikeError, ModelError
+from engine.fileio import atomic_write
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SIDECAR_SUFFIX = ".paths.json"
@@ -57,24 +57,6 @@ def list_images(folder) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)]
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def index_digest(index) -> str:
@@ -155,7 +137,7 @@ def build_index(folder, *, model, index, batch_size: int = 32, progress: bool = 
         "paths": [p.relative_to(folder).as_posix() for p in kept],
         "skipped": skipped,
     }
-    _atomic_write(sidecar_path(index), (json.dumps(side, indent=1) + "\n").encode())
+    atomic_write(sidecar_path(index), (json.dumps(side, indent=1) + "\n").encode())
     log(f"indexed {len(kept)} images from {folder} with {encoder.name} (dim {encoder.dim}) -> {index} "
         f"(+ {sidecar_path(index).name})" + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
     return side
@@ -264,7 +246,7 @@ def results_picture(res: dict, out) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     out = Path(out)
-    _atomic_write(out, buf.getvalue())
+    atomic_write(out, buf.getvalue())
     return out
 
 

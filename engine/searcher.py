@@ -49,14 +49,13 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import IndexFileError, InputError, ModelError
+from engine.fileio import atomic_write
 from engine.kernels.topk import topk_ip
 
 METRICS = ("cosine", "ip")
@@ -355,22 +354,7 @@ class Searcher:
             }
             digest = _digest(header, (ids, vectors))
             line = MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(line)
-                    f.write(memoryview(ids).cast("B"))
-                    f.write(memoryview(vectors.reshape(-1)).cast("B"))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
+            atomic_write(path, line, memoryview(ids).cast("B"), memoryview(vectors.reshape(-1)).cast("B"))
 
     @classmethod
     def load(cls, path, encoder=None) -> "Searcher":

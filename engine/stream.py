@@ -65,6 +65,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from engine.errors import InputError, LookalikeError, VideoOpenError
+from engine.fileio import atomic_write
 
 TRANSITION_TYPES = ("cut", "gradual")
 OPTION_NAMES = ("window", "top_dims", "refresh", "cut_threshold", "cut_ratio", "flash_frames", "gradual_window",
@@ -1183,15 +1184,6 @@ def check_display() -> None:
                              f"run without --show, or with --annotate to get annotated.mp4") from None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def timeline_png(scores: dict, transitions: list[Transition], shots: list[Shot], title: str) -> bytes:
     """The similarity timeline as PNG bytes."""
     import io
@@ -1309,10 +1301,10 @@ def main(argv=None) -> int:
         "transitions": [t.to_dict() for t in transitions],
         "shots": [s.to_dict() for s in shots],
     }
-    _atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     title = (f"{Path(str(args.source)).name}: {len(transitions)} transitions, {len(shots)} shots, "
              f"{n} frames at {report['fps']} frames/s ({encoder.name})")
-    _atomic_write(out / "timeline.png", timeline_png(scores, transitions, shots, title))
+    atomic_write(out / "timeline.png", timeline_png(scores, transitions, shots, title))
     cuts = sum(t.type == "cut" for t in transitions)
     print(f"{n} frames in {seconds:.1f} s ({report['fps']} frames/s): {cuts} cuts, {len(transitions) - cuts} gradual, "
           f"{len(shots)} shots, {sum(s.recurs_with is not None for s in shots)} recurring; {out}/report.json")

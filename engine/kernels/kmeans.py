@@ -286,7 +286,6 @@ def spherical_kmeans(x, n_clusters, *, iterations=20, restarts=1, seed=0, block=
     """
     if method not in ("fused", "gemm"):
         raise ValueError(f"method must be 'fused' or 'gemm', got {method!r}")
-    n = x.shape[0]
     if block is None:
         block = max(256, (1 << 21) // max(n_clusters, 1))  # score buffer <= ~8 MB
     sqnorms_sum = float(np.einsum("ij,ij->", x, x, dtype=np.float64))

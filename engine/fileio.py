@@ -1,0 +1,81 @@
+"""Files that survive a crash mid-save, and files that prove they are whole when read back.
+
+- ``atomic_write(path, *chunks)``: the bytes go to a temporary file in the same folder, are flushed and
+  fsynced, and the temporary file is renamed over ``path`` (``os.replace``), so a reader sees the previous
+  file or the new one, never a half-written one; on any error the temporary file is removed and the
+  previous file is left as it was. The file reads like any other (mode 0644, not mkstemp's 0600).
+- ``write_framed`` / ``read_framed``: the layout the memory bank and the training checkpoints share, one
+  line ``MAGIC {json header}\\n`` then the payload; the header carries ``version``, ``nbytes`` and the payload's
+  ``sha256``, and reading refuses (with the caller's error class, naming the path) a file that does not start
+  with the magic, a damaged header, another version, a truncated payload or one whose digest differs.
+
+Imports nothing else of the project, and no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path, *chunks, mode: int = 0o644) -> None:
+    """Write the bytes-like ``chunks``, in order, to ``path`` atomically (see the module notes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_framed(path, magic: bytes, header: dict, body: bytes) -> str:
+    """``magic {header + nbytes + sha256}\\n body``, written atomically; returns the payload's sha256 (hex)."""
+    digest = hashlib.sha256(body).hexdigest()
+    line = magic + json.dumps({**header, "nbytes": len(body), "sha256": digest}).encode() + b"\n"
+    atomic_write(path, line, body)
+    return digest
+
+
+def read_framed(path, magic: bytes, version: int, *, what: str, error: type[Exception],
+                version_hint: str = "") -> tuple[dict, bytes]:
+    """(header, payload) of a file written by ``write_framed`` with this ``magic`` and ``version``.
+
+    ``what`` names the kind of file in messages ("memory-bank", "checkpoint"); ``error`` is the exception
+    class raised; ``version_hint`` is appended to the other-version message. The caller checks that the file
+    exists (with its own message).
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if not raw.startswith(magic):
+        raise error(f"{path} is not a lookalike {what} file (it does not start with {magic!r})")
+    nl = raw.find(b"\n")
+    try:
+        header = json.loads(raw[len(magic) : nl])
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path}: damaged {what} header ({e})") from None
+    if header.get("version") != version:
+        raise error(f"{path} is {what} format version {header.get('version')!r}; this lookalike reads version "
+                    f"{version}{version_hint}")
+    body = raw[nl + 1 :]
+    if len(body) != header.get("nbytes"):
+        raise error(f"{path} is truncated or damaged: header says {header.get('nbytes')} payload bytes, "
+                    f"found {len(body)}")
+    if hashlib.sha256(body).hexdigest() != header.get("sha256"):
+        raise error(f"{path} is damaged: the payload's sha256 does not match the header")
+    return header, body

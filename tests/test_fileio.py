@@ -1,0 +1,73 @@
+"""engine.fileio: atomic writes keep the previous file whole; framed files refuse every kind of damage."""
+
+import hashlib
+import json
+import stat
+
+import pytest
+
+from engine.fileio import atomic_write, read_framed, write_framed
+
+MAGIC = b"LOOKALIKE-TEST "
+
+
+class Boom(Exception):
+    pass
+
+
+def test_atomic_write_replaces_the_file_and_reads_like_any_other(tmp_path):
+    path = tmp_path / "sub" / "f.bin"
+    atomic_write(path, b"old")
+    atomic_write(path, b"ne", memoryview(b"w!"))
+    assert path.read_bytes() == b"new!"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["f.bin"]  # no temporary file left
+
+
+def test_a_crash_mid_write_leaves_the_previous_file_whole(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, b"previous contents")
+
+    class Exploding:  # a chunk whose write fails after the first chunk went out
+        def __buffer__(self, flags):
+            raise Boom("disk on fire")
+
+    with pytest.raises((Boom, TypeError)):
+        atomic_write(path, b"half of the new", Exploding())
+    assert path.read_bytes() == b"previous contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_framed_round_trip_and_the_header_it_writes(tmp_path):
+    path = tmp_path / "x.framed"
+    digest = write_framed(path, MAGIC, {"version": 3, "note": "hi"}, b"\x00payload\n")
+    raw = path.read_bytes()
+    header = json.loads(raw[len(MAGIC) : raw.index(b"\n")])
+    assert header == {"version": 3, "note": "hi", "nbytes": 9, "sha256": hashlib.sha256(b"\x00payload\n").hexdigest()}
+    assert digest == header["sha256"]
+    got_header, body = read_framed(path, MAGIC, 3, what="test", error=ValueError)
+    assert got_header == header and body == b"\x00payload\n"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw, nl: b"PK\x03\x04" + raw[4:], r"is not a lookalike test file \(it does not start with"),
+    (lambda raw, nl: MAGIC + b"{oops" + raw[nl:], "damaged test header"),
+    (lambda raw, nl: MAGIC + b"[1, 2]" + raw[nl:], r"damaged test header \(header is not a JSON object\)"),
+    (lambda raw, nl: raw[:-2], "is truncated or damaged: header says 8 payload bytes, found 6"),
+    (lambda raw, nl: raw[:-1] + b"X", "is damaged: the payload's sha256 does not match the header"),
+])
+def test_read_framed_refuses_damage_naming_the_path(tmp_path, damage, message):
+    path = tmp_path / "x.framed"
+    write_framed(path, MAGIC, {"version": 1}, b"12345678")
+    raw = path.read_bytes()
+    path.write_bytes(damage(raw, raw.index(b"\n")))
+    with pytest.raises(KeyError, match=message) as e:
+        read_framed(path, MAGIC, 1, what="test", error=KeyError)
+    assert str(path) in str(e.value)
+
+
+def test_read_framed_refuses_another_version_with_the_hint(tmp_path):
+    path = tmp_path / "x.framed"
+    write_framed(path, MAGIC, {"version": 2}, b"abc")
+    with pytest.raises(ValueError, match=r"is test format version 2; this lookalike reads version 1\. Re-train"):
+        read_framed(path, MAGIC, 1, what="test", error=ValueError, version_hint=". Re-train")

@@ -249,13 +249,7 @@ def main(argv=None) -> dict:
     model = build_autoencoder(cfg.arch, pretrained=cfg.pretrained and state is None,
                               image_size=cfg.image_size, code_dim=cfg.code_dim).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch, step, losses = 0, 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        losses = list(state["extra"].get("losses", []))
-        Run.restore_rng(state)
+    start_epoch, step, losses = Run.restore(state, model, opt)
     encoder = L2Normalized(model.encoder)  # shares the parameters; what the registry rebuilds
 
     for epoch in range(start_epoch, cfg.epochs):

@@ -183,6 +183,17 @@ class Run:
         if "python_rng" in state:
             random.setstate(state["python_rng"])
 
+    @classmethod
+    def restore(cls, state: dict | None, model: torch.nn.Module, optimizer) -> tuple[int, int, list]:
+        """Load a resumed checkpoint's model, optimizer and random states; returns (epochs done, steps done,
+        losses so far), or (0, 0, []) for a fresh run (``state`` None)."""
+        if state is None:
+            return 0, 0, []
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        cls.restore_rng(state)
+        return int(state["epoch"]), int(state["step"]), list(state["extra"].get("losses", []))
+
     def write_metrics(self, metrics: dict) -> None:
         metrics = dict(metrics)
         metrics.setdefault("name", self.name)

@@ -135,13 +135,7 @@ def main(argv=None) -> dict:
 
     model = SiameseNet(image_size=cfg.image_size, dim=cfg.dim).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch, step, losses = 0, 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        losses = list(state["extra"].get("losses", []))
-        Run.restore_rng(state)
+    start_epoch, step, losses = Run.restore(state, model, opt)
     encoder = L2Normalized(model.tower)  # shares the parameters; what the registry rebuilds
     y_train_t = torch.from_numpy(y_train)
     steps_per_epoch = max(1, len(x_train) // cfg.batch_size)

@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bank import normalise_rows
+from .topk import blas_controllable, blas_single_thread, worker_pool
 
 # fastmath without the no-NaN / no-inf assumptions: kernels start maxima at -inf and minima at +inf.
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -222,15 +223,12 @@ def _assign(x, centroids, labels, best, block, method, acc=None):
         return int(assign_fused(x, centroids, labels, best))
     n = x.shape[0]
     ct = np.ascontiguousarray(centroids.T)  # (dim, k)
-    from . import topk
-
-    if n < PARALLEL_MIN_ROWS or not topk.blas_controllable():
-        changed = _gemm_part(x, ct, labels, best, block, 0, n, acc)
-        return changed
+    if n < PARALLEL_MIN_ROWS or not blas_controllable():
+        return _gemm_part(x, ct, labels, best, block, 0, n, acc)
     half = n // 2
     accs = [None, None] if acc is None else [acc, np.zeros_like(acc)]
-    pool = topk._executor(2)
-    with topk._blas_single_thread():
+    pool = worker_pool(2)
+    with blas_single_thread():
         futures = [pool.submit(_gemm_part, x, ct, labels, best, block, lo, hi, a)
                    for (lo, hi), a in zip(((0, half), (half, n)), accs)]
         changed = sum(f.result() for f in futures)

@@ -253,7 +253,8 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)  # a child has no worker threads
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
+def worker_pool(threads: int) -> ThreadPoolExecutor:
+    """The process-wide pool of ``threads`` worker threads (created once; the k-means kernels share it)."""
     with _pool_lock:
         if threads not in _pools:
             _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-topk")
@@ -294,7 +295,7 @@ def blas_controllable() -> bool:
 
 
 @contextlib.contextmanager
-def _blas_single_thread():
+def blas_single_thread():
     """BLAS at one thread per call while any search is inside; the original count comes back after the last."""
     global _blas_limiter, _blas_users
     with _blas_lock:
@@ -369,8 +370,8 @@ def topk_ip(queries, vectors, n, k, *, method="auto", threads=None, parts=None, 
             best_scores, best_rows = _gemm_part(queries, vectors, 0, n, k, min(rows, n))
         else:
             step = math.ceil(n / parts)
-            pool = _executor(threads)
-            with _blas_single_thread() if blas_controllable() else contextlib.nullcontext():
+            pool = worker_pool(threads)
+            with blas_single_thread() if blas_controllable() else contextlib.nullcontext():
                 futures = [
                     pool.submit(_gemm_part, queries, vectors, lo, min(n, lo + step), k, min(rows, step))
                     for lo in range(0, n, step)

@@ -443,25 +443,21 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _as_dim(dim) -> int:
+def _positive_int(value, name: str) -> int:
     try:
-        if isinstance(dim, bool):
+        if isinstance(value, bool):
             raise TypeError
-        d = operator.index(dim)
+        v = operator.index(value)
     except TypeError:
-        raise InputError(f"dim must be a positive int, got {dim!r}") from None
-    if d <= 0:
-        raise InputError(f"dim must be a positive int, got {d}")
-    return d
+        raise InputError(f"{name} must be a positive int, got {value!r}") from None
+    if v <= 0:
+        raise InputError(f"{name} must be a positive int, got {v}")
+    return v
+
+
+def _as_dim(dim) -> int:
+    return _positive_int(dim, "dim")
 
 
 def _as_k(k) -> int:
-    try:
-        if isinstance(k, bool):
-            raise TypeError
-        k = operator.index(k)
-    except TypeError:
-        raise InputError(f"k must be a positive int, got {k!r}") from None
-    if k <= 0:
-        raise InputError(f"k must be a positive int, got {k}")
-    return k
+    return _positive_int(k, "k")

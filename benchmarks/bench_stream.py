@@ -17,7 +17,8 @@ time much less), and per stage: decode, preprocess, network (onnxruntime), compa
     NUMBA_CACHE_DIR=.numba_cache .venv/bin/python -m export mpnn --int8
     # everything, printed as markdown tables and written to runs/bench_stream/results.json
     NUMBA_CACHE_DIR=.numba_cache .venv/bin/python benchmarks/bench_stream.py --model models/mpnn.onnx
-    # or through pytest-benchmark (LOOKALIKE_STREAM_MODEL picks the model; default models/mpnn.onnx)
+    # or through pytest-benchmark (LOOKALIKE_STREAM_MODEL picks the model; default models/mpnn.onnx, else
+    # the one `make demo` exported, runs/demo/models/mpnn.onnx)
     NUMBA_CACHE_DIR=.numba_cache .venv/bin/python -m pytest benchmarks/bench_stream.py -q -s \
         --benchmark-columns=min,median,rounds --benchmark-sort=name
 """
@@ -338,10 +339,14 @@ _RESULTS: dict = {}
 def setup():
     from engine.encoder import Encoder
 
-    model = Path(os.environ.get("LOOKALIKE_STREAM_MODEL", ROOT / "models" / "mpnn.onnx"))
-    if not model.is_file():
-        pytest.skip(f"no exported MPNN at {model}: python -m train.mpnn && python -m export mpnn "
-                    f"(or set LOOKALIKE_STREAM_MODEL)")
+    if "LOOKALIKE_STREAM_MODEL" in os.environ:
+        candidates = [Path(os.environ["LOOKALIKE_STREAM_MODEL"])]
+    else:  # an exported MPNN, else the one `make demo` trained and exported
+        candidates = [ROOT / "models" / "mpnn.onnx", ROOT / "runs" / "demo" / "models" / "mpnn.onnx"]
+    model = next((c for c in candidates if c.is_file()), None)
+    if model is None:
+        pytest.skip(f"no exported MPNN at {' or '.join(map(str, candidates))}: run `make demo`, or "
+                    f"python -m train.mpnn && python -m export mpnn (or set LOOKALIKE_STREAM_MODEL)")
     encoder = Encoder(model, providers=["CPUExecutionProvider"], threads=1)
     videos = video_truth.build_all(ROOT / "runs" / "bench_stream" / "videos")
     return encoder, videos

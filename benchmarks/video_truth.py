@@ -61,17 +61,9 @@ def source_path(name: str) -> Path:
 
 def read_frames(path, size: tuple[int, int] | None = SIZE) -> np.ndarray:
     """All frames of a video as (n, h, w, 3) uint8 RGB, scaled to cover ``size`` (w, h) and centre-cropped."""
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise OSError(f"OpenCV could not open {path}")
-    out = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        f = cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
-        out.append(f if size is None else cover(f, size))
-    cap.release()
+    from engine.stream import VideoReader  # raises VideoOpenError (an OSError) for a file it cannot open
+
+    out = [f if size is None else cover(f, size) for f in VideoReader(path).frames()]
     if not out:
         raise OSError(f"{path} delivered no frames")
     return np.stack(out)

@@ -141,23 +141,27 @@ def _empty_loss(emb: torch.Tensor) -> torch.Tensor:
     return (emb * 0.0).sum()  # 0, still attached to the graph
 
 
-def contrastive_loss(emb: torch.Tensor, labels: torch.Tensor, *, margin: float = DEFAULT_MARGIN["contrastive"],
-                     mining: str = "hard") -> torch.Tensor:
-    """Mean over mined triplets of d(a,p)^2 + max(0, margin - d(a,n))^2."""
+def _mined_distances(emb: torch.Tensor, labels: torch.Tensor, mining: str):
+    """(d(a, p), d(a, n)) over the mined triplets of the batch, or None when mining finds none."""
     _check_batch(emb, labels)
     dist = pairwise_distances(emb)
     a, p, n = mine_triplets(dist.detach(), labels, mining)
-    if len(a) == 0:
+    return None if len(a) == 0 else (dist[a, p], dist[a, n])
+
+
+def contrastive_loss(emb: torch.Tensor, labels: torch.Tensor, *, margin: float = DEFAULT_MARGIN["contrastive"],
+                     mining: str = "hard") -> torch.Tensor:
+    """Mean over mined triplets of d(a,p)^2 + max(0, margin - d(a,n))^2."""
+    d = _mined_distances(emb, labels, mining)
+    if d is None:
         return _empty_loss(emb)
-    return (dist[a, p] ** 2 + F.relu(margin - dist[a, n]) ** 2).mean()
+    return (d[0] ** 2 + F.relu(margin - d[1]) ** 2).mean()
 
 
 def triplet_loss(emb: torch.Tensor, labels: torch.Tensor, *, margin: float = DEFAULT_MARGIN["triplet"],
                  mining: str = "hard") -> torch.Tensor:
     """Mean over mined triplets of max(0, d(a,p) - d(a,n) + margin)."""
-    _check_batch(emb, labels)
-    dist = pairwise_distances(emb)
-    a, p, n = mine_triplets(dist.detach(), labels, mining)
-    if len(a) == 0:
+    d = _mined_distances(emb, labels, mining)
+    if d is None:
         return _empty_loss(emb)
-    return F.relu(dist[a, p] - dist[a, n] + margin).mean()
+    return F.relu(d[0] - d[1] + margin).mean()

@@ -57,15 +57,16 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from engine.errors import InputError, LookalikeError, VideoOpenError
 from engine.fileio import atomic_write
+from engine.kernels.topk import blas_single_thread
 
 TRANSITION_TYPES = ("cut", "gradual")
 OPTION_NAMES = ("window", "top_dims", "refresh", "cut_threshold", "cut_ratio", "flash_frames", "gradual_window",
@@ -181,6 +182,14 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
     return float(np.dot(a, b) / (na * nb))
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` on one BLAS thread. These products are small (thumbnails of one transition's frames); a
+    multi-threaded one would leave OpenBLAS's helper thread spinning for a while after it returns, on the core
+    the network's workers need (bikes.mp4 streamed at 201-210 frames/s that way, 239-250 without it)."""
+    with blas_single_thread():
+        return a @ b
 
 
 def _steady(step: float, steps: list) -> bool:
@@ -831,7 +840,7 @@ class StreamComparator:
         m = len(M)
         cum = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(M, axis=0), axis=1))])
         sq = (M * M).sum(axis=1)
-        chord = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * (M @ M.T), 0.0))  # (m, m)
+        chord = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * _matmul(M, M.T), 0.0))  # (m, m)
         path = np.maximum(cum[None, :] - cum[:, None], 1e-12)  # path[i, j]: from point i to point j
         gap = np.arange(m)[None, :] - np.arange(m)[:, None]
         score = np.where((gap >= 2) & (gap <= self.max_gradual + 2), chord * chord / path, -1.0)
@@ -881,7 +890,7 @@ class StreamComparator:
             return "no change", detail
         span_idx = [j for j in range(max(first, a - 1), min(last, b + 1) + 1) if not self._outlier[j]]
         X = self._thumb.take(span_idx) - P  # (m, s, s, 3)
-        lam = X.reshape(len(X), -1) @ D.ravel() / dd  # how far each frame went from P to Q
+        lam = _matmul(X.reshape(len(X), -1), D.ravel()) / dd  # how far each frame went from P to Q
         resid = np.linalg.norm(X.reshape(len(X), -1) - np.outer(lam, D.ravel()), axis=1) / math.sqrt(dd)
         inner = [r for j, r in zip(span_idx, resid) if a <= j <= b]
         detail["residual"] = round(float(np.median(inner)), 4)
@@ -940,7 +949,7 @@ class StreamComparator:
             mu = (self._sig_total / max(self._sig_frames, 1)).astype(np.float32)
             sigs = self._shot_sigs[held] - mu
             mine = sig - mu
-            cos = sigs @ mine / np.maximum(np.linalg.norm(sigs, axis=1) * float(np.linalg.norm(mine)), 1e-12)
+            cos = _matmul(sigs, mine) / np.maximum(np.linalg.norm(sigs, axis=1) * float(np.linalg.norm(mine)), 1e-12)
             j = int(np.argmax(cos))
             best, best_id = float(cos[j]), int(self._shot_ids[held][j])
         index = self._shot_count

@@ -347,3 +347,30 @@ def test_engine_stream_does_not_import_torch():
     code = "import sys, engine.stream, engine.encoder; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_transition_products_run_on_one_blas_thread_and_give_the_plain_product():
+    """The comparator's thumbnail products (``_matmul``) run with BLAS at one thread (a multi-threaded call
+    leaves OpenBLAS's helper spinning on the core the network's workers need) and equal ``a @ b``."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from engine import stream
+    from engine.kernels import topk
+
+    if not topk.blas_controllable():
+        pytest.skip("threadpoolctl finds no BLAS library to control")
+    seen = []
+
+    class Recording(np.ndarray):  # records BLAS's thread count at the moment the product is taken
+        def __matmul__(self, other):
+            seen.append([c.num_threads for c in threadpoolctl.ThreadpoolController().select(user_api="blas")
+                         .lib_controllers])
+            return np.asarray(self) @ np.asarray(other)
+
+    before = [c.num_threads for c in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((40, 3072))  # 40 thumbnails of 32 x 32 x 3, float64 as in the comparator
+    got = stream._matmul(m.view(Recording), m.T)
+    np.testing.assert_array_equal(np.asarray(got), m @ m.T)
+    assert seen and all(n == 1 for n in seen[0])
+    after = [c.num_threads for c in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]
+    assert after == before

@@ -296,8 +296,12 @@ def blas_controllable() -> bool:
 
 @contextlib.contextmanager
 def blas_single_thread():
-    """BLAS at one thread per call while any search is inside; the original count comes back after the last."""
+    """BLAS at one thread per call while any caller is inside; the original count comes back after the last.
+    Does nothing when threadpoolctl cannot reach the BLAS (``blas_controllable()`` is False)."""
     global _blas_limiter, _blas_users
+    if not _blas():
+        yield
+        return
     with _blas_lock:
         if _blas_users == 0:
             _blas_limiter = _blas().limit(limits=1)

@@ -187,7 +187,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` on one BLAS thread. These products are small (thumbnails of one transition's frames); a
     multi-threaded one would leave OpenBLAS's helper thread spinning for a while after it returns, on the core
-    the network's workers need (bikes.mp4 streamed at 201-210 frames/s that way, 239-250 without it)."""
+    the network's workers need (bikes.mp4 streamed at 201-210 frames/s that way, 239-250 without it). The limit
+    is process-wide for the product's duration (microseconds), as in ``Searcher``'s worker mode."""
     with blas_single_thread():
         return a @ b
 

@@ -358,19 +358,20 @@ def test_transition_products_run_on_one_blas_thread_and_give_the_plain_product()
 
     if not topk.blas_controllable():
         pytest.skip("threadpoolctl finds no BLAS library to control")
+    def counts():
+        return [c.num_threads for c in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]
+
     seen = []
 
     class Recording(np.ndarray):  # records BLAS's thread count at the moment the product is taken
         def __matmul__(self, other):
-            seen.append([c.num_threads for c in threadpoolctl.ThreadpoolController().select(user_api="blas")
-                         .lib_controllers])
+            seen.append(counts())
             return np.asarray(self) @ np.asarray(other)
 
-    before = [c.num_threads for c in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]
+    before = counts()
     rng = np.random.default_rng(0)
     m = rng.standard_normal((40, 3072))  # 40 thumbnails of 32 x 32 x 3, float64 as in the comparator
     got = stream._matmul(m.view(Recording), m.T)
     np.testing.assert_array_equal(np.asarray(got), m @ m.T)
     assert seen and all(n == 1 for n in seen[0])
-    after = [c.num_threads for c in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]
-    assert after == before
+    assert counts() == before

@@ -180,8 +180,8 @@ class MemoryBank:
         ):  # slow path: full validation and coercion
             idx = self._indices(idx)
             new = self._rows(new, idx.shape[0], "vectors")
-        kernel = K.update_parallel if idx.shape[0] >= PARALLEL_MIN_BATCH else K.update_serial
-        if kernel(self._v, idx, new, self._r) != K.OK:  # nothing was changed; say why
+        parallel = idx.shape[0] >= PARALLEL_MIN_BATCH
+        if K.update(self._v, idx, new, self._r, parallel=parallel) != K.OK:  # nothing was changed; say why
             self._indices(idx)
             self._rows(new, idx.shape[0], "vectors")
             raise AssertionError("update kernel refused a batch that validates")  # pragma: no cover

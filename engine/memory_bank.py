@@ -38,9 +38,6 @@ from engine.kernels.kmeans import KMeansResult, spherical_kmeans
 MAGIC = b"LOOKALIKE-MEMORYBANK "
 FILE_VERSION = 1
 STATE_FORMAT = "lookalike-memory-bank"
-# Batches at least this long use the parallel update (grouped repeats); shorter ones run serially, which is
-# faster than waking the thread pool.
-PARALLEL_MIN_BATCH = 16384
 _UNIT_TOL = 1e-3  # a stored row whose norm is off by more than this is not a memory-bank row
 
 
@@ -180,8 +177,7 @@ class MemoryBank:
         ):  # slow path: full validation and coercion
             idx = self._indices(idx)
             new = self._rows(new, idx.shape[0], "vectors")
-        parallel = idx.shape[0] >= PARALLEL_MIN_BATCH
-        if K.update(self._v, idx, new, self._r, parallel=parallel) != K.OK:  # nothing was changed; say why
+        if K.update(self._v, idx, new, self._r) != K.OK:  # nothing was changed; say why
             self._indices(idx)
             self._rows(new, idx.shape[0], "vectors")
             raise AssertionError("update kernel refused a batch that validates")  # pragma: no cover

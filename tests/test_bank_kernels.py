@@ -16,6 +16,14 @@ def unit(rng, n, dim):
     return x
 
 
+def sliced(bank, idx, new, r):
+    """K.update with room for 5 old rows: longer batches are checked first and updated in slices."""
+    return K.update(bank, idx, new, r, log_bytes=5 * 4 * bank.shape[1])
+
+
+METHODS = [K.update, sliced]
+
+
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("r", [0.5, 0.3, 1.0])
@@ -26,24 +34,22 @@ def test_update_matches_loop_oracle(dim, batch, r):
     idx = rng.integers(n, size=batch)
     new = (rng.standard_normal((batch, dim)) * 3).astype(np.float32)  # not unit: the rule does not need it
     want = update_ref(bank, idx, new, r)
-    for kernel in (K.update_serial, K.update_parallel):
+    for kernel in METHODS:
         got = bank.copy()
         assert kernel(got, idx, new, r) == K.OK
         np.testing.assert_allclose(got, want, atol=2e-6)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
 
 
-def test_parallel_update_matches_serial_with_repeats():
-    # ~67 repeats per row, scattered through the batch: the groups must run in batch order. The two kernels
-    # share the row code but are compiled apart, so they may round differently in the last place.
+def test_sliced_update_is_bit_identical_with_repeats_across_slices():
+    # ~67 repeats per row, scattered through the batch and so across the 5-row slices: batch order must hold.
     rng = np.random.default_rng(1)
     bank = unit(rng, 300, 97)
     idx = rng.integers(300, size=20000)
     new = rng.standard_normal((20000, 97)).astype(np.float32)
     a, b = bank.copy(), bank.copy()
-    K.update_serial(a, idx, new, 0.37)
-    K.update_parallel(b, idx, new, 0.37)
-    np.testing.assert_allclose(b, a, rtol=0, atol=1e-7)
+    assert K.update(a, idx, new, 0.37) == sliced(b, idx, new, 0.37) == K.OK
+    np.testing.assert_array_equal(b, a)
     np.testing.assert_allclose(a, update_ref(bank, idx, new, 0.37), rtol=0, atol=2e-6)
 
 
@@ -51,12 +57,13 @@ def test_repeats_apply_in_batch_order():
     # Row 0 mixed with e1 then e2 differs from e2 then e1: the batch order decides.
     bank = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
     new = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
-    got = bank.copy()
-    K.update_parallel(got, np.array([0, 0]), new, 0.5)
     x = 0.5 * np.array([0.0, 1.0, 0.0]) + 0.5 * np.array([1.0, 0.0, 0.0])
     x /= np.linalg.norm(x)
     x = 0.5 * np.array([0.0, 0.0, 1.0]) + 0.5 * x
-    np.testing.assert_allclose(got[0], x / np.linalg.norm(x), atol=1e-7)
+    for kernel in METHODS:
+        got = bank.copy()
+        kernel(got, np.array([0, 0]), new, 0.5)
+        np.testing.assert_allclose(got[0], x / np.linalg.norm(x), atol=1e-7)
 
 
 @pytest.mark.parametrize("r", [0.5, 0.25, 0.8])
@@ -64,7 +71,7 @@ def test_cancelling_mix_keeps_old_row(r):
     rng = np.random.default_rng(2)
     bank = unit(rng, 4, 97)
     new = (-(1 - r) / r * bank[[1, 2]]).astype(np.float32)  # r*new + (1-r)*old == 0 up to rounding
-    for kernel in (K.update_serial, K.update_parallel):
+    for kernel in METHODS:
         got = bank.copy()
         assert kernel(got, np.array([1, 2]), new, r) == K.OK
         np.testing.assert_array_equal(got, bank)
@@ -75,11 +82,11 @@ def test_zero_new_vector_shrinks_to_old_direction():
     rng = np.random.default_rng(3)
     bank = unit(rng, 3, 7)
     got = bank.copy()
-    K.update_serial(got, np.array([2]), np.zeros((1, 7), np.float32), 0.5)
+    K.update(got, np.array([2]), np.zeros((1, 7), np.float32), 0.5)
     np.testing.assert_allclose(got, bank, atol=1e-7)
 
 
-@pytest.mark.parametrize("kernel", [K.update_serial, K.update_parallel])
+@pytest.mark.parametrize("kernel", METHODS)
 def test_update_refuses_bad_batch_without_writing(kernel):
     rng = np.random.default_rng(4)
     bank = unit(rng, 10, 3)
@@ -96,33 +103,22 @@ def test_update_refuses_bad_batch_without_writing(kernel):
         np.testing.assert_array_equal(got, bank)
 
 
-def test_serial_update_undoes_rows_written_before_a_late_bad_row():
+@pytest.mark.parametrize("kernel", METHODS)
+def test_update_undoes_rows_written_before_a_late_bad_row(kernel):
     # One pass with an undo log: rows 1 and 4 are written (row 1 twice) before row 6's NaN is seen; the log is
     # replayed newest first, so the repeated row ends at its original value, not at an intermediate one.
+    # (Sliced, the batch is checked before any slice is written.)
     rng = np.random.default_rng(6)
     bank = unit(rng, 8, 128)
     idx = np.array([1, 4, 1, 6, 4, 1, 2])
     new = unit(rng, 7, 128)
     new[6, 100] = np.nan
     got = bank.copy()
-    assert K.update_serial(got, idx, new, 0.5) == K.NOT_FINITE
+    assert kernel(got, idx, new, 0.5) == K.NOT_FINITE
     np.testing.assert_array_equal(got, bank)
 
 
-def test_parallel_update_undoes_every_thread_when_one_row_is_bad():
-    # Groups of repeats run in parallel; a NaN deep in one group stops that chunk, the others finish, and all
-    # of them are undone, each repeat back to its original row.
-    rng = np.random.default_rng(8)
-    bank = unit(rng, 50, 128)
-    idx = rng.integers(50, size=5000)
-    new = unit(rng, 5000, 128)
-    new[4321, 5] = np.inf
-    got = bank.copy()
-    assert K.update_parallel(got, idx, new, 0.5) == K.NOT_FINITE
-    np.testing.assert_array_equal(got, bank)
-
-
-@pytest.mark.parametrize("kernel", [K.update_serial, K.update_parallel])
+@pytest.mark.parametrize("kernel", METHODS)
 @pytest.mark.parametrize("r", [0.5, 1.0])
 def test_update_rows_beyond_float32_squares_match_the_float64_oracle(kernel, r):
     # |new| ~ 1e25 overflows a float32 sum of squares and |new| ~ 1e-25 underflows it; such rows are decided
@@ -140,12 +136,12 @@ def test_update_rows_beyond_float32_squares_match_the_float64_oracle(kernel, r):
     np.testing.assert_allclose(np.linalg.norm(got[[5, 7]], axis=1), 1.0, atol=1e-6)
 
 
-def test_update_kernels_compile_per_dimension():
-    assert K.update_kernels(97) is K.update_kernels(97)
-    assert K.update_kernels(97) is not K.update_kernels(98)
+def test_update_kernel_compile_per_dimension():
+    assert K.update_kernel(97) is K.update_kernel(97)
+    assert K.update_kernel(97) is not K.update_kernel(98)
     for bad in (0, -3, 2.0):
         with pytest.raises(ValueError, match="dim must be a positive int"):
-            K.update_kernels(bad)
+            K.update_kernel(bad)
 
 
 def test_set_rows_last_repeat_wins():

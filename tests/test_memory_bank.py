@@ -7,7 +7,7 @@ import pytest
 
 from bank_reference import check_knn, inertia_ref, set_ref, update_ref
 from engine.errors import IndexFileError, InputError
-from engine.memory_bank import PARALLEL_MIN_BATCH, MemoryBank
+from engine.memory_bank import MemoryBank
 
 
 def unit(rng, n, dim):
@@ -74,7 +74,7 @@ def test_set_and_fill_normalise_and_last_repeat_wins():
 
 
 @pytest.mark.parametrize("dim", [1, 3, 97, 256])
-@pytest.mark.parametrize("batch", [1, 7, 1024, PARALLEL_MIN_BATCH + 3])
+@pytest.mark.parametrize("batch", [1, 7, 1024, 4099])  # dim 256 x 4099 rows: checked, then 2 slices
 def test_update_matches_loop_oracle(dim, batch):
     rng = np.random.default_rng(dim + batch)
     bank = MemoryBank(200, dim, mixing_rate=0.4, seed=2)

@@ -1,6 +1,7 @@
 """Memory-bank kernels: the mixing update, row overwrite, row normalisation, and kNN of bank rows.
 
-Plain numba functions over C-contiguous arrays; the caller (``engine.memory_bank``) validates and allocates.
+Plain numba functions over C-contiguous arrays; the caller (``engine.memory_bank``) validates and allocates
+(the update allocates its own undo log).
 Imports nothing else of the project but the sibling kernel module ``topk`` (the kNN search).
 
 Update rule, for a batch ``idx`` (b,) int64 and ``new`` (b, dim) float32, mixing rate ``r``::
@@ -11,13 +12,10 @@ Update rule, for a batch ``idx`` (b,) int64 and ``new`` (b, dim) float32, mixing
             continue                                      # cancellation: the old row is kept
         bank[idx[j]] = x / |x|
 
-so an index that repeats within a batch is updated once per occurrence, in batch order. The kernels are
-compiled per row length (``update_kernels(dim)``) and run in float32, one pass over each row and then its
-write, prefetching the rows they will touch next; a row whose squared norms leave float32's range is decided
-in float64 (``update_careful``). ``update_parallel`` groups the batch by index (stable sort) and runs the
-groups in parallel, each in batch order: the same rule and row code as ``update_serial``, compiled separately,
-so its float32 rounding can differ from serial's in the last place (tested within 1e-7). The other kernels
-accumulate norms in float64.
+so an index that repeats within a batch is updated once per occurrence, in batch order. ``update`` runs it in
+float32 with kernels compiled per row length (``update_kernel(dim)``), one pass over each row and then its
+write, prefetching the rows it will touch next; a row whose squared norms leave float32's range is done in
+float64 (``update_careful``). The other kernels accumulate norms in float64.
 """
 
 import functools
@@ -34,6 +32,9 @@ from .topk import topk_ip
 ZERO_MIX = 1e-5
 # Rows ahead to prefetch in the update: random bank rows are DRAM misses, the update is latency-bound.
 PREFETCH_ROWS = 12
+# The update's undo log holds at most this many bytes of old rows (8,192 rows of 128 floats); longer batches
+# are checked first and updated in slices (see ``update``).
+LOG_BYTES = 4 << 20
 
 # fastmath without the no-NaN / no-inf assumptions: kernels start maxima at -inf and minima at +inf.
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -42,7 +43,7 @@ FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 OK = 0
 BAD_INDEX = 1
 NOT_FINITE = 2
-CAREFUL = 3  # internal: the fast serial update left the batch (unchanged) to update_careful
+CAREFUL = 3  # internal: update_kernel left the batch (unchanged) to update_careful
 
 EXPONENT = np.uint32(0x7F800000)  # float32 exponent bits: all set <=> NaN or inf
 
@@ -123,8 +124,8 @@ def _mix_row_f64(bank, i, new, j, r):
 
 @njit(cache=True)
 def update_careful(bank, idx, new, r):
-    """The update rule row by row in float64, after check_batch: for the batches the float32 kernels of
-    ``update_kernels`` hand back (CAREFUL): a NaN/inf, or magnitudes whose squares leave float32's range."""
+    """The update rule row by row in float64, after check_batch: for what the float32 kernels of
+    ``update_kernel`` leave (a NaN/inf, or magnitudes whose squares leave float32's range)."""
     code = check_batch(bank.shape[0], idx, new)
     if code != OK:
         return code
@@ -134,13 +135,13 @@ def update_careful(bank, idx, new, r):
 
 
 @njit(cache=True, fastmath=FAST, inline="always")
-def _mix_row(bank, i, new, j, dim, r, log, slot, buf, sums):
-    """log[slot] = bank[i]; then bank[i] = normalise(r new[j] + (1 - r) bank[i]) unless the mix cancels.
+def _mix_row(bank, i, new, j, dim, r, log, buf, sums):
+    """log[j] = bank[i]; then bank[i] = normalise(r new[j] + (1 - r) bank[i]) unless the mix cancels.
 
     Float32, one pass over the row and the write. Returns False, with bank[i] untouched, when the squared norms
     leave float32's normal range: a NaN/inf in new[j], |new| above ~1e19, or the mix's squared norm below 1e-30
     (a cancelled mix, or r = 1 with a tiny new), all rare; the caller then decides the row in float64.
-    Inlined into each kernel of ``update_kernels(dim)``, so ``dim`` is a compile-time constant and the row
+    Inlined into the kernel of ``update_kernel(dim)``, so ``dim`` is a compile-time constant and the row
     loops vectorise fully. ``buf`` (dim,) and ``sums`` (2,) float32 are scratch.
     """
     rr = np.float32(r)
@@ -151,7 +152,7 @@ def _mix_row(bank, i, new, j, dim, r, log, slot, buf, sums):
     for t in range(dim):
         a = new[j, t]
         o = bank[i, t]
-        log[slot, t] = o
+        log[j, t] = o
         x = rr * a + q * o
         buf[t] = x
         sx += x * x
@@ -166,31 +167,26 @@ def _mix_row(bank, i, new, j, dim, r, log, slot, buf, sums):
     keep = nx <= np.float32(ZERO_MIX) * (rr * np.sqrt(sn) + q * np.sqrt(so))
     inv = np.float32(1.0) / nx
     for t in range(dim):  # branch-free: a cancelled mix writes the old row back
-        bank[i, t] = log[slot, t] if keep else buf[t] * inv
+        bank[i, t] = log[j, t] if keep else buf[t] * inv
     return True
 
 
 @functools.cache
-def update_kernels(dim):
-    """(serial, parallel) mixing-update kernels for rows of exactly ``dim`` float32 values.
+def update_kernel(dim):
+    """The float32 mixing-update kernel ``(bank, idx, new, r) -> code`` for rows of exactly ``dim`` values.
 
-    Both take ``(bank, idx, new, r)`` and return a check_batch code or CAREFUL, and change nothing unless OK.
-    ``serial`` makes one pass in batch order with no separate check of ``new`` (that pass would read the whole
-    batch from memory once more): each row's old values go to an undo log as they are read, and a row it cannot
-    decide in float32 (``_mix_row``) makes it restore rows j-1..0 from the log (newest first, so a repeated
-    index ends at its original value) and return CAREFUL: the caller runs ``update_careful``, which also
-    reports NaN/inf. ``parallel`` groups the batch by index (stable sort) and runs the groups in parallel, each
-    in batch order, with the same row code and the same undo (each thread undoes its own groups). Compiled per
-    ``dim`` (numba caches each on disk); allocating the log and scratch inside the kernel lets LLVM see they
-    alias nothing. ``update_careful`` is only ever called from Python: when its row function was first
-    compiled as a callee inside the fastmath parallel kernel, later direct calls kept a 1e-25 row that float64
-    decides (measured; numba reuses that compiled callee), so no fastmath kernel calls it.
+    One pass in batch order with no separate check of ``new`` (that pass would read the whole batch from
+    memory once more): each row's old values go to an undo log as they are read, and a row it cannot decide in
+    float32 (``_mix_row``) makes it restore rows j-1..0 from the log (newest first, so a repeated index ends
+    at its original value) and return CAREFUL, having changed nothing; else OK or BAD_INDEX. Compiled per
+    ``dim`` (numba caches each on disk), so the row loops have fixed trip counts; the log and scratch are
+    allocated inside so LLVM sees they alias nothing (passed in, the kernel was 20-50% slower).
     """
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
 
     @njit(cache=True, fastmath=FAST)
-    def serial(bank, idx, new, r):
+    def logged(bank, idx, new, r):
         b = idx.shape[0]
         if _bad_index(bank.shape[0], idx):
             return BAD_INDEX
@@ -202,74 +198,40 @@ def update_kernels(dim):
         for j in range(b):
             if j + PREFETCH_ROWS < b:
                 prefetch_row(bank, idx[j + PREFETCH_ROWS])
-            if not _mix_row(bank, idx[j], new, j, dim, r, log, j, buf, sums):
+            if not _mix_row(bank, idx[j], new, j, dim, r, log, buf, sums):
                 for u in range(j - 1, -1, -1):
                     for t in range(dim):
                         bank[idx[u], t] = log[u, t]
                 return CAREFUL
         return OK
 
-    @njit(cache=True, fastmath=FAST, parallel=True)
-    def parallel(bank, idx, new, r):
-        b = idx.shape[0]
-        if _bad_index(bank.shape[0], idx):
-            return BAD_INDEX
-        order = np.argsort(idx, kind="mergesort")  # stable: a group keeps batch order
-        starts = np.empty(b + 1, dtype=np.int64)
-        g = 0
-        for p in range(b):
-            if p == 0 or idx[order[p]] != idx[order[p - 1]]:
-                starts[g] = p
-                g += 1
-        starts[g] = b
-        nchunks = min(g, 64 * 8)
-        log = np.empty((b, dim), dtype=np.float32)  # old rows by batch position, as in serial
-        stop = np.full(nchunks, -1, dtype=np.int64)  # per chunk: the sorted position it stopped at, or -1
-        for c in prange(nchunks):  # contiguous runs of groups, so each thread prefetches its own next rows
-            buf = np.empty(dim, dtype=np.float32)
-            sums = np.empty(2, dtype=np.float32)
-            s0 = c * g // nchunks
-            s1 = (c + 1) * g // nchunks
-            for s in range(s0, s1):
-                if s + PREFETCH_ROWS < s1:
-                    prefetch_row(bank, idx[order[starts[s + PREFETCH_ROWS]]])
-                for p in range(starts[s], starts[s + 1]):
-                    j = order[p]
-                    if not _mix_row(bank, idx[j], new, j, dim, r, log, j, buf, sums):
-                        stop[c] = p
-                        break
-                if stop[c] >= 0:
-                    break
-        if (stop < 0).all():
-            return OK
-        for c in range(nchunks):  # undo: each chunk's rows so far, newest first (chunks own disjoint rows)
-            end = stop[c] if stop[c] >= 0 else starts[(c + 1) * g // nchunks]
-            for p in range(end - 1, starts[c * g // nchunks] - 1, -1):
-                j = order[p]
-                for t in range(dim):
-                    bank[idx[j], t] = log[j, t]
-        return CAREFUL
-
-    return serial, parallel
+    return logged
 
 
-def update(bank, idx, new, r, *, parallel=False):
+def update(bank, idx, new, r, *, log_bytes=None):
     """Checked mixing update of ``bank`` (n, dim) float32 by ``idx`` (b,) int64 and ``new`` (b, dim) float32,
-    all C-contiguous: OK, BAD_INDEX or NOT_FINITE, and nothing changed unless OK. ``parallel``: the grouped
-    multi-threaded kernel (worth it for large batches only)."""
-    serial_kernel, parallel_kernel = update_kernels(bank.shape[1])
-    code = (parallel_kernel if parallel else serial_kernel)(bank, idx, new, r)
-    return update_careful(bank, idx, new, r) if code == CAREFUL else code  # never from a fastmath kernel
+    all C-contiguous, in batch order: OK, BAD_INDEX or NOT_FINITE, and nothing changed unless OK.
 
-
-def update_serial(bank, idx, new, r):
-    """``update`` in one thread, batch order."""
-    return update(bank, idx, new, r)
-
-
-def update_parallel(bank, idx, new, r):
-    """``update`` with repeats grouped and the groups run in parallel."""
-    return update(bank, idx, new, r, parallel=True)
+    A batch whose old rows fit in ``log_bytes`` (default LOG_BYTES) is one pass of ``update_kernel``. A longer
+    one is checked first (``check_batch``) and then updated in slices that fit, so the undo log stays a few
+    MB: a whole-batch log of 65,536 x 128 (32 MB, a fresh mapping each call) made the update 3x slower. A
+    slice or batch the kernel hands back (CAREFUL) is done in float64 by ``update_careful``. Keep that call out
+    of fastmath kernels: compiled first as the callee of one (a parallel kernel, since removed), its row
+    function kept a 1e-25 row that float64 decides, on later direct calls too (numba reused the callee).
+    """
+    kernel = update_kernel(bank.shape[1])
+    b = idx.shape[0]
+    step = max(1, (LOG_BYTES if log_bytes is None else log_bytes) // (4 * bank.shape[1]))
+    if b <= step:
+        code = kernel(bank, idx, new, r)
+        return update_careful(bank, idx, new, r) if code == CAREFUL else code
+    code = check_batch(bank.shape[0], idx, new)
+    if code != OK:
+        return code
+    for s in range(0, b, step):  # checked: every slice applies, in batch order
+        if kernel(bank, idx[s : s + step], new[s : s + step], r) == CAREFUL:
+            update_careful(bank, idx[s : s + step], new[s : s + step], r)
+    return OK
 
 
 @njit(cache=True)

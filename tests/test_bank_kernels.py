@@ -136,7 +136,7 @@ def test_update_rows_beyond_float32_squares_match_the_float64_oracle(kernel, r):
     np.testing.assert_allclose(np.linalg.norm(got[[5, 7]], axis=1), 1.0, atol=1e-6)
 
 
-def test_update_kernel_compile_per_dimension():
+def test_update_kernel_compiles_per_dimension():
     assert K.update_kernel(97) is K.update_kernel(97)
     assert K.update_kernel(97) is not K.update_kernel(98)
     for bad in (0, -3, 2.0):

@@ -39,6 +39,8 @@ MAGIC = b"LOOKALIKE-MEMORYBANK "
 FILE_VERSION = 1
 STATE_FORMAT = "lookalike-memory-bank"
 _UNIT_TOL = 1e-3  # a stored row whose norm is off by more than this is not a memory-bank row
+_INT64 = np.dtype(np.int64)  # dtype objects of native int64 / float32 arrays are these singletons
+_FLOAT32 = np.dtype(np.float32)
 
 
 def _int_arg(value, name, low, high=None):
@@ -165,18 +167,22 @@ class MemoryBank:
 
     def update(self, indices, vectors) -> None:
         """Mixing update ``v[i] <- normalise(r * new + (1 - r) * v[i])``, repeats in batch order (module doc)."""
-        idx = np.asarray(indices)
-        new = np.asarray(vectors)
-        if (
-            idx.dtype != np.int64
-            or idx.ndim != 1
-            or not idx.flags.c_contiguous
-            or new.dtype != np.float32
-            or new.shape != (idx.shape[0], self.dim)
-            or not new.flags.c_contiguous
+        idx, new = indices, vectors
+        dim = self._v.shape[1]
+        if not (
+            type(idx) is np.ndarray
+            and type(new) is np.ndarray
+            and idx.dtype is _INT64
+            and new.dtype is _FLOAT32
+            and idx.ndim == 1
+            and new.shape == (idx.shape[0], dim)
+            and idx.flags.c_contiguous
+            and new.flags.c_contiguous
         ):  # slow path: full validation and coercion
             idx = self._indices(idx)
             new = self._rows(new, idx.shape[0], "vectors")
+        elif idx.shape[0] * dim <= K.LOG_BYTES // 4 and K.update_kernel(dim)(self._v, idx, new, self._r) == K.OK:
+            return  # fast path (the trainer's batch): one kernel call, no Python-side checks
         if K.update(self._v, idx, new, self._r) != K.OK:  # nothing was changed; say why
             self._indices(idx)
             self._rows(new, idx.shape[0], "vectors")

@@ -93,6 +93,52 @@ def test_update_coerces_lists_and_float64():
     np.testing.assert_allclose(bank.vectors, update_ref(before, [2, 2], new, 0.5), atol=1e-6)
 
 
+def _fast_path_batch(case):
+    """(idx int64, new float32) C arrays (the update's fast path) with one problem each, or none."""
+    rng = np.random.default_rng(7)
+    idx = rng.integers(10, size=6)
+    new = unit(rng, 6, 5)
+    if case == "index out of range":
+        idx[4] = 10
+    elif case == "NaN in the last row":  # found after five rows were mixed: they must be undone
+        new[5, 2] = np.nan
+    elif case == "|new| = 1e20 (float32 squares overflow)":
+        new[3] *= np.float32(1e20)
+    elif case == "2-D indices":
+        idx = idx[:, None]
+    elif case == "read-only vectors":
+        new.flags.writeable = False
+    elif case == "strided vectors":
+        new = np.repeat(new, 2, axis=1)[:, ::2]
+    return idx, new
+
+
+@pytest.mark.parametrize(
+    "case,error",
+    [
+        ("none", None),
+        ("index out of range", "indices must lie in [0, 10) (the bank has 10 rows), got indices[4] = 10"),
+        ("NaN in the last row", "vectors rows [5] (1 of 6) hold NaN or inf"),
+        ("2-D indices", "indices must be a 1-D array of row numbers, got shape (6, 1)"),
+        ("|new| = 1e20 (float32 squares overflow)", None),
+        ("read-only vectors", None),
+        ("strided vectors", None),
+    ],
+)
+def test_update_fast_path_inputs(case, error):
+    bank = MemoryBank(10, 5, seed=6)
+    before = bank.vectors.copy()
+    idx, new = _fast_path_batch(case)
+    if error is None:
+        bank.update(idx, new)
+        np.testing.assert_allclose(bank.vectors, update_ref(before, idx, new, 0.5), atol=1e-6)
+    else:
+        with pytest.raises(InputError) as e:
+            bank.update(idx, new)
+        assert error in str(e.value), str(e.value)
+        np.testing.assert_array_equal(bank.vectors, before)  # nothing written on refusal
+
+
 def test_update_cancelling_mix_keeps_row():
     bank = MemoryBank(4, 8, mixing_rate=0.5, seed=3)
     before = bank.vectors.copy()

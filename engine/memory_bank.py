@@ -181,7 +181,7 @@ class MemoryBank:
         ):  # slow path: full validation and coercion
             idx = self._indices(idx)
             new = self._rows(new, idx.shape[0], "vectors")
-        elif idx.shape[0] * dim <= K.LOG_BYTES // 4 and K.update_kernel(dim)(self._v, idx, new, self._r) == K.OK:
+        elif idx.shape[0] <= K.log_rows(dim) and K.update_kernel(dim)(self._v, idx, new, self._r) == K.OK:
             return  # fast path (the trainer's batch): one kernel call, no Python-side checks
         if K.update(self._v, idx, new, self._r) != K.OK:  # nothing was changed; say why
             self._indices(idx)

@@ -208,6 +208,12 @@ def update_kernel(dim):
     return logged
 
 
+@functools.cache
+def log_rows(dim, log_bytes=LOG_BYTES):
+    """How many rows of ``dim`` floats ``update`` runs under one undo log of ``log_bytes`` (at least 1)."""
+    return max(1, log_bytes // (4 * dim))
+
+
 def update(bank, idx, new, r, *, log_bytes=None):
     """Checked mixing update of ``bank`` (n, dim) float32 by ``idx`` (b,) int64 and ``new`` (b, dim) float32,
     all C-contiguous, in batch order: OK, BAD_INDEX or NOT_FINITE, and nothing changed unless OK.
@@ -221,7 +227,7 @@ def update(bank, idx, new, r, *, log_bytes=None):
     """
     kernel = update_kernel(bank.shape[1])
     b = idx.shape[0]
-    step = max(1, (LOG_BYTES if log_bytes is None else log_bytes) // (4 * bank.shape[1]))
+    step = log_rows(bank.shape[1], LOG_BYTES if log_bytes is None else log_bytes)
     if b <= step:
         code = kernel(bank, idx, new, r)
         return update_careful(bank, idx, new, r) if code == CAREFUL else code

@@ -111,3 +111,58 @@ def test_update_ratio(data, capsys):
                 f"bank update: interleaved {name} time, best of 20 x 200 calls: ours {o_min * 1e6:.2f} us  numpy "
                 f"{n_min * 1e6:.2f} us  ratio {n_min / o_min:.1f}x (medians: {n_med / o_med:.1f}x)"
             )
+
+
+# -- neighbours: MemoryBank.neighbours vs numpy, side by side ------------------------------------------------
+# A bank the size of a photo collection (100,000 x 128), k = 10, one and 16 queries per call. The numpy
+# reference normalises the queries, multiplies (OpenBLAS, both cores) and sorts the argpartition's top k.
+# Back-to-back calls are the case that matters here: BLAS's threads still spin on the other core when the next
+# call starts, and a numba parallel region that needs that core waits for the scheduler (see normalise_rows).
+NB_ROWS, NB_K = 100_000, 10
+
+
+@pytest.fixture(scope="module")
+def small_bank():
+    bank = MemoryBank(NB_ROWS, D, seed=2)
+    queries = np.random.default_rng(3).standard_normal((16, D), dtype=np.float32)
+    bank.neighbours(queries, NB_K)  # compile (or load) before timing
+    return bank, queries
+
+
+def numpy_neighbours(bank, queries, k):
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    scores = q @ bank.T  # (m, n)
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    s = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-s, axis=1, kind="stable")
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(top, order, axis=1)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_neighbours_memory_bank(benchmark, small_bank, m):
+    bank, queries = small_bank
+    benchmark.group = f"bank neighbours 100k x 128, k = 10, queries per call: {m}"
+    scores, rows = benchmark(bank.neighbours, queries[:m], NB_K)
+    ref_scores, ref_rows = numpy_neighbours(bank.vectors, queries[:m], NB_K)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)  # the answer is the reference's, not just fast
+    np.testing.assert_array_equal(rows, ref_rows)
+    if benchmark.stats:
+        _results[f"nb ours {m}"] = benchmark.stats.stats.min
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_neighbours_numpy_reference(benchmark, small_bank, m):
+    bank, queries = small_bank
+    benchmark.group = f"bank neighbours 100k x 128, k = 10, queries per call: {m}"
+    benchmark(numpy_neighbours, bank.vectors, queries[:m], NB_K)
+    if benchmark.stats:
+        _results[f"nb numpy {m}"] = benchmark.stats.stats.min
+
+
+def test_neighbours_ratio(capsys):
+    with capsys.disabled():
+        for m in (1, 16):
+            if {f"nb ours {m}", f"nb numpy {m}"} <= _results.keys():
+                ours, theirs = _results[f"nb ours {m}"], _results[f"nb numpy {m}"]
+                print(f"\nbank neighbours, queries per call {m}: pytest-benchmark minima  ours {ours * 1e6:.0f} us  numpy "
+                      f"{theirs * 1e6:.0f} us  ratio {theirs / ours:.2f}x")

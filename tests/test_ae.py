@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from resume_check import split_run_equals_whole
 from train import ae as trainer
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.models import ae as models
@@ -131,18 +132,9 @@ def test_conv_training_loss_decreases_on_a_fixed_batch(tmp_path):
 
 def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
     base = TINY + ["--limit", "40", "--batch-size", "8", "--max-steps", "2"]
-    full = trainer.main(base + ["--epochs", "2", "--out", str(tmp_path / "full")])
-    trainer.main(base + ["--epochs", "1", "--out", str(tmp_path / "part")])
-    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 1
-    resumed = trainer.main(base + ["--epochs", "2", "--resume", "--out", str(tmp_path / "part")])
-    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    full, resumed, a, b = split_run_equals_whole(trainer, base, tmp_path)
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
-    assert full["loss_per_epoch"] == resumed["loss_per_epoch"]
     assert full["test_mse"] == resumed["test_mse"]
     with pytest.raises(SystemExit, match="other settings"):
         trainer.main(base + ["--epochs", "3", "--image-size", "24", "--resume", "--out", str(tmp_path / "part")])

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from resume_check import split_run_equals_whole
 from train import siamese as trainer
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.models.siamese import (SiameseNet, SiameseTower, contrastive_loss, mine_triplets, pairwise_distances,
@@ -177,16 +178,7 @@ def test_triplet_training_loss_decreases_on_a_fixed_batch(tmp_path):
 
 def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
     base = TINY + ["--limit", "64", "--batch-size", "16", "--max-steps", "2"]
-    full = trainer.main(base + ["--epochs", "2", "--out", str(tmp_path / "full")])
-    trainer.main(base + ["--epochs", "1", "--out", str(tmp_path / "part")])
-    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 1
-    resumed = trainer.main(base + ["--epochs", "2", "--resume", "--out", str(tmp_path / "part")])
-    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    assert full["loss_per_epoch"] == resumed["loss_per_epoch"]
+    full, resumed, _, _ = split_run_equals_whole(trainer, base, tmp_path)
     assert full["pair_accuracy"] == resumed["pair_accuracy"]
     # a resume with other model settings is refused
     with pytest.raises(SystemExit, match="other settings"):

@@ -1,4 +1,5 @@
-"""Memory-bank update: MemoryBank.update vs numpy fancy indexing, side by side in one run.
+"""Memory-bank update: MemoryBank.update vs numpy fancy indexing, side by side in one run (and, at the end of
+the file, MemoryBank.neighbours vs numpy matmul + argpartition).
 
 N = 1,000,000 rows x D = 128, batches of 256 random indices (repeats possible), mixing rate 0.5. The numpy
 reference is the textbook one-liner ``x = r*new + (1-r)*bank[idx]; bank[idx] = x / norm(x)`` (its result on a

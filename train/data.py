@@ -641,8 +641,7 @@ def _load_digit_table(name, path, *, side, levels, dtype, limit, max_side) -> Im
         raise DataError(f"embedded {name}: {path} has {table.shape[1]} columns, expected {pixels + 1} "
                         f"({pixels} pixels then the label)")
     table = table[_keep(len(table), limit)]
-    grey = np.rint(table[:, :pixels] * (255.0 / levels)) if levels != 255 else table[:, :pixels]
-    x = grey.clip(0, 255).astype(np.uint8).reshape(-1, side, side)
+    x = np.rint(table[:, :pixels] * (255.0 / levels)).clip(0, 255).astype(np.uint8).reshape(-1, side, side)
     y = table[:, pixels].astype(np.int64)
     x = _shrink_batch(np.repeat(x[..., None], 3, axis=3), max_side)
     return ImageSet(name=name, images=x, labels=y, class_names=[str(i) for i in range(10)], paths=None)

@@ -288,8 +288,8 @@ def normalise_rows(x, out):
     """out[i] = x[i] / |x[i]| (norm in float64); a zero row stays zero. Returns nothing.
 
     Inputs below PARALLEL_NORMALISE_FLOATS values are done on the calling thread: a few query rows gain nothing
-    from numba's thread pool, and waking it right after a BLAS call (whose threads spin on the other core) cost
-    5-8 ms here, 10x a whole ``MemoryBank.neighbours`` search of 100,000 rows (BENCHMARKS.md).
+    from numba's thread pool, and starting it right after a BLAS call (whose threads still spin on the other core)
+    cost 3-7 ms here, several times a whole ``MemoryBank.neighbours`` search of 100,000 rows (BENCHMARKS.md).
     """
     if x.shape[0] * x.shape[1] < PARALLEL_NORMALISE_FLOATS:
         _normalise_rows_serial(x, out)

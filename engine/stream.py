@@ -296,7 +296,8 @@ class StreamComparator:
         if window < 2 or gradual_window < 2 or thumb_size < 4:
             raise InputError(f"window and gradual_window must be >= 2 frames and thumb_size >= 4 pixels, got "
                              f"{window}, {gradual_window}, {thumb_size}")
-        if top_dims is not None and (isinstance(top_dims, bool) or int(top_dims) != top_dims or top_dims < 1):
+        if top_dims is not None and (isinstance(top_dims, bool) or not isinstance(top_dims, (int, np.integer))
+                                     or top_dims < 1):
             raise InputError(f"top_dims must be a positive int or None, got {top_dims!r}")
         for name, v, lo, hi in (("cut_threshold", cut_threshold, 0.0, 2.0), ("cut_ratio", cut_ratio, 1.0, 1e9),
                                 ("gradual_threshold", gradual_threshold, 0.0, 2.0),
@@ -451,7 +452,9 @@ class StreamComparator:
         that many batches go through the network at once on a thread pool (give the encoder one
         onnxruntime thread each: ``Encoder(path, threads=1)``; on 2 cores 2 workers beat one 2-thread
         session). ``max_frames`` stops early; ``fps`` sets the timestamps' rate (a file's own rate is used
-        otherwise). Ends with ``flush()``; ``stats`` then hold the frames and the seconds spent per stage.
+        otherwise). Ends with ``flush()``; ``stats`` then hold the frames and the seconds spent per stage. A
+        run left before its end (the caller stops iterating, or an error) resets the comparator, so the next
+        stream starts at frame 0.
         """
         if isinstance(workers, bool) or int(workers) != workers or workers < 1:
             raise InputError(f"workers must be a positive int, got {workers!r}")
@@ -489,6 +492,7 @@ class StreamComparator:
 
         worker = threading.Thread(target=produce, name="lookalike-decode", daemon=True)
         t_start = time.perf_counter()
+        finished = False
         worker.start()
         try:
             while True:
@@ -515,7 +519,10 @@ class StreamComparator:
             self.stats["frames"] = n
             self.stats["prepare_seconds"] = prep_time[0]
             self.stats["seconds"] = time.perf_counter() - t_start
+            finished = True
         finally:
+            if not finished:  # abandoned (the caller stopped iterating) or failed: the next stream starts clean
+                self.reset()
             stop.set()
             while worker.is_alive():
                 try:
@@ -530,8 +537,16 @@ class StreamComparator:
 
     # -- embedding -----------------------------------------------------------------------------------------
     def _queue(self, item: tuple, t: float | None) -> None:
+        """Buffer a prepared frame; checks ``item`` and ``t`` first, so a refused frame changes nothing."""
+        if not (isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], np.ndarray)):
+            got = f"a {len(item)}-tuple" if isinstance(item, tuple) else type(item).__name__
+            raise InputError(f"process_prepared takes what prepare(frame) returned (a 3-tuple), got {got}")
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not np.isfinite(t):
+                raise InputError(f"a frame's timestamp t must be a finite number of seconds or None, got {t!r}")
+            t = float(t)
         self._pending.append(item[0])
-        self._pending_meta.append((item[1], item[2], None if t is None else float(t)))
+        self._pending_meta.append((item[1], item[2], t))
         self._frames_in += 1
 
     def _take_pending(self) -> tuple[list, list]:

@@ -298,6 +298,38 @@ def test_bad_frames_and_options_are_refused_clearly(encoder):
         StreamComparator(object())
     with pytest.raises(VideoOpenError, match="video file not found: .*nope.mp4"):
         detect("nope.mp4", encoder)
+    with pytest.raises(InputError, match="top_dims must be a positive int or None, got 'a'"):
+        StreamComparator(encoder, top_dims="a")
+
+
+def test_a_refused_frame_changes_nothing(encoder):
+    """A bad timestamp or a malformed prepared frame is refused before anything is buffered: the stream's
+    events are those of the same frames without the refused ones."""
+    frames = [*_shot("bikes", 20, 40), *_shot("bikes", 30, 50)[10:]]  # a real cut at frame 10
+    clean = StreamComparator(encoder, batch_size=2)
+    expected = [e for i, f in enumerate(frames) for e in clean.process_frame(f, i / 25)] + clean.flush()
+    comp = StreamComparator(encoder, batch_size=2)
+    got = []
+    for i, f in enumerate(frames):
+        if i in (3, 11):
+            with pytest.raises(InputError, match=r"timestamp t must be a finite number of seconds or None, got"):
+                comp.process_frame(frames[0], "bad-ts" if i == 3 else float("nan"))
+            with pytest.raises(InputError, match=r"what prepare\(frame\) returned \(a 3-tuple\), got a 1-tuple"):
+                comp.process_prepared((1,), 0.0)
+            assert comp.buffer_sizes()["pending_frames"][0] == len(comp._pending_meta)  # still in step
+        got += comp.process_frame(f, i / 25)
+    assert got + comp.flush() == expected
+    assert any(isinstance(e, Transition) for e in expected)  # the comparison above saw a cut
+
+
+def test_a_run_left_early_leaves_the_next_run_equal_to_a_fresh_one(encoder):
+    frames = [*_shot("bikes", 0, 30), *_shot("bikes", 30, 60)]
+    expected = list(StreamComparator(encoder).run(iter(frames)))
+    comp = StreamComparator(encoder)
+    for _ in comp.run(iter(frames)):  # the first event (shot 0) comes once its frames are decided: stop there
+        break
+    assert list(comp.run(iter(frames))) == expected
+    assert [type(e).__name__ for e in expected] == ["Shot", "Transition", "Shot"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,9 +5,12 @@
   file or the new one, never a half-written one; on any error the temporary file is removed and the
   previous file is left as it was. The file reads like any other (mode 0644, not mkstemp's 0600).
 - ``write_framed`` / ``read_framed``: the layout the memory bank and the training checkpoints share, one
-  line ``MAGIC {json header}\\n`` then the payload; the header carries ``version``, ``nbytes`` and the payload's
-  ``sha256``, and reading refuses (with the caller's error class, naming the path) a file that does not start
-  with the magic, a damaged header, another version, a truncated payload or one whose digest differs.
+  line ``MAGIC {json header}\\n`` then the payload; the header carries ``version``, ``nbytes``, the payload's
+  ``sha256`` and ``header_sha256`` (of the header's other fields, canonical JSON), and reading refuses (with the
+  caller's error class, naming the path) a file that does not start with the magic, a damaged header, another
+  version, a truncated payload, or a header or payload whose digest differs. (Files written before
+  ``header_sha256`` existed have only the payload's digest; ``read_framed`` checks the header's digest where
+  there is one, and a caller whose header carries meaning requires it with ``header_digest=True``.)
 
 Imports nothing else of the project, and no torch.
 """
@@ -42,21 +45,28 @@ def atomic_write(path, *chunks, mode: int = 0o644) -> None:
         raise
 
 
+def _header_digest(header: dict) -> str:
+    fields = {k: v for k, v in header.items() if k not in ("sha256", "header_sha256")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_framed(path, magic: bytes, header: dict, body: bytes) -> str:
-    """``magic {header + nbytes + sha256}\\n body``, written atomically; returns the payload's sha256 (hex)."""
+    """``magic {header + nbytes + sha256 + header_sha256}\\n body``, written atomically; returns the payload's
+    sha256 (hex)."""
     digest = hashlib.sha256(body).hexdigest()
-    line = magic + json.dumps({**header, "nbytes": len(body), "sha256": digest}).encode() + b"\n"
-    atomic_write(path, line, body)
+    full = {**header, "nbytes": len(body), "sha256": digest}
+    full["header_sha256"] = _header_digest(full)
+    atomic_write(path, magic + json.dumps(full).encode() + b"\n", body)
     return digest
 
 
 def read_framed(path, magic: bytes, version: int, *, what: str, error: type[Exception],
-                version_hint: str = "") -> tuple[dict, bytes]:
+                version_hint: str = "", header_digest: bool = False) -> tuple[dict, bytes]:
     """(header, payload) of a file written by ``write_framed`` with this ``magic`` and ``version``.
 
     ``what`` names the kind of file in messages ("memory-bank", "checkpoint"); ``error`` is the exception
-    class raised; ``version_hint`` is appended to the other-version message. The caller checks that the file
-    exists (with its own message).
+    class raised; ``version_hint`` is appended to the other-version message; ``header_digest`` refuses a file
+    without ``header_sha256``. The caller checks that the file exists (with its own message).
     """
     path = Path(path)
     raw = path.read_bytes()
@@ -72,6 +82,9 @@ def read_framed(path, magic: bytes, version: int, *, what: str, error: type[Exce
     if header.get("version") != version:
         raise error(f"{path} is {what} format version {header.get('version')!r}; this lookalike reads version "
                     f"{version}{version_hint}")
+    if "header_sha256" in header or header_digest:
+        if header.get("header_sha256") != _header_digest(header):
+            raise error(f"{path} is damaged: its header ({what} metadata) does not match the header's sha256")
     body = raw[nl + 1 :]
     if len(body) != header.get("nbytes"):
         raise error(f"{path} is truncated or damaged: header says {header.get('nbytes')} payload bytes, "

@@ -34,10 +34,12 @@ from engine.errors import IndexFileError, InputError
 from engine.fileio import read_framed, write_framed
 from engine.kernels import bank as K
 from engine.kernels.kmeans import KMeansResult, spherical_kmeans
+from engine.kernels.topk import ResultTooLarge
 
 MAGIC = b"LOOKALIKE-MEMORYBANK "
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: the header (n, dim, mixing rate) is checksummed too
 STATE_FORMAT = "lookalike-memory-bank"
+STATE_VERSION = 1
 _UNIT_TOL = 1e-3  # a stored row whose norm is off by more than this is not a memory-bank row
 _INT64 = np.dtype(np.int64)  # dtype objects of native int64 / float32 arrays are these singletons
 _FLOAT32 = np.dtype(np.float32)
@@ -195,7 +197,7 @@ class MemoryBank:
         q = self._rows(queries, None, "queries")
         unit = np.empty_like(q)
         K.normalise_rows(q, unit)
-        return K.knn(self._v, unit, k, np.full(q.shape[0], -1, dtype=np.int64))
+        return self._knn(unit, k, np.full(q.shape[0], -1, dtype=np.int64))
 
     def neighbours_of(self, rows, k, *, exclude_self=True):
         """Top-k bank rows by cosine for bank rows ``rows``; a row is not its own neighbour unless
@@ -203,7 +205,13 @@ class MemoryBank:
         k = _int_arg(k, "k", 1)
         idx = self._indices(rows, "rows")
         exclude = idx if exclude_self else np.full(idx.shape[0], -1, dtype=np.int64)
-        return K.knn(self._v, np.ascontiguousarray(self._v[idx]), k, exclude)
+        return self._knn(np.ascontiguousarray(self._v[idx]), k, exclude)
+
+    def _knn(self, unit, k, exclude):
+        try:
+            return K.knn(self._v, unit, k, exclude)
+        except ResultTooLarge as e:
+            raise InputError(f"k = {k} is too large: {e} (the bank holds {len(self)} rows)") from None
 
     # ------------------------------------------------------------------ clustering
     def cluster(self, n_clusters, *, repeats=1, iterations=20, restarts=1, seed=0) -> list[np.ndarray]:
@@ -223,15 +231,15 @@ class MemoryBank:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """Plain dict (numpy array + numbers) for a trainer's checkpoint; ``from_state_dict`` reverses it."""
-        return {"format": STATE_FORMAT, "version": FILE_VERSION, "vectors": self._v.copy(), "mixing_rate": self._r}
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "vectors": self._v.copy(), "mixing_rate": self._r}
 
     @classmethod
     def from_state_dict(cls, state) -> MemoryBank:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             got = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise InputError(f"expected a dict from MemoryBank.state_dict() (format {STATE_FORMAT!r}), got {got!r}")
-        if state.get("version") != FILE_VERSION:
-            raise InputError(f"memory-bank state version {state.get('version')!r}; this reads {FILE_VERSION}")
+        if state.get("version") != STATE_VERSION:
+            raise InputError(f"memory-bank state version {state.get('version')!r}; this reads {STATE_VERSION}")
         return cls._from_vectors(np.asarray(state.get("vectors")), state.get("mixing_rate"), "state['vectors']")
 
     @classmethod
@@ -264,9 +272,10 @@ class MemoryBank:
         path = Path(path)
         if not path.is_file():
             raise IndexFileError(f"no memory-bank file at {path}")
-        header, body = read_framed(path, MAGIC, FILE_VERSION, what="memory-bank", error=IndexFileError)
+        header, body = read_framed(path, MAGIC, FILE_VERSION, what="memory-bank", error=IndexFileError,
+                                   header_digest=True)
         n, dim = header.get("n"), header.get("dim")
-        shape_ok = isinstance(n, int) and isinstance(dim, int) and n * dim * 4 == len(body)
+        shape_ok = isinstance(n, int) and isinstance(dim, int) and n >= 1 and dim >= 1 and n * dim * 4 == len(body)
         if header.get("dtype") != "<f4" or not shape_ok:
             raise IndexFileError(f"{path}: header shape/dtype {n!r} x {dim!r} {header.get('dtype')!r} does not fit")
         try:

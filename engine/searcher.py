@@ -56,13 +56,15 @@ import numpy as np
 
 from engine.errors import IndexFileError, InputError, ModelError
 from engine.fileio import atomic_write
-from engine.kernels.topk import topk_ip
+from engine.kernels.topk import ResultTooLarge, heap_init, topk_ip
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
 FORMAT_VERSION = 1
 _MAX_HEADER = 1 << 20  # a header line longer than this is not ours
 _F32_MAX = float(np.finfo(np.float32).max)
+_MAX_ID = np.iinfo(np.int64).max
+_SMALL_NORM = 1e-140  # below this a row's squared values may have underflowed float64
 _NORM_CHUNK = 16384  # rows normalised at a time (bounds the float64 temporary)
 
 
@@ -188,13 +190,14 @@ class Searcher:
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self._dim:
             raise InputError(f"{what} must have shape (n, {self._dim}), got {x.shape}")
+        given = x
         with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
             x = np.ascontiguousarray(x, dtype=np.float32)
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
             raise InputError(f"{what} contain NaN or inf (after casting to float32) in rows {_rows_named(bad)}")
         if self._metric == "cosine":
-            x = _normalised(x)
+            x = _normalised(given)  # from the values given: float64 input keeps directions float32 would blur
         else:
             big = _sq_norms(x) > _F32_MAX
             if big.any():
@@ -226,6 +229,11 @@ class Searcher:
         m = x.shape[0]
         with self._lock.write():
             if ids is None:
+                if self._next_id + m - 1 > _MAX_ID:
+                    raise InputError(
+                        f"no automatic ids left for {m} vectors: the next would be {self._next_id}, past int64's "
+                        f"{_MAX_ID} (an id that high was given); give ids explicitly"
+                    )
                 new_ids = np.arange(self._next_id, self._next_id + m, dtype=np.int64)
             else:
                 new_ids = self._coerce_ids(ids)
@@ -303,14 +311,12 @@ class Searcher:
             n = self._n
             kk = min(k, n)
             if kk == 0 or q.shape[0] == 0:
-                scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
-                return scores, np.full((q.shape[0], k), -1, dtype=np.int64)
+                return _padding(q.shape[0], k, n)
             top_scores, rows = topk_ip(q, self._vectors, n, kk)
             top_ids = self._ids[rows]  # (nq, kk); every row < n since kk <= n
         if kk == k:
             return top_scores, top_ids
-        scores = np.full((q.shape[0], k), -np.inf, dtype=np.float32)
-        ids = np.full((q.shape[0], k), -1, dtype=np.int64)
+        scores, ids = _padding(q.shape[0], k, n)
         scores[:, :kk] = top_scores
         ids[:, :kk] = top_ids
         return scores, ids
@@ -432,12 +438,28 @@ def _sq_norms(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _padding(nq: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(nq, k) scores -inf and ids -1; a k too large to allocate is refused as bad input."""
+    try:
+        return heap_init(nq, k)
+    except ResultTooLarge as e:
+        raise InputError(f"k = {k} is too large: {e} (the index holds {n} vectors)") from None
+
+
 def _normalised(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` (float32) divided by their L2 norm, computed in float64; zero rows stay zero."""
-    out = np.empty_like(x)
+    """Rows of ``x`` (any float dtype, finite) divided by their L2 norm, computed in float64, as (n, dim)
+    float32; zero rows stay zero. A row whose squares could underflow float64 is scaled by its largest value
+    first, so tiny vectors keep their direction."""
+    out = np.empty(x.shape, dtype=np.float32)
     for r0 in range(0, x.shape[0], _NORM_CHUNK):
         c = x[r0 : r0 + _NORM_CHUNK].astype(np.float64)
         norms = np.sqrt(np.einsum("ij,ij->i", c, c))
+        small = norms < _SMALL_NORM
+        if small.any():
+            peak = np.abs(c[small]).max(axis=1)
+            peak[peak == 0] = 1.0
+            c[small] /= peak[:, None]
+            norms[small] = np.sqrt(np.einsum("ij,ij->i", c[small], c[small]))
         norms[norms == 0] = 1.0
         out[r0 : r0 + _NORM_CHUNK] = c / norms[:, None]
     return out

@@ -43,7 +43,9 @@ def test_framed_round_trip_and_the_header_it_writes(tmp_path):
     digest = write_framed(path, MAGIC, {"version": 3, "note": "hi"}, b"\x00payload\n")
     raw = path.read_bytes()
     header = json.loads(raw[len(MAGIC) : raw.index(b"\n")])
-    assert header == {"version": 3, "note": "hi", "nbytes": 9, "sha256": hashlib.sha256(b"\x00payload\n").hexdigest()}
+    fields = {"version": 3, "note": "hi", "nbytes": 9, "sha256": hashlib.sha256(b"\x00payload\n").hexdigest()}
+    canonical = json.dumps({k: v for k, v in fields.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
+    assert header == {**fields, "header_sha256": hashlib.sha256(canonical.encode()).hexdigest()}
     assert digest == header["sha256"]
     got_header, body = read_framed(path, MAGIC, 3, what="test", error=ValueError)
     assert got_header == header and body == b"\x00payload\n"
@@ -55,6 +57,8 @@ def test_framed_round_trip_and_the_header_it_writes(tmp_path):
     (lambda raw, nl: MAGIC + b"[1, 2]" + raw[nl:], r"damaged test header \(header is not a JSON object\)"),
     (lambda raw, nl: raw[:-2], "is truncated or damaged: header says 8 payload bytes, found 6"),
     (lambda raw, nl: raw[:-1] + b"X", "is damaged: the payload's sha256 does not match the header"),
+    (lambda raw, nl: raw.replace(b'"nbytes": 8', b'"nbytes": 8, "extra": 1'),
+     r"is damaged: its header \(test metadata\) does not match the header's sha256"),
 ])
 def test_read_framed_refuses_damage_naming_the_path(tmp_path, damage, message):
     path = tmp_path / "x.framed"
@@ -64,6 +68,18 @@ def test_read_framed_refuses_damage_naming_the_path(tmp_path, damage, message):
     with pytest.raises(KeyError, match=message) as e:
         read_framed(path, MAGIC, 1, what="test", error=KeyError)
     assert str(path) in str(e.value)
+
+
+def test_a_file_without_the_header_digest_reads_unless_the_caller_requires_it(tmp_path):
+    """Files written before header_sha256 existed (training checkpoints) still read; a caller whose header
+    carries meaning (the memory bank) refuses them."""
+    path = tmp_path / "x.framed"
+    body = b"12345678"
+    header = {"version": 1, "nbytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + body)
+    assert read_framed(path, MAGIC, 1, what="test", error=ValueError) == (header, body)
+    with pytest.raises(ValueError, match=r"its header \(test metadata\) does not match the header's sha256"):
+        read_framed(path, MAGIC, 1, what="test", error=ValueError, header_digest=True)
 
 
 def test_read_framed_refuses_another_version_with_the_hint(tmp_path):

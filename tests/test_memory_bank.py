@@ -223,6 +223,9 @@ def test_neighbours_edge_cases():
         bank.neighbours(np.ones((1, 4)), 0)
     with pytest.raises(InputError, match=r"rows must lie in \[0, 3\).*got rows\[0\] = 3"):
         bank.neighbours_of([3], 1)
+    for k in (10**13, 2**63 - 1):
+        with pytest.raises(InputError, match=rf"k = {k} is too large: .* cannot be allocated \(the bank holds 3 rows"):
+            bank.neighbours_of([0], k)
 
 
 # ---------------------------------------------------------------- cluster
@@ -284,6 +287,12 @@ def test_load_refuses_damaged_files(tmp_path):
     damaged(raw[: len(b"LOOKALIKE-MEMORYBANK ")] + b"{oops" + raw[nl:], "damaged memory-bank header")
     other = dict(header, version=99)
     damaged(b"LOOKALIKE-MEMORYBANK " + json.dumps(other).encode() + raw[nl:], "format version 99")
+    # the header's fields are checksummed too: an edited mixing rate or shape is refused, not loaded
+    for edit in ({"mixing_rate": 0.9}, {"n": -4, "dim": -10}, {"n": 4, "dim": 10}):
+        damaged(b"LOOKALIKE-MEMORYBANK " + json.dumps(dict(header, **edit)).encode() + raw[nl:],
+                "its header (memory-bank metadata) does not match the header's sha256")
+    old = {k: v for k, v in dict(header, version=1).items() if k != "header_sha256"}  # a version 1 file
+    damaged(b"LOOKALIKE-MEMORYBANK " + json.dumps(old).encode() + raw[nl:], "format version 1; this lookalike reads")
     with pytest.raises(IndexFileError, match="no memory-bank file at"):
         MemoryBank.load(tmp_path / "missing.lmb")
 

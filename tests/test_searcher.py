@@ -274,6 +274,40 @@ def test_bad_k_is_refused(k):
         s.search(data(1, 1, 2), k)
 
 
+@pytest.mark.parametrize("k", [10**13, 2**62])
+def test_a_k_whose_results_cannot_be_allocated_is_refused(k):
+    s = Searcher(2)
+    s.add(data(0, 2, 2))
+    with pytest.raises(InputError, match=rf"k = {k} is too large: 1 x {k} results .* cannot be allocated \(the index "
+                                         r"holds 2 vectors\)"):
+        s.search(data(1, 1, 2), k)
+    assert s.search(data(1, 1, 2), 3)[1][0].tolist()[2] == -1  # the index is as it was
+
+
+def test_the_largest_id_leaves_no_automatic_ids_and_says_so():
+    s = Searcher(2)
+    s.add(np.ones((1, 2)), ids=[np.iinfo(np.int64).max])
+    with pytest.raises(InputError, match=r"no automatic ids left for 1 vectors: the next would be 9223372036854775808"):
+        s.add(np.ones((1, 2)))
+    assert len(s) == 1
+    assert s.add(np.ones((1, 2)), ids=[5]).tolist() == [5]  # explicit ids still work
+
+
+def test_tiny_float64_vectors_keep_their_direction_under_cosine():
+    """Normalised from the float64 values given, not from their float32 casts (subnormal or zero there)."""
+    x = np.array([[3e-45, 4e-45], [1.0, 0.0], [1e-200, 1e-200]])
+    q = np.array([[4e-45, 3e-45]])
+    s = Searcher(2)
+    s.add(x)
+    scores, ids = s.search(q, 3)
+    unit = x / np.abs(x).max(axis=1, keepdims=True)  # scaled exactly (powers of ten aside), then normalised
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    ref = unit @ np.array([0.8, 0.6])  # q's direction: 0.96, 0.8, 0.9899
+    assert ids.tolist() == [np.argsort(-ref).tolist()]
+    np.testing.assert_allclose(scores[0], np.sort(ref)[::-1], atol=1e-6)
+    np.testing.assert_allclose(s.get([2]), [[2**-0.5, 2**-0.5]], rtol=1e-6)
+
+
 def test_numpy_int_k_is_accepted():
     s = Searcher(2)
     s.add(data(0, 2, 2))

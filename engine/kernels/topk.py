@@ -97,9 +97,18 @@ def _push(hs, hr, s, r):
         _sift_down(hs, hr, hs.shape[0], s, r)
 
 
+class ResultTooLarge(MemoryError):
+    """The (nq, k) result arrays asked for cannot be allocated (``k`` far beyond the stored rows)."""
+
+
 def heap_init(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Heaps for ``nq`` queries holding only padding: scores -inf, rows -1."""
-    return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+    try:
+        return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
+    except (MemoryError, ValueError):  # ValueError: numpy's "array is too big" / "maximum dimension exceeded"
+        raise ResultTooLarge(
+            f"{nq} x {k} results (scores and rows, {nq * k * 12 / 2**30:.3g} GiB) cannot be allocated"
+        ) from None
 
 
 @njit(cache=True, nogil=True)
@@ -341,7 +350,8 @@ def _gemm_part(queries, vectors, lo, hi, k, rows):
 def topk_ip(queries, vectors, n, k, *, method="auto", threads=None, parts=None, block_rows=None):
     """Exact top-k by inner product of ``queries`` (nq, d) against ``vectors[:n]``; see the module notes.
 
-    Returns ``(scores (nq, k) float32, rows (nq, k) int64)``, best first, padded with -inf / -1.
+    Returns ``(scores (nq, k) float32, rows (nq, k) int64)``, best first, padded with -inf / -1 (a ``k``
+    whose result arrays cannot be allocated raises ``ResultTooLarge``, a MemoryError).
     ``method``: "auto" (= "gemm"), "gemm" or "fused"; for "gemm": ``threads`` None or 1 searches in the
     calling thread with BLAS's own threads, N >= 2 uses N worker threads over ``parts`` parts of the rows
     (default: 2 per worker, at least ``MIN_PART_ROWS`` rows each) with single-threaded BLAS;
@@ -357,6 +367,13 @@ def topk_ip(queries, vectors, n, k, *, method="auto", threads=None, parts=None, 
         method = "gemm"
     if n == 0 or nq == 0:
         return heap_init(nq, k)
+    if k > n:  # every row is a hit: search for n, then pad (heaps of k would only hold padding)
+        scores, rows = topk_ip(queries, vectors, n, n, method=method, threads=threads, parts=parts,
+                               block_rows=block_rows)
+        best_scores, best_rows = heap_init(nq, k)
+        best_scores[:, :n] = scores
+        best_rows[:, :n] = rows
+        return best_scores, best_rows
     if method == "fused":
         best_scores, best_rows = heap_init(nq, k)
         nchunks = max(1, min(8 * numba.get_num_threads(), n // 4096))

@@ -52,20 +52,25 @@ class Preprocess:
     extra: dict = field(default_factory=dict, compare=False)  # free-form notes, kept in metadata
 
     def __post_init__(self):
-        size = tuple(int(s) for s in self.size)
-        if len(size) != 2 or min(size) <= 0:
+        if not _positive_ints(self.size, 2):
             raise InputError(f"size must be (height, width) with positive ints, got {self.size!r}")
-        object.__setattr__(self, "size", size)
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        if self.resize_to is not None and not _positive_ints([self.resize_to], 1):
+            raise InputError(f"resize_to must be a positive int (the shorter side) or None, got {self.resize_to!r}")
+        try:
+            mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        except (TypeError, ValueError):
+            raise InputError(f"mean and std must be 3 numbers each, got {self.mean!r}, {self.std!r}") from None
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
         if self.resize not in RESIZE_POLICIES:
             raise InputError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
         if self.crop not in CROP_POLICIES:
             raise InputError(f"crop must be one of {CROP_POLICIES}, got {self.crop!r}")
         if self.color not in COLOR_ORDERS:
             raise InputError(f"color must be one of {COLOR_ORDERS}, got {self.color!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise InputError(f"mean and std must be 3 values with std > 0, got {self.mean}, {self.std}")
+        if len(mean) != 3 or len(std) != 3 or not np.isfinite(mean + std).all() or min(std) <= 0:
+            raise InputError(f"mean and std must be 3 finite values with std > 0, got {self.mean}, {self.std}")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -81,8 +86,10 @@ class Preprocess:
         unknown = set(d) - known
         if unknown:
             raise InputError(f"unknown preprocessing keys {sorted(unknown)}; expected some of {sorted(known)}")
+        if "size" not in d:
+            raise InputError(f"preprocessing needs 'size' (height, width), got only {sorted(d)}")
         d = dict(d)
-        d["size"] = tuple(d["size"])
+        d["size"] = tuple(d["size"]) if isinstance(d["size"], (list, tuple)) else d["size"]
         return cls(**d)
 
     def to_json(self) -> str:
@@ -151,11 +158,24 @@ class Preprocess:
         return self.normalise(batch)
 
 
+def _positive_ints(values, count: int) -> bool:
+    """True if ``values`` is a sequence of ``count`` ints (Python or numpy, not bool) >= 1."""
+    try:
+        items = list(values)
+    except TypeError:
+        return False
+    return len(items) == count and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in items
+    )
+
+
 def to_rgb(image: np.ndarray) -> np.ndarray:
     """Grey (H, W) / (H, W, 1), RGB (H, W, 3) or RGBA (H, W, 4) uint8 -> (H, W, 3) uint8 RGB."""
     a = np.asarray(image)
     if a.dtype != np.uint8:
         raise InputError(f"images must be uint8 (0..255), got dtype {a.dtype}")
+    if a.ndim in (2, 3) and min(a.shape[:2]) < 1:
+        raise InputError(f"an image must have at least one pixel, got shape {a.shape}")
     if a.ndim == 2:
         return np.repeat(a[:, :, None], 3, axis=2)
     if a.ndim == 3 and a.shape[2] == 1:
@@ -187,7 +207,9 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def read_image(path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB; grey and RGBA files are converted."""
+    """Read an image file as (H, W, 3) uint8 RGB; grey and RGBA files (OpenCV decodes grey + alpha as RGBA) are
+    converted, 16-bit ones keep their top 8 bits. Anything else (float or signed pixels, other channel counts, no pixels) is
+    refused with ImageReadError naming the file, so an image search indexing a folder skips it."""
     from pathlib import Path
 
     from engine.errors import ImageReadError
@@ -201,6 +223,12 @@ def read_image(path) -> np.ndarray:
         raise ImageReadError(f"not a readable image (OpenCV could not decode it): {p}")
     if img.dtype == np.uint16:
         img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ImageReadError(f"{p} has {img.dtype} pixels; lookalike reads 8- and 16-bit unsigned images")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim not in (2, 3) or min(img.shape[:2]) < 1 or (img.ndim == 3 and img.shape[2] not in (3, 4)):
+        raise ImageReadError(f"{p} decodes to shape {img.shape}; expected (H, W) grey, (H, W, 3) or (H, W, 4)")
     if img.ndim == 2:
         return np.repeat(img[:, :, None], 3, axis=2)
     if img.shape[2] == 4:

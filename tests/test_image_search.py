@@ -132,6 +132,8 @@ def folder(photos, tmp_path) -> Path:
     for i, p in enumerate(photos[:16]):
         shutil.copy(p, (root / "sub" if i % 3 == 0 else root) / Path(p).name)
     (root / "broken.jpg").write_bytes(b"not an image")
+    depth = np.random.default_rng(0).random((24, 32)).astype(np.float32)  # a float TIFF (e.g. a depth map)
+    assert cv2.imwrite(str(root / "depth.tiff"), depth)
     (root / "notes.txt").write_text("ignored")
     return root
 
@@ -140,11 +142,11 @@ def test_cli_index_and_query(model, folder, photos, tmp_path, capsys):
     index = tmp_path / "out" / "pictures.idx"
     assert search_main(["index", str(folder), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "skipped" in captured.err and "broken.jpg" in captured.err
+    assert "skipped" in captured.err and "broken.jpg" in captured.err and "float32 pixels" in captured.err
     side = json.loads(sidecar_path(index).read_text())
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTS and p.name != "broken.jpg")
-    assert side["paths"] == files and side["count"] == 16 and side["skipped"] == ["broken.jpg"]
+                   if p.suffix.lower() in IMAGE_EXTS and p.name not in ("broken.jpg", "depth.tiff"))
+    assert side["paths"] == files and side["count"] == 16 and side["skipped"] == ["broken.jpg", "depth.tiff"]
     assert side["identity"] == Encoder(model).identity
 
     queries = [photos[3], photos[20]]  # the first is indexed (in sub/), the second is not

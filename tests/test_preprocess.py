@@ -101,3 +101,49 @@ def test_call_is_resize_crop_then_normalise():
     pre = Preprocess(size=(24, 24), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     np.testing.assert_array_equal(pre(img), pre.normalise(pre.resize_crop(img)[None]))
     assert pre([]).shape == (0, 3, 24, 24)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"size": ("a", 3)}, r"size must be \(height, width\) with positive ints, got \('a', 3\)"),
+    ({"size": (8, 0)}, r"size must be \(height, width\) with positive ints, got \(8, 0\)"),
+    ({"size": 8}, r"size must be \(height, width\) with positive ints, got 8"),
+    ({"size": (8, 8), "resize_to": 0}, "resize_to must be a positive int .* got 0"),
+    ({"size": (8, 8), "resize_to": -5}, "resize_to must be a positive int .* got -5"),
+    ({"size": (8, 8), "std": (float("nan"), 1, 1)}, "mean and std must be 3 finite values with std > 0"),
+    ({"size": (8, 8), "mean": (0, 0)}, "mean and std must be 3 finite values"),
+    ({"size": (8, 8), "mean": "abc"}, "mean and std must be 3 numbers each"),
+])
+def test_bad_settings_are_refused_naming_what_came(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        Preprocess(**kwargs)
+
+
+def test_from_dict_without_size_is_refused():
+    with pytest.raises(InputError, match=r"preprocessing needs 'size' \(height, width\), got only \['crop'\]"):
+        Preprocess.from_dict({"crop": "none"})
+
+
+@pytest.mark.parametrize("resize", ["shorter", "exact"])
+@pytest.mark.parametrize("shape", [(0, 30, 3), (5, 0, 3), (0, 0)])
+def test_an_image_without_pixels_is_refused(resize, shape):
+    with pytest.raises(InputError, match=r"at least one pixel, got shape"):
+        Preprocess((8, 8), resize=resize, crop="none" if resize == "exact" else "center")([np.zeros(shape, np.uint8)])
+
+
+def test_read_image_converts_grey_alpha_and_16_bit_and_refuses_float_pixels(tmp_path):
+    from PIL import Image
+
+    from engine.errors import ImageReadError
+    from engine.preprocess import read_image
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (12, 9), dtype=np.uint8)
+    alpha = np.stack([grey, np.full_like(grey, 200)], axis=2)  # grey + alpha: a 2-channel PNG
+    Image.fromarray(alpha, "LA").save(tmp_path / "ga.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "ga.png"), np.repeat(grey[:, :, None], 3, axis=2))
+    deep = rng.integers(0, 65536, (12, 9, 3), dtype=np.uint16)  # 16-bit BGR: the top 8 bits, as RGB
+    assert cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.png"), (deep >> 8).astype(np.uint8)[:, :, ::-1])
+    assert cv2.imwrite(str(tmp_path / "depth.tiff"), rng.random((12, 9)).astype(np.float32))
+    with pytest.raises(ImageReadError, match=r"depth\.tiff has float32 pixels; lookalike reads 8- and 16-bit"):
+        read_image(tmp_path / "depth.tiff")

@@ -164,7 +164,7 @@ def make_session(model: bytes, *, providers=None, threads: int | None = None, wh
     unknown = [p for p in names if p not in available]
     if unknown:
         raise InputError(f"execution providers {unknown} are not offered by this onnxruntime; available: {available}")
-    if threads is not None and (int(threads) != threads or threads < 1):
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
         raise InputError(f"threads must be a positive int or None, got {threads!r}")
     accelerated = any(n != CPU for n in names)
     if accelerated:
@@ -238,7 +238,7 @@ class Encoder:
     """
 
     def __init__(self, path, *, providers=None, batch_size: int = 32, threads: int | None = None):
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         self.path = Path(path)
         if not self.path.is_file():

@@ -93,8 +93,11 @@ def test_providers(fast_model):
     assert default.providers[-1] == "CPUExecutionProvider"
     with pytest.raises(InputError, match="NoSuchExecutionProvider"):
         Encoder(fast_model, providers=["NoSuchExecutionProvider"])
-    with pytest.raises(InputError, match="batch_size"):
-        Encoder(fast_model, batch_size=0)
+    for bad in (0, None, 2.5, "8"):
+        with pytest.raises(InputError, match=f"batch_size must be a positive int, got {bad!r}"):
+            Encoder(fast_model, batch_size=bad)
+    with pytest.raises(InputError, match="threads must be a positive int or None, got 'two'"):
+        Encoder(fast_model, threads="two")
 
 
 # -- input forms ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import cv2
@@ -263,16 +264,23 @@ def test_detect_over_a_file_equals_frame_by_frame(encoder, tmp_path):
 
 
 def test_memory_stays_bounded_over_a_long_looped_stream(encoder):
-    clip = _read(_sample("bikes"), (320, 136))[:100]  # 100 real frames, cuts at 30 and 76
+    clip = _read(_sample("bikes"), (320, 136))[:96]  # 96 real frames (6 batches of 16), cuts at 30 and 76
     comp = StreamComparator(encoder, max_shots=3, batch_size=16)
     ring_shapes = [r.data.shape for r in comp._rings]
     caps = {k: cap for k, (_, cap) in comp.buffer_sizes().items()}
     shots = 0
-    for loop in range(3):  # 300 frames: more than the rings hold, and more shots than max_shots
-        for f in clip:
-            shots += sum(isinstance(e, Shot) for e in comp.process_frame(f))
-            for name, (held, cap) in comp.buffer_sizes().items():
-                assert held <= cap == caps[name], name
+    traced = []  # Python and numpy memory held after each loop (tracemalloc sees numpy's buffers)
+    tracemalloc.start()
+    try:
+        for loop in range(3):  # 300 frames: more than the rings hold, and more shots than max_shots
+            for f in clip:
+                shots += sum(isinstance(e, Shot) for e in comp.process_frame(f))
+                for name, (held, cap) in comp.buffer_sizes().items():
+                    assert held <= cap == caps[name], name
+            traced.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert traced[2] - traced[0] < 256 * 1024, traced  # 192 frames more, none kept (one prepared frame: 602 kB)
     assert comp.buffer_sizes()["shot_signatures"][0] == comp.max_shots
     shots += sum(isinstance(e, Shot) for e in comp.flush())
     assert shots >= 3 * 3 - 1 > comp.max_shots  # each loop's restart is a cut too

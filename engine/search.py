@@ -75,6 +75,20 @@ def index_digest(index) -> str:
     return hashlib.sha256(index.read_bytes()).hexdigest()
 
 
+def check_output(path, what: str) -> None:
+    """Refuse (InputError) an output ``path`` that cannot be written: a folder there, or a parent that is a
+    file or cannot be created or written. Creates the parent folders."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot write the {what} to {path}: it is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write the {what} to {path}: cannot create its folder ({e})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write the {what} to {path}: its folder {path.parent} is not writable")
+
+
 # -- index ------------------------------------------------------------------------------------------------
 
 def build_index(folder, *, model, index, batch_size: int = 32, progress: bool = True, log=print) -> dict:
@@ -90,6 +104,7 @@ def build_index(folder, *, model, index, batch_size: int = 32, progress: bool = 
     files = list_images(folder)
     if not files:
         raise InputError(f"no images found under {folder} (looked for {', '.join(IMAGE_EXTS)}, recursively)")
+    check_output(index, "index")  # before the embedding, not after it
     encoder = Encoder(model, batch_size=batch_size)
     searcher = Searcher(encoder=encoder)
     kept, skipped = [], []
@@ -296,12 +311,17 @@ def main(argv=None) -> int:
             return 0
         if args.k < 1:
             raise InputError(f"-k must be a positive int, got {args.k}")
+        if args.out:
+            check_output(args.out, "results picture")
         res = run_query(args.images, index=args.index, model=args.model, k=args.k, batch_size=args.batch_size)
         print(format_results(res))
         if args.out:
             print(f"wrote {results_picture(res, args.out)}")
         return 0
     except LookalikeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk filled up, a file vanished mid-run ...
         print(f"error: {e}", file=sys.stderr)
         return 2
 

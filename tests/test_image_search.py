@@ -188,6 +188,19 @@ def test_cli_errors(model, folder, tmp_path, capsys, cache):
     (tmp_path / "empty").mkdir()
     assert search_main(["index", str(tmp_path / "empty"), "--model", str(model), "--index", str(index)]) == 2
     assert "no images found" in capsys.readouterr().err
+    # an output that cannot be written is refused before any image is embedded, and the index stays whole
+    (tmp_path / "afile").write_text("a file, not a folder")
+    before = index.read_bytes()
+    assert search_main(["index", str(folder), "--model", str(model), "--index", str(tmp_path / "afile" / "x.idx")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the index to {tmp_path / 'afile' / 'x.idx'}: cannot create its folder" in err
+    assert "img/s" not in err and "index (" not in err  # no progress bar: nothing was embedded
+    assert search_main(["index", str(folder), "--model", str(model), "--index", str(tmp_path)]) == 2
+    assert f"cannot write the index to {tmp_path}: it is a folder" in capsys.readouterr().err
+    assert search_main(["query", str(next(folder.glob("*.jpg"))), "--index", str(index), "--out",
+                        str(tmp_path / "afile" / "r.png")]) == 2
+    assert "cannot write the results picture to" in capsys.readouterr().err
+    assert index.read_bytes() == before
     # a sidecar that does not belong to the index is refused
     Searcher(4).save(index)
     assert search_main(["query", str(next(folder.glob("*.jpg"))), "--index", str(index)]) == 2

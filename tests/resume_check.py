@@ -1,4 +1,5 @@
-"""Shared check for the epoch-based trainers (ae, siamese): a run split by ``--resume`` equals one run."""
+"""Shared checks for the trainers: a run split by ``--resume`` equals one run (the epoch-based ae, siamese), and
+the command-line refusal of bad data or a damaged checkpoint (all four)."""
 
 import torch
 
@@ -23,3 +24,34 @@ def split_run_equals_whole(trainer, base, tmp_path):
         assert torch.equal(v, b["model"][k]), k
     assert full["loss_per_epoch"] == resumed["loss_per_epoch"]
     return full, resumed, a, b
+
+
+def truncated_checkpoint(folder, name: str):
+    """A run folder whose checkpoint.pt (of model ``name``) lost its last 100 bytes, as a crash of a non-atomic
+    copy would leave it; returns the checkpoint's path."""
+    from pathlib import Path
+
+    from train.checkpoint import save_checkpoint
+
+    path = Path(folder) / "checkpoint.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {"name": name, "config": {}, "padding": torch.zeros(1000)})
+    path.write_bytes(path.read_bytes()[:-100])
+    return path
+
+
+def cli_error(capsys, call, *needles: str) -> str:
+    """Run ``call()`` (a trainer's main) expecting the command-line refusal: ``error: <message>`` on stderr, no
+    traceback, exit status 2; asserts each of ``needles`` is in the message and returns it."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        call()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, (e.value.code, err)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in line, (needle, line)
+    return line

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resume_check import split_run_equals_whole
+from resume_check import cli_error, split_run_equals_whole, truncated_checkpoint
 from train import ae as trainer
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.models import ae as models
@@ -180,6 +180,41 @@ def test_vgg16bn_trainer_runs_and_round_trips(tmp_path):
         torch.testing.assert_close(enc(x), F.normalize(full.encoder(x), dim=1), rtol=0, atol=0)
     backbone, _ = models.build_backbone("vgg16bn")
     backbone.load_state_dict(models.backbone_state_from_ae(tmp_path / "checkpoint.pt", "vgg16bn"))
+
+
+def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
+    gone = tmp_path / "nonexistent"
+    cli_error(capsys, lambda: trainer.main(["--data", "mnist", "--data-root", str(gone), "--out", str(tmp_path / "a")]),
+              "data set 'mnist'", str(gone))
+    path = truncated_checkpoint(tmp_path / "b", "ae-conv")
+    cli_error(capsys, lambda: trainer.main(TINY + ["--limit", "8", "--out", str(tmp_path / "b"), "--resume"]),
+              str(path), "truncated or damaged")
+
+
+def test_fewer_than_two_training_images_are_refused_up_front(tmp_path, capsys):
+    # --limit 1: one training image (batch norm cannot train on it); refused before any model is built
+    with pytest.raises(SystemExit) as e:
+        trainer.main(TINY + ["--limit", "1", "--out", str(tmp_path / "a")])
+    assert "gave 1 training image(s)" in str(e.value.code) and "at least 2" in str(e.value.code)
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "a").exists()
+    with pytest.raises(SystemExit, match="--batch-size must be >= 2"):
+        trainer.main(TINY + ["--limit", "8", "--batch-size", "1", "--out", str(tmp_path / "b")])
+    # two training images train
+    m = trainer.main(TINY + ["--limit", "2", "--epochs", "1", "--out", str(tmp_path / "c")])
+    assert (m["n_train"], m["steps"]) == (2, 1)
+
+
+def test_help_names_the_run_folder_main_really_uses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option: no path broken at its hyphen
+    with pytest.raises(SystemExit):
+        trainer.parse_config(["--help"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("--out"))
+    assert "runs/ae-conv" in line and "runs/ae-vgg16bn" in line and "runs/ae/" not in line, line
+    monkeypatch.chdir(tmp_path)  # without --out, the run lands where the help said
+    trainer.main(TINY + ["--limit", "2", "--epochs", "1"])
+    assert (tmp_path / "runs" / "ae-conv" / "checkpoint.pt").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ae-conv"]
 
 
 def test_help_lists_datasets_and_arch_defaults(capsys):

@@ -386,6 +386,30 @@ def test_cifar10_order_and_archive(tmp_path, shared_data):
     np.testing.assert_array_equal(a.labels, s.labels)
 
 
+@pytest.mark.data
+def test_cifar10_truncated_archive_is_refused_naming_it(tmp_path, shared_data):
+    # a real archive (CIFAR-10 batches cut from the shared test batch), then copies of it cut short
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    shutil.copy(shared_data / "cifar-10-batches-py" / "batches.meta", folder)
+    with open(shared_data / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    _batch(folder / "test_batch", d[b"data"][:200], d[b"labels"][:200])
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(folder, arcname="cifar-10-batches-py")
+    whole = archive.read_bytes()
+    assert len(load_images("cifar10", archive)) == 200  # the whole archive loads
+    for keep in (0.05, 0.5, 0.9, 0.99):
+        cut = tmp_path / f"cut-{keep}" / "cifar-10-python.tar.gz"
+        cut.parent.mkdir()
+        cut.write_bytes(whole[: int(len(whole) * keep)])
+        with pytest.raises(DataError) as e:
+            load_images("cifar10", cut)
+        msg = str(e.value)
+        assert str(cut) in msg and "damaged or truncated" in msg and "cifar-10-python.tar.gz" in msg, msg
+
+
 def test_cifar10_refuses_code_and_damage(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

@@ -354,8 +354,26 @@ def test_resume_refuses_other_settings(tmp_path):
     main(TINY + ["--epochs", "1", "--max-steps", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="other settings .*dim: checkpoint 128, now 64"):
         main(TINY + ["--dim", "64", "--epochs", "2", "--out", str(tmp_path), "--resume"])
+    # the bank's mixing rate and the loss temperature shape the saved state: a change is refused, not ignored
+    # (the bank rebuilt from the checkpoint would keep its old rate while config.json showed the new one)
+    with pytest.raises(SystemExit, match=r"mixing_rate: checkpoint 0\.5, now 0\.9\)"):
+        main(TINY + ["--mixing-rate", "0.9", "--epochs", "2", "--out", str(tmp_path), "--resume"])
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--temperature", "0.1", "--mixing-rate", "0.25", "--epochs", "2", "--out", str(tmp_path),
+                     "--resume"])
+    assert "mixing_rate: checkpoint 0.5, now 0.25" in str(e.value.code)
+    assert "temperature: checkpoint 0.07, now 0.1" in str(e.value.code)
+    # settings that only act on a fresh run would be recorded but not applied: refused too
+    with pytest.raises(SystemExit, match=r"init_from: checkpoint None, now '.*ae'"):
+        main(TINY + ["--init-from", str(tmp_path / "ae"), "--epochs", "2", "--out", str(tmp_path), "--resume"])
     # refused before the run folder was touched: config.json still describes the checkpoint's run
-    assert json.loads((tmp_path / "config.json").read_text())["config"]["dim"] == 128
+    config = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert (config["dim"], config["mixing_rate"], config["temperature"], config["init_from"]) == (128, 0.5, 0.07, None)
+    # the same settings resume (2 epochs of 1 step: one more step), and the bank keeps the run's rate
+    main(TINY + ["--epochs", "2", "--max-steps", "1", "--out", str(tmp_path), "--resume"])
+    state = _ckpt(tmp_path)
+    assert (state["epoch"], state["step"]) == (2, 2)
+    assert MemoryBank.from_state_dict(state["extra"]["bank"]).mixing_rate == 0.5
 
 
 def test_load_encoder_round_trip_gives_unit_128d_embeddings(tmp_path):
@@ -378,6 +396,18 @@ def test_load_encoder_round_trip_gives_unit_128d_embeddings(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(a, b)
     assert LAConfig().dim == 128
+
+
+def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
+    from resume_check import cli_error, truncated_checkpoint
+    from train.la import main
+
+    gone = tmp_path / "nonexistent"
+    cli_error(capsys, lambda: main(["--data", "mnist", "--data-root", str(gone), "--out", str(tmp_path / "a")]),
+              "data set 'mnist'", str(gone))
+    path = truncated_checkpoint(tmp_path / "b", "la")
+    cli_error(capsys, lambda: main(TINY + ["--epochs", "1", "--out", str(tmp_path / "b"), "--resume"]),
+              str(path), "truncated or damaged")
 
 
 def test_bad_options_are_refused_with_a_clear_message():
@@ -436,6 +466,47 @@ def test_center_crop_is_recorded_in_the_exported_preprocessing(tmp_path):
     main(TINY + ["--center-crop", "0.5", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path)])
     _, info = load_encoder(tmp_path)
     assert info.preprocess.size == (16, 16) and info.preprocess.resize_to == 32 and info.preprocess.crop == "center"
+
+
+def test_bank_starts_from_the_codes_of_the_exported_preprocessing(tmp_path, monkeypatch):
+    # center crop 0.5: the training views are already the central half, so cropping them again with the eval
+    # preprocessing would start the bank from the central quarter; the bank must start from exactly what
+    # evaluation and the exported encoder feed the network for each training image
+    import train.la as la
+    from train.data import load_images
+    from train.registry import load_encoder
+
+    bank_init_inputs, bank_init_codes = [], []
+
+    class Recording(la.LAEncoder):
+        def forward(self, x):
+            out = super().forward(x)
+            if self.training and not torch.is_grad_enabled():  # the bank-init pass (training steps need grads)
+                bank_init_inputs.append(x.detach().clone())
+                bank_init_codes.append(out.detach().clone())
+            return out
+
+    monkeypatch.setattr(la, "LAEncoder", Recording)
+    real_save = la.Run.save
+    first_bank = []
+
+    def save(self, **kw):
+        first_bank.append(np.array(kw["extra"]["bank"]["vectors"]))
+        return real_save(self, **kw)
+
+    monkeypatch.setattr(la.Run, "save", save)
+    la.main(TINY + ["--center-crop", "0.5", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path)])
+    _, info = load_encoder(tmp_path)
+    assert info.preprocess.resize_to == 32  # 16 / 0.5
+    want = info.preprocess(load_images("digits", limit=48).images)  # the 48 training images (no hold-out)
+    got = torch.cat(bank_init_inputs).numpy()
+    assert got.shape == want.shape == (48, 3, 16, 16)
+    np.testing.assert_array_equal(got, want)
+    # and the bank was filled with those codes (one step then updated only the rows of its batch)
+    codes = torch.cat(bank_init_codes).numpy()
+    unit_codes = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+    kept = np.all(np.abs(first_bank[0] - unit_codes) < 1e-6, axis=1)
+    assert kept.sum() >= 48 - 16
 
 
 def test_for_export_folds_the_linear_tail_into_one_layer_with_the_same_output():

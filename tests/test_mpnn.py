@@ -293,3 +293,96 @@ def test_bad_options_are_refused(tmp_path):
         main(["--size", "32", "--levels", "4", "--out", str(tmp_path / "x"), "--no-progress"])
     with pytest.raises(ValueError, match="threshold must be in"):
         main(["--threshold", "0", "--out", str(tmp_path / "y"), "--no-progress"])
+
+
+class Crash(Exception):
+    pass
+
+
+def _record_saves(monkeypatch, crash_after: int | None = None) -> list[dict]:
+    """Record (step, epoch, level, level_step) of every checkpoint written; optionally crash after a save."""
+    from train.common import Run
+
+    real_save = Run.save
+    saves = []
+
+    def save(self, **kw):
+        digest = real_save(self, **kw)
+        saves.append({"step": kw["step"], "epoch": kw["epoch"], "level": kw["extra"]["level"],
+                      "level_step": kw["extra"]["level_step"]})
+        if crash_after is not None and len(saves) == crash_after:
+            raise Crash
+        return digest
+
+    monkeypatch.setattr(Run, "save", save)
+    return saves
+
+
+def test_a_checkpoint_is_written_every_pass_within_a_level(tmp_path, monkeypatch):
+    # 10 frames a pass (every 25th of bikes' 250), consecutive (window 1), 5 a step, random init (no frames
+    # read before the first step): step 1 reads frames 0-4 of pass 0, step 2 frames 5-9, step 3 starts pass 1
+    # ... so passes 1..4 start at steps 3, 5, 7, 9, all within the 10-step level, whose end is saved at step 10
+    saves = _record_saves(monkeypatch)
+    m = main(TINY + ["--levels", "1", "--level-steps", "10", "--threshold", "0.01", "--init", "random",
+                     "--shuffle-window", "1", "--batch-size", "5", "--out", str(tmp_path)])
+    assert m["complete"] and m["steps"] == 10 and not m["all_levels_reached"]
+    assert [(s["step"], s["epoch"]) for s in saves] == [(3, 1), (5, 2), (7, 3), (9, 4), (10, 4)]
+    assert [(s["level"], s["level_step"]) for s in saves[:4]] == [(0, 3), (0, 5), (0, 7), (0, 9)]  # mid-level
+
+
+def test_resume_from_a_pass_checkpoint_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    from train.checkpoint import load_checkpoint
+    from train.common import Run
+
+    args = TINY + ["--levels", "1", "--level-steps", "8", "--threshold", "0.01"]
+    real_save = Run.save
+    full = main(args + ["--out", str(tmp_path / "a")])
+    saves = _record_saves(monkeypatch, crash_after=1)  # killed right after the first checkpoint
+    with pytest.raises(Crash):
+        main(args + ["--out", str(tmp_path / "b")])
+    monkeypatch.setattr(Run, "save", real_save)
+    assert saves[0]["level"] == 0 and 0 < saves[0]["level_step"] < 8  # a pass ended mid-level
+    resumed = main(args + ["--resume", "--out", str(tmp_path / "b")])
+    assert resumed["complete"] and resumed["steps"] == full["steps"] == 8
+    a, b = full["per_level"][0], resumed["per_level"][0]
+    assert a["loss"] == b["loss"] and a["max_cos"] == b["max_cos"] and len(a["loss"]) == 8
+    ma = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    mb = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_resume_refuses_other_data_stream_or_model_settings_before_writing(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    main(TINY + ["--level-steps", "2", "--threshold", "0.01", "--out", str(out)])
+    config = (out / "config.json").read_bytes()
+    base = TINY + ["--level-steps", "2", "--threshold", "0.01", "--resume", "--out", str(out)]
+    for extra, named in [
+        (["--size", "48"], ["size: checkpoint 32, now 48"]),
+        (["--data", "photos"], ["data: checkpoint 'video', now 'photos'"]),
+        (["--seed", "7", "--frame-step", "5"], ["seed: checkpoint 0, now 7", "frame_step: checkpoint 25, now 5"]),
+        (["--shuffle-window", "3", "--limit", "20"], ["shuffle_window: checkpoint 6, now 3",
+                                                       "limit: checkpoint None, now 20"]),
+        (["--data-root", str(tmp_path / "other.mp4")], ["data_root: checkpoint None, now '"]),
+        (["--levels", "1"], ["levels: checkpoint 2, now 1 (may only grow)"]),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        msg = str(e.value.code)
+        assert msg.startswith("--resume: ") and "other settings" in msg, msg
+        for n in named:
+            assert n in msg, (n, msg)
+        assert (out / "config.json").read_bytes() == config  # left as the checkpoint's run wrote it
+    assert json.loads(config)["config"]["size"] == 32
+
+
+def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
+    from resume_check import cli_error, truncated_checkpoint
+
+    gone = tmp_path / "nonexistent"
+    cli_error(capsys, lambda: main(TINY + ["--data", "mnist", "--data-root", str(gone), "--out", str(tmp_path / "a")]),
+              "data set 'mnist'", str(gone))
+    path = truncated_checkpoint(tmp_path / "b", "mpnn")
+    cli_error(capsys, lambda: main(TINY + ["--level-steps", "2", "--resume", "--out", str(tmp_path / "b")]),
+              str(path), "truncated or damaged")

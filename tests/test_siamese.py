@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resume_check import split_run_equals_whole
+from resume_check import cli_error, split_run_equals_whole, truncated_checkpoint
 from train import siamese as trainer
-from train.checkpoint import CheckpointError, load_checkpoint
+from train.checkpoint import load_checkpoint
 from train.models.siamese import (SiameseNet, SiameseTower, contrastive_loss, mine_triplets, pairwise_distances,
                                   triplet_loss)
 from train.registry import build_encoder, load_encoder
@@ -176,7 +176,7 @@ def test_triplet_training_loss_decreases_on_a_fixed_batch(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
+def test_checkpoint_resume_equals_uninterrupted_run(tmp_path, capsys):
     base = TINY + ["--limit", "64", "--batch-size", "16", "--max-steps", "2"]
     full, resumed, _, _ = split_run_equals_whole(trainer, base, tmp_path)
     assert full["pair_accuracy"] == resumed["pair_accuracy"]
@@ -187,9 +187,18 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path):
     # a checkpoint of another model is refused
     from train import ae
 
-    with pytest.raises(CheckpointError, match="holds model 'siamese', not 'ae-conv'"):
-        ae.main(["--arch", "conv", "--data", "digits", "--image-size", "8", "--resume", "--no-progress",
-                 "--out", str(tmp_path / "part")])
+    cli_error(capsys, lambda: ae.main(["--arch", "conv", "--data", "digits", "--image-size", "8", "--resume",
+                                       "--no-progress", "--out", str(tmp_path / "part")]),
+              "holds model 'siamese', not 'ae-conv'")
+
+
+def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
+    gone = tmp_path / "nonexistent"
+    cli_error(capsys, lambda: trainer.main(["--data", "mnist", "--data-root", str(gone), "--out", str(tmp_path / "a")]),
+              "data set 'mnist'", str(gone))
+    path = truncated_checkpoint(tmp_path / "b", "siamese")
+    cli_error(capsys, lambda: trainer.main(TINY + ["--limit", "40", "--out", str(tmp_path / "b"), "--resume"]),
+              str(path), "truncated or damaged")
 
 
 def test_load_encoder_round_trip_and_metrics(tmp_path):

@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 
 from engine.preprocess import Preprocess
 from train import evaluate as ev
-from train.common import (Run, config_from_args, default_out, encoder_spec, make_parser, pick_device, progress,
-                          seed_everything)
+from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
+                          pick_device, progress, seed_everything)
 from train.data import DATASETS, ImageSet, load_images
 from train.models.ae import BACKBONES, L2Normalized, build_autoencoder
 
@@ -88,6 +87,9 @@ def load_split(data: str, root, *, limit: int | None, holdout: float, progress_b
     tr, te = ev.holdout_split(len(full), fraction=holdout, tail=data in SHUFFLED_DATASETS)
     if limit is not None:
         tr = tr[:limit]
+    if len(tr) < 2:  # batch norm needs two images in a training batch
+        raise SystemExit(f"data set {data!r} gave {len(tr)} training image(s) ({len(te)} held out); training needs "
+                         f"at least 2 (raise --limit)")
     return full.subset(tr), full.subset(te)
 
 
@@ -152,24 +154,6 @@ def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: i
     model.train(was_training)
 
 
-def check_resume(out, name: str, cfg_dict: dict, keys: tuple[str, ...]) -> None:
-    """Before the run folder is touched: refuse to resume a checkpoint of another model or one trained with
-    other model-shaping settings (``keys``); epochs, learning rate and the like may change."""
-    from train.checkpoint import CheckpointError, load_checkpoint
-
-    path = Path(out) / "checkpoint.pt"
-    if not path.is_file():
-        return
-    state = load_checkpoint(path)
-    if state.get("name") != name:
-        raise CheckpointError(f"{path} holds model {state.get('name')!r}, not {name!r}; use another --out")
-    old = state.get("config", {})
-    diff = [f"{k}: checkpoint {old.get(k)!r}, now {cfg_dict.get(k)!r}" for k in keys if old.get(k) != cfg_dict.get(k)]
-    if diff:
-        raise SystemExit(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
-                         "); use another --out or the same settings")
-
-
 def show(pre: Preprocess, x: np.ndarray) -> np.ndarray:
     """Network input (n, 3, h, w) -> displayable (n, h, w, 3) in [0, 1] (undoes mean / std / BGR)."""
     x = np.asarray(x, np.float32).transpose(0, 2, 3, 1)
@@ -184,7 +168,9 @@ def show(pre: Preprocess, x: np.ndarray) -> np.ndarray:
 def build_parser(arch: str) -> argparse.ArgumentParser:
     d = ARCH_DEFAULTS[arch]
     p = make_parser("train.ae", "Train an autoencoder (pixel MSE); its encoder is the search embedding.",
-                    datasets=DATASETS, default_data="photos", epochs=d["epochs"], batch_size=d["batch_size"])
+                    datasets=DATASETS, default_data="photos", epochs=d["epochs"], batch_size=d["batch_size"],
+                    default_out_help="runs/ae-ARCH: " + ", ".join(
+                        f"{default_out(f'ae-{a}')} for --arch {a}" for a in sorted(BACKBONES)))
     p.add_argument("--arch", default="conv", choices=BACKBONES,
                    help="conv: small CIFAR autoencoder, 1000-d code; vgg16bn: SegNet on VGG16-BN, 512-d (default: conv)")
     p.add_argument("--image-size", type=int, default=d["image_size"],
@@ -207,6 +193,8 @@ def parse_config(argv=None) -> tuple[AEConfig, argparse.Namespace]:
         raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.batch_size < 2:
+        raise SystemExit(f"--batch-size must be >= 2 (batch norm needs two images), got {args.batch_size}")
     return config_from_args(AEConfig, args), args
 
 
@@ -221,6 +209,7 @@ def encoder_kwargs(cfg: AEConfig) -> dict:
     return {} if cfg.arch == "vgg16bn" else {"image_size": cfg.image_size, "code_dim": cfg.code_dim}
 
 
+@cli_main
 def main(argv=None) -> dict:
     cfg, args = parse_config(argv)
     name = f"ae-{cfg.arch}"

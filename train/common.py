@@ -1,8 +1,11 @@
 """What every trainer shares: the command line, device and seed, the run folder, checkpoints and resume.
 
 A trainer module (``train/mpnn.py`` ...) defines a config dataclass, builds its parser with
-``make_parser``, and drives a ``Run``::
+``make_parser``, decorates its ``main`` with ``cli_main`` (the project's errors exit 2 with ``error: ...``),
+and drives a ``Run``::
 
+    if args.resume:
+        check_resume(out, "la", asdict(cfg), RESUME_KEYS)   # before Run rewrites config.json
     run = Run(args.out or default_out("la"), name="la", config=asdict(cfg), resume=args.resume)
     state = run.resume_state()          # None, or the last checkpoint's payload
     ... train an epoch ...
@@ -13,6 +16,7 @@ A trainer module (``train/mpnn.py`` ...) defines a config dataclass, builds its 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.errors import LookalikeError
 from engine.preprocess import Preprocess
 from train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 
@@ -31,8 +36,11 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def make_parser(prog: str, description: str, *, datasets: dict[str, str], default_data: str,
-                epochs: int, batch_size: int) -> argparse.ArgumentParser:
-    """The options every trainer takes; ``datasets`` maps each accepted name to a one-line description."""
+                epochs: int, batch_size: int, default_out_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every trainer takes; ``datasets`` maps each accepted name to a one-line description.
+    ``default_out_help`` describes the run folder used without --out (default: ``runs/<last part of prog>``,
+    what ``default_out`` gives for a trainer named like its module)."""
+    out_help = default_out_help or str(default_out(prog.split(".")[-1]))
     listing = "\n".join(f"  {k:<10} {v}" for k, v in datasets.items())
     p = argparse.ArgumentParser(
         prog=prog,
@@ -46,7 +54,7 @@ def make_parser(prog: str, description: str, *, datasets: dict[str, str], defaul
                    help="where the dataset lies on disk (a folder, a file, or for video a path or camera index)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the data (default: {epochs})")
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default: {batch_size})")
-    p.add_argument("--out", default=None, help=f"run folder for checkpoint, config, metrics and pictures (default: runs/{prog.split('.')[-1]}/)")
+    p.add_argument("--out", default=None, help=f"run folder for checkpoint, config, metrics and pictures (default: {out_help})")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto picks CUDA when torch sees a GPU, else the CPU (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed; fixed seed + CPU gives identical runs (default: 0)")
@@ -94,6 +102,44 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def default_out(name: str) -> Path:
     return Path("runs") / name
+
+
+def cli_main(main):
+    """Decorate a trainer's ``main``: the project's own errors (missing or damaged data, a truncated or foreign
+    checkpoint: ``LookalikeError``, ``CheckpointError``) print ``error: <message>`` on stderr and exit with
+    status 2, as the engine and export command lines do, instead of a traceback. Other exceptions (bugs)
+    keep their traceback."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except (LookalikeError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def check_resume(out, name: str, config: dict, keys: tuple[str, ...], *, may_grow: tuple[str, ...] = ()) -> None:
+    """Before the run folder is touched (``Run`` rewrites config.json): refuse to resume a checkpoint of
+    another model (``CheckpointError``) or one trained with other model-, data- or state-shaping settings
+    (``keys`` must be equal, ``may_grow`` may only grow), naming every changed setting, saved and given;
+    epochs, learning rate and the like may change. No checkpoint yet: nothing to check."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.is_file():
+        return
+    state = load_checkpoint(path)
+    if state.get("name") != name:
+        raise CheckpointError(f"{path} holds model {state.get('name')!r}, not {name!r}; use another --out")
+    old = state.get("config", {})
+    diff = [f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r}" for k in keys if old.get(k) != config.get(k)]
+    for k in may_grow:
+        if old.get(k) is None or config.get(k) is None or config[k] < old[k]:
+            diff.append(f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r} (may only grow)")
+    if diff:
+        raise SystemExit(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
+                         "); use another --out or the same settings")
 
 
 def atomic_write_json(path, obj) -> None:

@@ -45,6 +45,7 @@ import pickle
 import re
 import tarfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -542,6 +543,11 @@ def _unpickle(data: bytes, where: str) -> dict:
     return obj
 
 
+# What reading a damaged or truncated (gzipped) tar archive raises: tarfile's own errors, an early end of the
+# compressed stream (EOFError), a corrupt deflate stream (zlib.error), or an I/O error.
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
 class _CifarFiles:
     """The batch files of a cifar-10-batches-py folder or of the cifar-10-python.tar.gz archive."""
 
@@ -554,10 +560,15 @@ class _CifarFiles:
         if root.is_file():
             try:
                 self.tar = tarfile.open(root)
-            except (tarfile.TarError, OSError) as e:
+            except _TAR_ERRORS as e:
                 raise DataError(f"data set 'cifar10': {root} is a file but not a readable tar archive ({e}); expected "
                                 f"the cifar-10-batches-py folder or cifar-10-python.tar.gz. Get {WHERE['cifar10']}") from e
-            for m in self.tar.getmembers():
+            try:
+                members = self.tar.getmembers()  # reads the whole archive: a truncated one fails here
+            except _TAR_ERRORS as e:
+                self.tar.close()
+                raise self._damaged(e) from e
+            for m in members:
                 if m.isfile():
                     self.members[m.name.rsplit("/", 1)[-1]] = m
             self.where = str(root)
@@ -573,8 +584,16 @@ class _CifarFiles:
     def read(self, name: str) -> bytes:
         m = self.members[name]
         if self.tar is not None:
-            return self.tar.extractfile(m).read()
+            try:
+                return self.tar.extractfile(m).read()
+            except _TAR_ERRORS as e:
+                raise self._damaged(e, name) from e
         return _read_bytes(m)
+
+    def _damaged(self, e: Exception, name: str | None = None) -> DataError:
+        what = f"{self.root}" if name is None else f"{self.root} (reading {name})"
+        return DataError(f"data set 'cifar10': {what}: the archive is damaged or truncated ({type(e).__name__}: {e}); "
+                         f"expected a complete cifar-10-python.tar.gz (download it again). Get {WHERE['cifar10']}")
 
     def label(self, name: str) -> str:
         return f"{self.where}:{name}" if self.tar is not None else str(Path(self.where) / name)

@@ -43,8 +43,8 @@ from engine.memory_bank import MemoryBank
 from engine.preprocess import Preprocess
 from train import evaluate as ev
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.common import (Run, config_from_args, default_out, encoder_spec, make_parser, pick_device, progress,
-                          seed_everything)
+from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
+                          pick_device, progress, seed_everything)
 from train.data import DATASETS, ImageSet, load_images
 from train.models.ae import BACKBONES, backbone_state_from_ae
 from train.models.la import LAEncoder, LocalAggregation
@@ -116,9 +116,13 @@ class LAConfig:
     device: str = "auto"  # auto / cpu / cuda
 
 
-# Settings that shape the model, the data or the bank: a resumed run must keep them.
+# Settings that shape the model, the data, the bank or the objective the saved state was trained under, or that
+# only act on a fresh run (init_from, pretrained): a resumed run must keep them, since a changed value would be
+# recorded in config.json yet not be applied (the bank keeps its saved mixing rate) or change what the saved
+# bank and weights mean (temperature).
 RESUME_KEYS = ("arch", "data", "data_root", "image_size", "train_side", "center_crop", "dim", "code_dim", "limit",
-               "holdout", "seed", "kmeans_k", "kmeans_repeats", "background")
+               "holdout", "seed", "kmeans_k", "kmeans_repeats", "background", "mixing_rate", "temperature",
+               "init_from", "pretrained")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,11 +363,6 @@ def augment(images: torch.Tensor, *, out_size: int, mean, std, crop_scale: float
     return x.contiguous()
 
 
-def plain_views(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """(b, S, S, 3) uint8 centre squares -> (b, 3, s, s) float32 through ``pre`` (no augmentation)."""
-    return torch.from_numpy(pre(images.numpy()))
-
-
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Augmentation randomness of one epoch: depends on (seed, epoch) only, so a resumed run repeats it."""
     g = torch.Generator()
@@ -388,27 +387,6 @@ def batches(order: torch.Tensor, batch_size: int, max_steps: int | None) -> list
     if len(out) > 1 and len(out[-1]) < 2:
         out = out[:-1]
     return out[:max_steps] if max_steps is not None else out
-
-
-def check_resume(out: Path, cfg_dict: dict) -> None:
-    """Before the run folder is touched (``Run`` rewrites config.json): refuse to resume a checkpoint of
-    another model or one trained with other model-, data- or bank-shaping settings (``RESUME_KEYS``);
-    epochs, learning rate and the like may change."""
-    path = Path(out) / "checkpoint.pt"
-    if not path.is_file():
-        return
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as e:
-        raise SystemExit(f"--resume: {e}") from None
-    if state.get("name") != NAME:
-        raise SystemExit(f"--resume: {path} holds model {state.get('name')!r}, not {NAME!r}; use another --out")
-    old = state.get("config", {})
-    diff = [f"{k}: checkpoint {old.get(k)!r}, now {cfg_dict.get(k)!r}"
-            for k in RESUME_KEYS if old.get(k) != cfg_dict.get(k)]
-    if diff:
-        raise SystemExit(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
-                         "); use another --out or the same settings")
 
 
 def lr_at(cfg: LAConfig, step: int, total_steps: int) -> float:
@@ -446,19 +424,27 @@ def default_kmeans_k(n: int) -> int:
     return int(min(n, max(2, round(math.sqrt(n)))))
 
 
+def plain_inputs(images, pre: Preprocess) -> torch.Tensor:
+    """Original images (uint8 RGB, an array or a list) -> (b, 3, s, s) float32 through ``pre``, the evaluation /
+    export preprocessing, no augmentation: exactly what the exported encoder sees for these images."""
+    return torch.from_numpy(pre(images))
+
+
 @torch.no_grad()
-def initial_codes(model, views: torch.Tensor, pre: Preprocess, device, batch_size: int) -> np.ndarray:
+def initial_codes(model, images, pre: Preprocess, device, batch_size: int) -> np.ndarray:
     """The bank's starting point: one pass of the (plain, unaugmented) training images through the encoder
-    in training mode, batch by batch as training will see them. (In eval mode a fresh network's batch norms
+    in training mode, batch by batch as training will see them. ``images`` are the original training images,
+    taken through the evaluation / export preprocessing ``pre`` (not the ``resized_uint8`` views, which are
+    already centre-cropped: ``pre`` would crop them a second time). (In eval mode a fresh network's batch norms
     use their initial running statistics and give codes unlike the training-mode codes the loss compares
     with the bank; the instance-recognition loss then starts above log n.) The pass also warms the batch-norm
     running statistics."""
     model.train()
-    n = len(views)
+    n = len(images)
     bounds = list(range(0, n, batch_size)) + [n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:  # batch norm needs two images: merge a last single
         del bounds[-2]
-    out = [model(plain_views(views[a:b], pre).to(device)).cpu().numpy() for a, b in zip(bounds, bounds[1:])]
+    out = [model(plain_inputs(images[a:b], pre).to(device)).cpu().numpy() for a, b in zip(bounds, bounds[1:])]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -493,6 +479,7 @@ def train_step(model, objective: LocalAggregation, optimizer, views: torch.Tenso
     return float(loss.detach()), codes.detach()
 
 
+@cli_main
 def main(argv=None) -> dict:
     cfg, args = parse_config(argv)
     device = pick_device(cfg.device)
@@ -509,7 +496,7 @@ def main(argv=None) -> dict:
 
     out = Path(args.out or default_out(NAME))
     if args.resume:
-        check_resume(out, asdict(cfg))
+        check_resume(out, NAME, asdict(cfg), RESUME_KEYS)
     run = Run(out, name=NAME, config=asdict(cfg), resume=args.resume)
     state = run.resume_state()
     model = LAEncoder(backbone=cfg.arch, dim=cfg.dim, image_size=cfg.image_size, code_dim=cfg.code_dim,
@@ -545,7 +532,7 @@ def main(argv=None) -> dict:
         Run.restore_rng(state)
     else:
         t = time.perf_counter()
-        bank.fill(initial_codes(model, views, pre, device, max(batch_size, 2)))  # the encoder's codes
+        bank.fill(initial_codes(model, train_set.images, pre, device, max(batch_size, 2)))  # the encoder's codes
         clock.add("bank_init", time.perf_counter() - t)
 
     steps_per_epoch = len(batches(torch.arange(n), batch_size, cfg.max_steps))

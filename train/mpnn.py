@@ -28,7 +28,9 @@ How steps, levels and epochs relate
   mid-level exactly where the run stopped (same frames, same updates for a fixed seed on the CPU).
 - checkpoint.pt is written at the end of every level, every pass (epoch) and at a stop; its ``epoch``
   counter is the number of finished passes, ``extra`` holds ``level``, ``level_step``, ``history``, ``stream``.
-  Resuming a finished run with a larger ``--levels`` trains the added levels on top of the trained ones.
+  Resuming a finished run with a larger ``--levels`` trains the added levels on top of the trained ones; a
+  resume with other data, data root, size, frame step, shuffle window, limit or seed (``RESUME_KEYS``), or
+  fewer levels, is refused before the run folder is touched.
 
 Outputs in the run folder: checkpoint.pt, config.json, metrics.json (per-level loss and max |cos| curves,
 steps each level took, whether it reached the threshold, and the final evaluation) and curves.png.
@@ -47,8 +49,8 @@ import numpy as np
 import torch
 
 from engine.preprocess import Preprocess
-from train.common import (Run, config_from_args, default_out, encoder_spec, make_parser, pick_device, progress,
-                          seed_everything)
+from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
+                          pick_device, progress, seed_everything)
 from train.models.mpnn import (MAPS, MPNNEncoder, max_abs_cosine_per_image, mean_max_abs_cosine, output_side,
                                pairwise_cosine_loss)
 
@@ -59,6 +61,10 @@ NAME = "mpnn"
 BIKES_CUTS = (30, 76, 137, 187, 242)
 
 INITS = ("pca", "random")
+
+# Settings that shape the model or the stream the checkpoint's position (``extra["stream"]``) refers to: a resumed
+# run must keep them. ``levels`` may only grow (the added levels train on top of the trained ones).
+RESUME_KEYS = ("data", "data_root", "size", "frame_step", "shuffle_window", "limit", "seed")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -287,14 +293,13 @@ def _train(cfg: MPNNConfig, *, out, resume: bool, show_progress: bool, device: t
     encoder = MPNNEncoder(**kwargs)
     net = encoder.net
 
+    if resume:  # before Run rewrites config.json
+        check_resume(out, NAME, asdict(cfg), RESUME_KEYS, may_grow=("levels",))
     run = Run(out, name=NAME, config=asdict(cfg), resume=resume)
     state = run.resume_state()
     level, level_step, step, history, stream_state, opt_state = 0, 0, 0, [], None, None
     if state is not None:
         old = state["encoder"]["kwargs"]
-        if list(old["size"]) != kwargs["size"] or old["levels"] > cfg.levels:
-            raise SystemExit(f"--resume: {run.ckpt_path} was trained with levels={old['levels']}, size={old['size']}; "
-                             f"got levels={cfg.levels}, size={cfg.size} (size must match, levels may only grow)")
         net.load_state_dict(state["model"], strict=old["levels"] == cfg.levels)
         extra = state["extra"]
         level, level_step, step = extra["level"], extra["level_step"], state["step"]
@@ -337,11 +342,11 @@ def _train(cfg: MPNNConfig, *, out, resume: bool, show_progress: bool, device: t
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     stopped = True
                     break
+                pass_before = stream.pass_index  # before the batch: reading it is what may start a new pass
                 frames = stream.batch(cfg.batch_size)
                 if len(frames) == 0:
                     stopped = True  # a camera stopped delivering
                     break
-                pass_before = stream.pass_index
                 x = torch.from_numpy(pre.normalise(frames)).to(device)  # (B, 3, S, S)
                 with torch.no_grad():
                     h = net.features(x, upto=level)  # frozen levels
@@ -566,6 +571,7 @@ def build_parser():
     return p
 
 
+@cli_main
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(MPNNConfig, args)

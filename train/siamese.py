@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from engine.preprocess import Preprocess
 from train import evaluate as ev
-from train.ae import batches, check_resume, epoch_order, fitted_preprocess, load_split, preprocess_all, show
-from train.common import (Run, config_from_args, default_out, encoder_spec, make_parser, pick_device, progress,
-                          seed_everything)
+from train.ae import batches, epoch_order, fitted_preprocess, load_split, preprocess_all, show
+from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
+                          pick_device, progress, seed_everything)
 from train.data import DATASETS
 from train.models.ae import L2Normalized
 from train.models.siamese import DEFAULT_MARGIN, LOSSES, MININGS, SiameseNet, contrastive_loss, triplet_loss
@@ -99,6 +99,7 @@ def _pair_schedule(labels: np.ndarray, n_pairs: int, seed: int, epoch: int):
     return torch.from_numpy(i), torch.from_numpy(j), torch.from_numpy(same.astype(np.float32))
 
 
+@cli_main
 def main(argv=None) -> dict:
     cfg, args = parse_config(argv)
     device = pick_device(cfg.device)

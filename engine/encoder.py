@@ -10,6 +10,12 @@ as JSON). ``Encoder`` reads that metadata, so nothing is guessed::
 
 onnxruntime runs it on CUDA when it can (``CUDAExecutionProvider`` offered and a session really starts on it),
 else on the CPU; ``enc.providers`` says which are in use. No torch here.
+
+A damaged or edited file is refused on load: the metadata carries ``lookalike.sha256``, the sha256 of the
+serialised file with that value written as 64 ``0`` characters (``file_digest``). The exporter serialises the
+model with the placeholder, hashes the bytes and writes the digest in its place (same length: only those 64
+bytes change); ``Encoder`` puts the placeholder back over the digest's one occurrence in the file bytes, hashes
+and compares, so no ONNX parser is needed for the check.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from engine.errors import ImageReadError, InputError, ModelError
 from engine.preprocess import Preprocess, read_image
 
 # -- the metadata contract between export/ (which writes it) and the engine (which reads it) -----------------
-FORMAT_VERSION = 1  # bump when the metadata's meaning changes; older engines refuse newer files
+FORMAT_VERSION = 2  # bump when the metadata's meaning changes; older engines refuse newer files
+# (2: lookalike.sha256 added; files of version 1 carry no digest and are refused with a "re-export" message)
 PREFIX = "lookalike."
-KEY_FORMAT = PREFIX + "format_version"  # "1"
+KEY_FORMAT = PREFIX + "format_version"  # "2"
 KEY_NAME = PREFIX + "name"  # model name, e.g. "la"
 KEY_ARCH = PREFIX + "arch"  # registered architecture, e.g. "ae-vgg16bn"
 KEY_DIM = PREFIX + "dim"  # embedding size, e.g. "512"
@@ -42,8 +49,10 @@ KEY_CHECKPOINT_SHA256 = PREFIX + "checkpoint_sha256"  # sha256 of the source che
 KEY_PRECISION = PREFIX + "precision"  # "float32", "float16" or "int8"
 KEY_KWARGS = PREFIX + "kwargs"  # JSON of the architecture's constructor arguments (informative)
 KEY_EXPORTER = PREFIX + "exporter"  # what wrote the file (informative)
+KEY_SHA256 = PREFIX + "sha256"  # sha256 of the serialised file with this value set to DIGEST_PLACEHOLDER
 REQUIRED_KEYS = (KEY_FORMAT, KEY_NAME, KEY_ARCH, KEY_DIM, KEY_INPUT_SIZE, KEY_PREPROCESS, KEY_CHECKPOINT_SHA256,
-                 KEY_PRECISION)
+                 KEY_PRECISION, KEY_SHA256)
+DIGEST_PLACEHOLDER = "0" * 64  # the value of KEY_SHA256 while the file is hashed
 PRECISIONS = ("float32", "float16", "int8")
 
 CUDA = "CUDAExecutionProvider"
@@ -70,19 +79,25 @@ class ModelInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict, where: str) -> "ModelInfo":
+        # the format version first: a file of another version may lack keys this version requires
+        if KEY_FORMAT in meta:
+            try:
+                version = int(meta[KEY_FORMAT])
+            except ValueError:
+                raise ModelError(f"{where}: metadata {KEY_FORMAT} must be an int, got {meta[KEY_FORMAT]!r}") from None
+            if version != FORMAT_VERSION:
+                raise ModelError(f"{where} has lookalike model format version {version}; this engine reads version "
+                                 f"{FORMAT_VERSION}. Re-export it with this lookalike version.")
         missing = [k for k in REQUIRED_KEYS if k not in meta]
         if missing:
             have = sorted(k for k in meta if k.startswith(PREFIX))
+            if KEY_FORMAT in meta:
+                raise ModelError(
+                    f"{where}: damaged lookalike metadata: format version {FORMAT_VERSION} requires {missing}, "
+                    f"absent (found {have}); re-export it with `python -m export NAME`")
             raise ModelError(
                 f"{where} is an ONNX model but not a lookalike encoder: its metadata lacks {missing} "
                 f"(found {have or 'no lookalike keys'}); export it with `python -m export NAME`")
-        try:
-            version = int(meta[KEY_FORMAT])
-        except ValueError:
-            raise ModelError(f"{where}: metadata {KEY_FORMAT} must be an int, got {meta[KEY_FORMAT]!r}") from None
-        if version != FORMAT_VERSION:
-            raise ModelError(f"{where} has lookalike model format version {version}; this engine reads version "
-                             f"{FORMAT_VERSION}. Re-export it with this lookalike version.")
         try:
             dim = int(meta[KEY_DIM])
             size = tuple(int(s) for s in json.loads(meta[KEY_INPUT_SIZE]))
@@ -94,6 +109,9 @@ class ModelInfo:
                              f"preprocess size={preprocess.size}")
         if meta[KEY_PRECISION] not in PRECISIONS:
             raise ModelError(f"{where}: metadata precision must be one of {PRECISIONS}, got {meta[KEY_PRECISION]!r}")
+        if not _is_sha256(meta[KEY_SHA256]):
+            raise ModelError(f"{where}: metadata {KEY_SHA256} must be 64 lowercase hex digits, "
+                             f"got {meta[KEY_SHA256]!r}")
         extra = {k: v for k, v in meta.items() if k not in REQUIRED_KEYS}
         return cls(name=meta[KEY_NAME], arch=meta[KEY_ARCH], dim=dim, input_size=size, preprocess=preprocess,
                    checkpoint_sha256=meta[KEY_CHECKPOINT_SHA256], precision=meta[KEY_PRECISION],
@@ -115,10 +133,46 @@ def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preproces
         KEY_CHECKPOINT_SHA256: str(checkpoint_sha256),
         KEY_PRECISION: precision,
         KEY_KWARGS: json.dumps(kwargs or {}, sort_keys=True, default=str),
+        KEY_SHA256: DIGEST_PLACEHOLDER,  # the writer replaces it with file_digest() of the serialised model
     }
     if exporter:
         meta[KEY_EXPORTER] = exporter
     return meta
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def file_digest(data: bytes, recorded: str) -> str:
+    """sha256 (hex) of the serialised model ``data`` whose metadata holds ``recorded`` as ``lookalike.sha256``:
+    the hash of ``data`` with that value's one occurrence replaced by ``DIGEST_PLACEHOLDER``.
+
+    Raises ``ModelError`` when ``recorded`` does not occur exactly once (then the file cannot be checked).
+    """
+    needle = recorded.encode("ascii")
+    count = data.count(needle)
+    if count != 1:
+        raise ModelError(f"expected the recorded {KEY_SHA256} {recorded} once in the file, found it {count} times")
+    return hashlib.sha256(data.replace(needle, DIGEST_PLACEHOLDER.encode("ascii"))).hexdigest()
+
+
+def check_file_digest(data: bytes, meta: dict, where: str) -> None:
+    """Refuse (``ModelError`` naming ``where``) a model file whose bytes are not what its exporter wrote."""
+    recorded = meta.get(KEY_SHA256)
+    if recorded is None:
+        raise ModelError(f"{where}: its metadata lacks {KEY_SHA256}, so it cannot be checked for damage; "
+                         f"re-export it with `python -m export NAME`")
+    if recorded == DIGEST_PLACEHOLDER or not _is_sha256(recorded):
+        raise ModelError(f"{where}: metadata {KEY_SHA256} must be the sha256 of the file, got {recorded!r} "
+                         f"(a file written by something other than `python -m export`?)")
+    try:
+        got = file_digest(data, recorded)
+    except ModelError as e:
+        raise ModelError(f"{where} is damaged or was edited after export: {e}; re-export it") from None
+    if got != recorded:
+        raise ModelError(f"{where} is damaged or was edited after export: its content sha256 is {got}, its "
+                         f"metadata {KEY_SHA256} expects {recorded}; re-export it with `python -m export NAME`")
 
 
 # -- onnxruntime sessions ------------------------------------------------------------------------------------
@@ -249,6 +303,7 @@ class Encoder:
         self.session, self.providers = make_session(data, providers=providers, threads=threads, where=str(self.path))
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         self.info = ModelInfo.from_metadata(meta, str(self.path))
+        check_file_digest(data, meta, str(self.path))
         self.batch_size = int(batch_size)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from export.onnx import DEFAULT_OPSET, EXPORTERS, TOLERANCE, ExportError, export_many
+from export.onnx import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, TOLERANCE, ExportError, cannot_write, export_many
 from train.checkpoint import CheckpointError
 from train.registry import MODEL_NAMES
 
 EPILOG = f"""\
-what it writes, for each NAME (a run folder RUNS/NAME/ holding checkpoint.pt):
+what it writes, for each NAME (a run folder RUNS/NAME/ holding checkpoint.pt; a folder named after a model
+must hold that model's checkpoint):
   OUT/NAME.onnx        the encoder only (no decoder), dynamic batch axis, input "images" (n, 3, H, W) float32,
                        output "embeddings" (n, dim) L2-normalised float32; its metadata carries the model name,
                        architecture, embedding size, input size, preprocessing (resize/crop, mean/std, colour
-                       order, grayscale), a format version and the sha256 of the source checkpoint
+                       order, grayscale), a format version, the sha256 of the source checkpoint and the
+                       file's own sha256 (the engine refuses a damaged or edited file)
   OUT/NAME.fp16.onnx   with --fp16: float16 weights and arithmetic, float32 inputs and outputs
   OUT/NAME.int8.onnx   with --int8: static int8 quantisation calibrated on real images
   OUT/export_report.json   measured differences (float32 vs torch; variants vs float32, with overlap@10)
@@ -47,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real images used by the checks (half for int8 calibration when --int8; default: 64)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help=f"max abs difference allowed between onnxruntime and torch (default: {TOLERANCE:g})")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 17 or newer (default: {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} up to the newest the installed onnx and torch exporter write "
+                        f"(default: {DEFAULT_OPSET})")
     p.add_argument("--exporter", default="auto", choices=EXPORTERS,
-                   help="torch exporter: auto tries TorchScript, then dynamo (default: auto)")
+                   help="torch exporter: auto tries TorchScript, then dynamo (dynamo alone for an opset newer than "
+                        "the TorchScript exporter writes; default: auto)")
     return p
 
 
@@ -65,6 +70,9 @@ def main(argv=None) -> int:
                                      exporter=args.exporter)
     except (ExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # export_many lists each model's write failure: this is the rest, without a traceback
+        print(f"error: {cannot_write(e, args.out)}", file=sys.stderr)
         return 2
     if report:
         print(f"report: {args.out}/export_report.json")

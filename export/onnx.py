@@ -4,12 +4,18 @@
 
 1. ``train.registry.load_encoder`` rebuilds the encoder alone (decoders, heads and unpooling stay out);
 2. ``torch.onnx.export`` (TorchScript exporter; the dynamo exporter when that one fails) with a dynamic batch
-   axis, input ``images`` (n, 3, H, W) float32, output ``embeddings`` (n, dim) float32, opset 17+;
+   axis, input ``images`` (n, 3, H, W) float32, output ``embeddings`` (n, dim) float32, opset 17 up to what
+   the installed onnx and torch exporter write (``opset_limits``; the opset recorded is the one the file has);
 3. the metadata the engine needs (``engine.encoder.model_metadata``: name, arch, dim, input size, the
-   ``Preprocess`` JSON, format version, sha256 of the source checkpoint) goes into ``metadata_props``;
+   ``Preprocess`` JSON, format version, sha256 of the source checkpoint) goes into ``metadata_props``, and
+   ``lookalike.sha256`` seals the file (``_seal``: the sha256 of its serialisation with that value as 64 zeros,
+   which ``engine.Encoder`` checks on load);
 4. ``onnx.checker.check_model(full_check=True)``, then onnxruntime is compared with torch on real images
    (``export.verify.real_images``): a max abs difference above ``tolerance`` (1e-4) raises ``ExportError``
    and nothing is written; otherwise the file is written atomically (temp file + ``os.replace``).
+
+A run folder named after a model (``runs/la/``) must hold that model's checkpoint; the output folder is checked
+to be writable before any work.
 
 Optional variants, measured against the float32 file on held-out real images (max abs difference, mean
 cosine, overlap@10 of the neighbour lists) and written as ``<name>.fp16.onnx`` / ``<name>.int8.onnx``:
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import tempfile
 import time
 import warnings
@@ -32,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.encoder import CPU, KEY_PRECISION, ModelInfo, make_session, model_metadata
+from engine.encoder import (CPU, DIGEST_PLACEHOLDER, KEY_PRECISION, KEY_SHA256, ModelInfo, check_file_digest,
+                            make_session, model_metadata)
+from engine.errors import ModelError
 from export import verify
 from train.checkpoint import CheckpointError, atomic_write_bytes
 from train.registry import MODEL_NAMES
@@ -40,6 +49,8 @@ from train.registry import MODEL_NAMES
 INPUT_NAME = "images"  # (n, 3, H, W) float32, preprocessed as the metadata says
 OUTPUT_NAME = "embeddings"  # (n, dim) float32, L2-normalised
 DEFAULT_OPSET = 17
+MIN_OPSET = 17
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's own operator set; it writes no older one
 TOLERANCE = 1e-4  # max abs difference allowed between onnxruntime and torch (float32)
 EXPORTERS = ("auto", "torchscript", "dynamo")
 VARIANTS = ("fp16", "int8")
@@ -106,16 +117,50 @@ def resolve(names, runs_dir) -> list[tuple[str, Path]]:
 
 # -- torch -> ONNX --------------------------------------------------------------------------------------------
 
-def to_onnx(model, example, *, opset: int = DEFAULT_OPSET, exporter: str = "auto") -> tuple[bytes, str]:
-    """The encoder as ONNX bytes with a dynamic batch axis, and a description of the exporter used."""
-    import torch
+def opset_limits() -> dict[str, int]:
+    """The newest opset each exporter can write with the installed onnx and torch: the TorchScript exporter up
+    to the newest torch supports for it (it warns above that), the dynamo exporter (and so ``auto``) up to onnx's
+    newest opset."""
+    import onnx
+    import torch.onnx._constants as torch_onnx  # no public name for the TorchScript exporter's limit
 
+    newest = onnx.defs.onnx_opset_version()
+    torchscript = getattr(torch_onnx, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(torch_onnx, "ONNX_MAX_OPSET", 20))
+    torchscript = min(torchscript, newest)
+    return {"torchscript": torchscript, "dynamo": newest, "auto": newest}
+
+
+def check_opset(opset, exporter: str) -> None:
+    """Refuse (``ExportError``) an exporter or opset the installed onnx / torch cannot write."""
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if opset < 17:
-        raise ExportError(f"opset must be 17 or newer, got {opset}")
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+        raise ExportError(f"opset must be an int, got {opset!r}")
+    import onnx
+    import torch
+
+    limits = opset_limits()
+    if not MIN_OPSET <= opset <= limits[exporter]:
+        raise ExportError(
+            f"opset must be between {MIN_OPSET} and {limits[exporter]} for the {exporter} exporter, got {opset} "
+            f"(onnx {onnx.__version__} defines opsets up to {limits['dynamo']}; torch {torch.__version__}'s "
+            f"TorchScript exporter writes up to {limits['torchscript']}, its dynamo exporter up to onnx's)")
+
+
+def _opset_of(proto) -> int:
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def to_onnx(model, example, *, opset: int = DEFAULT_OPSET, exporter: str = "auto") -> tuple[bytes, str]:
+    """The encoder as ONNX bytes with a dynamic batch axis, and a description of the exporter used with the
+    opset the bytes really have."""
+    import onnx
+    import torch
+
+    check_opset(opset, exporter)
     first_error = None
-    if exporter in ("auto", "torchscript"):
+    # auto: the TorchScript exporter where it can write the opset, else the dynamo exporter straight away
+    if exporter == "torchscript" or (exporter == "auto" and opset <= opset_limits()["torchscript"]):
         buf = io.BytesIO()
         try:
             with warnings.catch_warnings():
@@ -125,22 +170,64 @@ def to_onnx(model, example, *, opset: int = DEFAULT_OPSET, exporter: str = "auto
                 torch.onnx.export(model, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                   dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                                   opset_version=opset, do_constant_folding=True, dynamo=False)
-            return buf.getvalue(), f"torch {torch.__version__} torchscript exporter, opset {opset}"
+            raw = buf.getvalue()
+            _check_opset_written(onnx.load_from_string(raw), opset, "TorchScript")
+            return raw, f"torch {torch.__version__} torchscript exporter, opset {opset}"
         except Exception as e:  # noqa: BLE001  (any exporter failure: try the other exporter, or report it)
             if exporter == "torchscript":
                 raise ExportError(f"the TorchScript exporter failed: {type(e).__name__}: {e}") from e
             first_error = e
+    wanted = max(opset, DYNAMO_MIN_OPSET)
     try:
         batch = torch.export.Dim("batch")
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        dynamic_shapes=({0: batch},), opset_version=max(opset, 18), dynamo=True)
-        return program.model_proto.SerializeToString(), \
-            f"torch {torch.__version__} dynamo exporter, opset {max(opset, 18)}"
+                                        dynamic_shapes=({0: batch},), opset_version=wanted, dynamo=True)
+        # the exporter keeps its own opset when onnx's version converter fails: what was written is what counts
+        _check_opset_written(program.model_proto, wanted, "dynamo")
+        return program.model_proto.SerializeToString(), f"torch {torch.__version__} dynamo exporter, opset {wanted}"
     except Exception as e:  # noqa: BLE001
         before = f"the TorchScript exporter failed ({type(first_error).__name__}: {first_error}); " if first_error else ""
         raise ExportError(f"{before}the dynamo exporter failed: {type(e).__name__}: {e}") from e
+
+
+def _check_opset_written(proto, wanted: int, exporter: str) -> None:
+    got = _opset_of(proto)
+    if got != wanted:
+        raise ExportError(f"asked the {exporter} exporter for opset {wanted}, it wrote opset {got}")
+
+
+def _seal(proto) -> bytes:
+    """``proto`` serialised with ``lookalike.sha256`` set to the sha256 of its serialisation with that value as
+    ``DIGEST_PLACEHOLDER`` (same length, so only those 64 bytes differ); ``engine.encoder.check_file_digest``
+    undoes the substitution on load and compares."""
+    entry = next((p for p in proto.metadata_props if p.key == KEY_SHA256), None)
+    if entry is None:
+        entry = proto.metadata_props.add()
+        entry.key = KEY_SHA256
+    entry.value = DIGEST_PLACEHOLDER
+    blank = proto.SerializeToString()
+    digest = hashlib.sha256(blank).hexdigest()
+    entry.value = digest
+    data = proto.SerializeToString()
+    needle = digest.encode("ascii")
+    if data.count(needle) != 1 or data.replace(needle, DIGEST_PLACEHOLDER.encode("ascii")) != blank:
+        raise ExportError(f"cannot seal the model with its sha256: expected its serialisation to change only in "
+                          f"the 64 bytes of {KEY_SHA256}, got {len(data)} bytes vs {len(blank)} with other changes")
+    return data
+
+
+def _session(data: bytes, where: str):
+    """An onnxruntime CPU session on ``data``, which must pass the engine's own checks (metadata and sha256)."""
+    try:
+        session, _ = make_session(data, providers=[CPU], where=where)
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        ModelInfo.from_metadata(meta, where)
+        check_file_digest(data, meta, where)
+    except ModelError as e:
+        raise ExportError(f"{e}; nothing written") from None
+    return session
 
 
 def _set_metadata(proto, meta: dict[str, str]) -> None:
@@ -201,6 +288,8 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ExportError(f"variants must be among {VARIANTS}, got {bad}")
+    check_opset(opset, exporter)
+    check_out_dir(out_dir)
     started = time.time()
     checkpoint = Path(checkpoint)
     try:
@@ -211,6 +300,10 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
         raise ExportError(f"{checkpoint}: train.registry.load_encoder cannot rebuild its encoder "
                           f"({type(e).__name__}: {str(e).strip()[:400]}); a checkpoint written by another version "
                           f"of the code needs re-training") from e
+    if name and name in MODEL_NAMES and name != info.name:
+        raise ExportError(f"{checkpoint}: expected a checkpoint of model {name!r} (the name asked for: its run "
+                          f"folder's), got one of model {info.name!r} (arch {info.arch!r}); move it to a run folder "
+                          f"named {info.name!r}, or export it under a name that is not a model name")
     name = name or info.name
     out_dir = Path(out_dir)
     if images is None:
@@ -239,9 +332,8 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
                           precision="float32", kwargs=_checkpoint_kwargs(checkpoint), exporter=exporter_used)
     _set_metadata(proto, meta)
     _check(proto, f"the ONNX export of {checkpoint}")
-    data = proto.SerializeToString()
-    session, _ = make_session(data, providers=[CPU], where=f"the ONNX export of {checkpoint}")
-    ModelInfo.from_metadata(dict(session.get_modelmeta().custom_metadata_map), f"the ONNX export of {checkpoint}")
+    data = _seal(proto)
+    session = _session(data, f"the ONNX export of {checkpoint}")
     got = verify.ort_embed(session, x_eval)
     if got.shape != ref.shape:
         raise ExportError(f"{name}: onnxruntime returns shape {got.shape} where torch returns {ref.shape}; "
@@ -308,14 +400,14 @@ def _fp16(proto):
         tail = _with_private_inputs(p.graph, set(tail), feature)
         tail_nodes = [n for n in p.graph.node if n.name in tail]
         body = [n for n in p.graph.node if n.name not in tail]
-        tail_tensors = {o for n in tail_nodes for o in n.output}
-        infos = [v for v in p.graph.value_info if v.name not in tail_tensors]
         del p.graph.node[:]
         p.graph.node.extend(body)
-        del p.graph.value_info[:]
-        p.graph.value_info.extend(infos)
         del p.graph.output[:]
         p.graph.output.append(onnx.helper.make_tensor_value_info(feature, onnx.TensorProto.FLOAT, None))
+    # no stale float32 value_info: the dynamo exporter records every intermediate tensor's type, and the
+    # converter leaves some of them float32 beside the float16 tensors it makes (the checker then refuses the
+    # model); its own shape inference types what it needs
+    del p.graph.value_info[:]
     with warnings.catch_warnings(), _quiet_logging():
         warnings.simplefilter("ignore")
         p16 = convert_float_to_float16(p, keep_io_types=True)
@@ -398,7 +490,9 @@ def _int8(proto, x_calib: np.ndarray, *, where: str):
         onnx.save(proto, str(src))
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
             warnings.simplefilter("ignore")
-            quant_pre_process(str(src), str(pre))
+            # no symbolic shape inference: it fails on the dynamo exporter's graphs (its value_info carries
+            # symbolic batch dims it cannot map), and onnx's own shape inference still runs
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             pre_proto = onnx.load(str(pre))
             exclude = _normalisation_tail(pre_proto)[1]
             onnx.save(pre_proto, str(pre))
@@ -424,8 +518,8 @@ def _quiet_logging():
 
 def _finish_variant(vproto, variant: str, name: str, out_dir: Path, x_eval: np.ndarray, ref: np.ndarray, log) -> dict:
     _check(vproto, f"the {variant} variant of {name}")
-    data = vproto.SerializeToString()
-    session, _ = make_session(data, providers=[CPU], where=f"the {variant} variant of {name}")
+    data = _seal(vproto)
+    session = _session(data, f"the {variant} variant of {name}")
     got = verify.ort_embed(session, x_eval)
     if not np.isfinite(got).all():
         raise ExportError(f"{name}: the {variant} variant returns non-finite embeddings on real images "
@@ -456,8 +550,11 @@ def export_many(names, *, runs_dir="runs", out_dir="models", variants=(), check_
                 opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE, exporter: str = "auto",
                 log=print) -> tuple[dict, list[str]]:
     """Export each named run (or ``all``); returns (report, errors). The report is merged into
-    ``<out_dir>/export_report.json`` (atomically) for the models that exported."""
+    ``<out_dir>/export_report.json`` (atomically) for the models that exported. A model that fails (a file
+    that cannot be written included) is listed in the errors and the others go on."""
+    check_opset(opset, exporter)
     todo = resolve(names, runs_dir)
+    check_out_dir(out_dir)
     images, source = verify.real_images(check_images)
     log(f"checking on {len(images)} real images: {source}")
     done, errors = {}, []
@@ -468,8 +565,37 @@ def export_many(names, *, runs_dir="runs", out_dir="models", variants=(), check_
             errors += done[name].get("errors", [])
         except (ExportError, CheckpointError) as e:
             errors.append(f"{name}: {e}")
-    report = update_report(Path(out_dir) / "export_report.json", done) if done else {}
+        except OSError as e:
+            errors.append(f"{name}: {cannot_write(e, out_dir)}")
+    report = {}
+    if done:
+        try:
+            report = update_report(Path(out_dir) / "export_report.json", done)
+        except OSError as e:
+            errors.append(cannot_write(e, Path(out_dir) / "export_report.json"))
     return report, errors
+
+
+def cannot_write(e: OSError, default) -> str:
+    """``cannot write PATH (Error: reason)`` for an OSError met while writing (an atomic write's rename names
+    the temporary file first and the destination second)."""
+    target = e.filename2 or e.filename or default
+    return f"cannot write {target} ({type(e).__name__}: {e.strerror or e})"
+
+
+def check_out_dir(out_dir) -> None:
+    """Refuse (``ExportError``) an output folder that cannot be created or written, before any work is done:
+    it (or its nearest existing parent, when it is still to be made) must be a writable folder. Creates nothing."""
+    out = Path(out_dir)
+    probe = out.absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "the output folder" if probe == out.absolute() else "its parent"
+        raise ExportError(f"cannot write to {out}/: {what} {probe} exists and is not a folder; expected a folder "
+                          f"(or a path that can be created), give another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write to {out}/: {probe} is not writable")
 
 
 def update_report(path: Path, entries: dict) -> dict:

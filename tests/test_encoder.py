@@ -5,6 +5,8 @@ the same Preprocess; every registered model is trained for 2 steps by its real t
 """
 
 import hashlib
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import onnx
 import pytest
 
 from engine import Encoder
+from engine.encoder import FORMAT_VERSION
 from engine.errors import ImageReadError, InputError, ModelError
 from engine.preprocess import read_image
 from train.registry import MODEL_NAMES
@@ -173,6 +176,89 @@ def test_model_errors(tmp_path, fast_model):
     onnx.save(proto, str(tmp_path / "future.onnx"))
     with pytest.raises(ModelError, match="format version 99"):
         Encoder(tmp_path / "future.onnx")
+
+
+def digest_by_onnx(path) -> str:
+    """Oracle for lookalike.sha256: the sha256 of the model re-serialised by onnx with that value as 64 zeros."""
+    proto = onnx.load(str(path))
+    (entry,) = [p for p in proto.metadata_props if p.key == "lookalike.sha256"]
+    entry.value = "0" * 64
+    return hashlib.sha256(proto.SerializeToString()).hexdigest()
+
+
+def test_file_carries_its_own_digest(fast_model):
+    meta = {p.key: p.value for p in onnx.load(str(fast_model)).metadata_props}
+    assert meta["lookalike.sha256"] == digest_by_onnx(fast_model)
+    assert meta["lookalike.sha256"] != hashlib.sha256(fast_model.read_bytes()).hexdigest()
+
+
+def test_damaged_weights_are_refused(tmp_path, fast_model, photo_paths):
+    import onnxruntime as ort
+
+    data = fast_model.read_bytes()
+    proto = onnx.load(str(fast_model))
+    weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    at = data.find(weight.raw_data)
+    assert len(weight.raw_data) >= 1024 and at > 0 and data.count(weight.raw_data) == 1
+    damaged = bytearray(data)
+    mid = at + len(weight.raw_data) // 2
+    for i in range(mid, mid + 64):
+        damaged[i] ^= 0x5A
+    bad = tmp_path / "damaged.onnx"
+    bad.write_bytes(bytes(damaged))
+    # onnxruntime itself runs the damaged file (the damage is in the numbers, not the structure)...
+    ort.InferenceSession(str(bad), providers=["CPUExecutionProvider"])
+    # ...the engine refuses it, naming the file, with the expected and the found digest
+    with pytest.raises(ModelError, match=re.escape(str(bad)) + r" is damaged or was edited after export") as e:
+        Encoder(bad)
+    expected = digest_by_onnx(fast_model)
+    assert expected in str(e.value)
+    assert hashlib.sha256(bytes(damaged).replace(expected.encode(), b"0" * 64)).hexdigest() in str(e.value)
+    # an untouched copy loads and gives the original's embeddings
+    good = tmp_path / "copy.onnx"
+    shutil.copyfile(fast_model, good)
+    np.testing.assert_array_equal(Encoder(good).encode(photo_paths[:3]), Encoder(fast_model).encode(photo_paths[:3]))
+
+
+def test_edited_metadata_is_refused(tmp_path, fast_model):
+    proto = onnx.load(str(fast_model))
+    for p in proto.metadata_props:
+        if p.key == "lookalike.name":
+            p.value = "la"  # a valid name: only the digest can tell
+    onnx.save(proto, str(tmp_path / "renamed.onnx"))
+    with pytest.raises(ModelError, match=r"renamed\.onnx is damaged or was edited after export"):
+        Encoder(tmp_path / "renamed.onnx")
+    # the digest itself changed, or replaced by the placeholder: refused too
+    for value, why in (("f" * 64, "damaged or was edited"), ("0" * 64, "must be the sha256 of the file"),
+                       ("not-a-digest", "must be 64 lowercase hex digits")):
+        proto = onnx.load(str(fast_model))
+        for p in proto.metadata_props:
+            if p.key == "lookalike.sha256":
+                p.value = value
+        onnx.save(proto, str(tmp_path / "digest.onnx"))
+        with pytest.raises(ModelError, match=r"digest\.onnx.*" + why):
+            Encoder(tmp_path / "digest.onnx")
+
+
+def test_files_of_the_previous_format_ask_for_a_re_export(tmp_path, fast_model):
+    # format version 1 files (exported before lookalike.sha256 existed) carry no digest
+    proto = onnx.load(str(fast_model))
+    keep = [(p.key, p.value) for p in proto.metadata_props if p.key != "lookalike.sha256"]
+    del proto.metadata_props[:]
+    for k, v in keep:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, ("1" if k == "lookalike.format_version" else v)
+    onnx.save(proto, str(tmp_path / "v1.onnx"))
+    with pytest.raises(ModelError, match=r"v1\.onnx has lookalike model format version 1; this engine reads "
+                                         rf"version {FORMAT_VERSION}\. Re-export it"):
+        Encoder(tmp_path / "v1.onnx")
+    # the current version without its digest: damaged metadata
+    for p in proto.metadata_props:
+        if p.key == "lookalike.format_version":
+            p.value = str(FORMAT_VERSION)
+    onnx.save(proto, str(tmp_path / "nodigest.onnx"))
+    with pytest.raises(ModelError, match=r"nodigest\.onnx: damaged lookalike metadata.*lookalike\.sha256"):
+        Encoder(tmp_path / "nodigest.onnx")
 
 
 def test_image_errors(tmp_path, fast_model, photo_paths):

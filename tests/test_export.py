@@ -4,6 +4,7 @@ Every registered model is trained for 2 steps by its real trainer (tests/trained
 exported; the torch model rebuilt from the checkpoint is the oracle.
 """
 
+import hashlib
 import json
 import shutil
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine import Encoder
 from engine.encoder import FORMAT_VERSION, PREFIX
 from engine.preprocess import Preprocess
 from export import verify
@@ -48,6 +50,18 @@ def metadata(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
+def digest_by_onnx(path) -> str:
+    """Oracle for lookalike.sha256: the sha256 of the model re-serialised by onnx with that value as 64 zeros."""
+    proto = onnx.load(str(path))
+    (entry,) = [p for p in proto.metadata_props if p.key == PREFIX + "sha256"]
+    entry.value = "0" * 64
+    return hashlib.sha256(proto.SerializeToString()).hexdigest()
+
+
+def file_opset(proto) -> int:
+    return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
 # -- every registered model ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -56,7 +70,7 @@ def test_export_every_model(cache, photos, name):
     path = cache.onnx(name)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert file_opset(proto) >= 17
 
     # the metadata says everything the engine needs, and it matches the checkpoint
     ckpt = load_checkpoint(run / "checkpoint.pt")
@@ -71,6 +85,8 @@ def test_export_every_model(cache, photos, name):
     assert json.loads(meta[PREFIX + "input_size"]) == list(pre.size)
     assert meta[PREFIX + "checkpoint_sha256"] == checkpoint_sha256(run / "checkpoint.pt")
     assert meta[PREFIX + "precision"] == "float32"
+    assert meta[PREFIX + "exporter"].endswith(f"opset {file_opset(proto)}")
+    assert meta[PREFIX + "sha256"] == digest_by_onnx(path)
 
     # the encoder alone: one input with a dynamic batch axis, no decoder or unpooling in the graph
     (inp,) = proto.graph.input
@@ -131,6 +147,7 @@ def test_cli_all_with_fp16_and_int8(cache, tmp_path, capsys):
         pre = Preprocess.from_json(metadata(out / f"{name}.onnx")[PREFIX + "preprocess"])
         x = pre(evaluation)
         f32 = ort_session(out / f"{name}.onnx").run(None, {"images": x})[0]
+        assert metadata(out / f"{name}.onnx")[PREFIX + "sha256"] == digest_by_onnx(out / f"{name}.onnx")
         for variant, precision in (("fp16", "float16"), ("int8", "int8")):
             path = out / f"{name}.{variant}.onnx"
             proto = onnx.load(str(path))
@@ -138,6 +155,8 @@ def test_cli_all_with_fp16_and_int8(cache, tmp_path, capsys):
             meta = metadata(path)
             assert meta[PREFIX + "precision"] == precision
             assert meta[PREFIX + "checkpoint_sha256"] == entry["checkpoint_sha256"]
+            assert meta[PREFIX + "sha256"] == digest_by_onnx(path)
+            assert Encoder(path).info.precision == precision  # the engine's own damage check passes
             sess = ort_session(path)
             assert sess.get_inputs()[0].type == sess.get_outputs()[0].type == "tensor(float)"
             got = sess.run(None, {"images": x})[0]
@@ -267,3 +286,139 @@ def test_help_explains(capsys):
     text = capsys.readouterr().out
     for word in ("--fp16", "--int8", "--runs", "--out", "metadata", "export_report.json", *MODEL_NAMES):
         assert word in text
+
+
+# -- the dynamo exporter, with the variants -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_dynamo_exporter_with_fp16_and_int8(cache, tmp_path, name):
+    images, source = cache.images()
+    entry = export_run(cache.run(name), tmp_path, name=name, images=images, image_source=source,
+                       variants=("fp16", "int8"), exporter="dynamo", log=lambda *_: None)
+    assert "errors" not in entry, entry["errors"]
+    assert "dynamo exporter" in entry["exporter"]
+    model, info = load_encoder(cache.run(name))
+    x = info.preprocess(images[1::2])  # the evaluation half (the other half calibrates int8)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    for suffix, precision, min_cos in ((".onnx", "float32", 0.9999), (".fp16.onnx", "float16", 0.999),
+                                       (".int8.onnx", "int8", 0.98)):
+        path = tmp_path / f"{name}{suffix}"
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto, full_check=True)
+        assert entry["exporter"].endswith(f"opset {file_opset(proto)}")
+        enc = Encoder(path)
+        assert enc.info.precision == precision
+        got = enc.encode_preprocessed(x)
+        cos = (got * ref).sum(1) / np.linalg.norm(ref, axis=1)
+        assert cos.min() >= min_cos, (precision, cos)
+    types = {t.data_type for t in onnx.load(str(tmp_path / f"{name}.fp16.onnx")).graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types
+    ops = {n.op_type for n in onnx.load(str(tmp_path / f"{name}.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+# -- what is exported under which name --------------------------------------------------------------------------
+
+def test_run_folder_named_after_another_model_is_refused(cache, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(cache.run("siamese"), runs / "la")  # the siamese checkpoint in la's run folder
+    shutil.copytree(cache.run("mpnn"), runs / "my-mpnn")  # a folder name that is no model name: used as given
+    out = tmp_path / "models"
+    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--check-images", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "expected a checkpoint of model 'la'" in err and "got one of model 'siamese' (arch 'siamese')" in err
+    assert sorted(p.name for p in out.iterdir()) == ["export_report.json", "my-mpnn.onnx"]
+    meta = metadata(out / "my-mpnn.onnx")
+    assert (meta[PREFIX + "name"], meta[PREFIX + "arch"]) == ("my-mpnn", "mpnn")
+    with pytest.raises(ExportError, match=r"expected a checkpoint of model 'la'.*got one of model 'siamese'"):
+        export_run(runs / "la", out, name="la", images=verify.real_images(4)[0])
+    assert not (out / "la.onnx").exists()
+
+
+# -- output folders that cannot be written --------------------------------------------------------------------
+
+def test_output_that_cannot_be_written_is_refused_first(cache, tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    shutil.copytree(cache.run("siamese"), runs / "siamese")
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder\n")
+    for out in (taken, taken / "models"):
+        rc = export_main(["siamese", "--runs", str(runs), "--out", str(out), "--check-images", "4"])
+        printed = capsys.readouterr()
+        assert rc == 2
+        assert printed.err.startswith(f"error: cannot write to {out}/: ") and "is not a folder" in printed.err
+        assert "checking on" not in printed.out  # refused before the work
+    assert taken.read_text() == "a file, not a folder\n"
+    # any other OSError ends as one line, exit status 2
+    import export.__main__ as cli
+
+    def refuse(*_, **__):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "x.onnx"))
+
+    monkeypatch.setattr(cli, "export_many", refuse)
+    assert export_main(["siamese", "--runs", str(runs), "--out", str(tmp_path / "ro")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write {tmp_path / 'ro' / 'x.onnx'} (PermissionError: Permission denied)\n"
+
+
+def test_a_model_that_cannot_be_written_does_not_stop_the_others(cache, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name in ("mpnn", "siamese"):
+        shutil.copytree(cache.run(name), runs / name)
+    out = tmp_path / "models"
+    (out / "mpnn.onnx").mkdir(parents=True)  # a folder where mpnn.onnx goes: its write fails
+    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--check-images", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith(f"error: mpnn: cannot write {out / 'mpnn.onnx'} (IsADirectoryError")
+    assert (out / "mpnn.onnx").is_dir() and (out / "siamese.onnx").is_file()
+    assert set(json.loads((out / "export_report.json").read_text())["models"]) == {"siamese"}
+    assert sorted(p.name for p in out.iterdir()) == ["export_report.json", "mpnn.onnx", "siamese.onnx"]  # no temp
+
+
+# -- opsets ---------------------------------------------------------------------------------------------------
+
+def test_unsupported_opset_is_refused(cache, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(cache.run("siamese"), runs / "siamese")
+    out = tmp_path / "models"
+    newest = onnx.defs.onnx_opset_version()
+    for opset in (99, newest + 1, 16):
+        rc = export_main(["siamese", "--runs", str(runs), "--out", str(out), "--opset", str(opset),
+                          "--check-images", "4"])
+        printed = capsys.readouterr()
+        assert rc == 2
+        assert f"opset must be between 17 and {newest} for the auto exporter, got {opset}" in printed.err
+        assert "graph(" not in printed.out and "Traceback" not in printed.err
+        assert not out.exists()
+    # the TorchScript exporter stops at the newest opset torch supports for it
+    from torch.onnx import _constants
+
+    limit = min(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET, newest)
+    with pytest.raises(ExportError, match=f"between 17 and {limit} for the torchscript exporter, got {limit + 1}"):
+        export_run(runs / "siamese", out, images=verify.real_images(4)[0], opset=limit + 1, exporter="torchscript")
+    assert not out.exists()
+
+
+def test_recorded_opset_is_the_files(cache, tmp_path, monkeypatch):
+    images = verify.real_images(4)[0]
+    # the dynamo exporter writes no opset below 18: asked for 17, the file and its records say 18
+    entry = export_run(cache.run("mpnn"), tmp_path / "a", images=images, opset=17, exporter="dynamo",
+                       log=lambda *_: None)
+    assert file_opset(onnx.load(str(tmp_path / "a" / "mpnn.onnx"))) == 18
+    assert entry["exporter"].endswith("opset 18")
+    assert metadata(tmp_path / "a" / "mpnn.onnx")[PREFIX + "exporter"] == entry["exporter"]
+    # an exporter that keeps an opset other than the one asked for (onnx's version converter failing) is caught
+    real = torch.onnx.export
+
+    def keeps_18(*args, **kwargs):
+        if kwargs.get("dynamo"):
+            kwargs["opset_version"] = 18
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", keeps_18)
+    with pytest.raises(ExportError, match="asked the dynamo exporter for opset 20, it wrote opset 18"):
+        export_run(cache.run("mpnn"), tmp_path / "b", images=images, opset=20, exporter="dynamo", log=lambda *_: None)
+    assert not (tmp_path / "b").exists()

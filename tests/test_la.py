@@ -308,13 +308,15 @@ class Crash(Exception):
     pass
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cluster_every", [1, 2])  # 2: the resumed epoch uses the checkpoint's clusters
+def test_resume_continues_exactly(tmp_path, monkeypatch, cluster_every):
     from train.common import Run
     from train.la import main
 
     straight = tmp_path / "straight"
     split = tmp_path / "split"
-    m_straight = main(TINY + ["--epochs", "3", "--out", str(straight)])
+    tiny = TINY + ["--cluster-every", str(cluster_every)]
+    m_straight = main(tiny + ["--epochs", "3", "--out", str(straight)])
 
     # the same run, killed right after its second checkpoint, then resumed
     real_save = Run.save
@@ -327,10 +329,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Run, "save", save_then_crash)
     with pytest.raises(Crash):
-        main(TINY + ["--epochs", "3", "--out", str(split)])
+        main(tiny + ["--epochs", "3", "--out", str(split)])
     monkeypatch.setattr(Run, "save", real_save)
     assert _ckpt(split)["epoch"] == 2
-    m_split = main(TINY + ["--epochs", "3", "--out", str(split), "--resume"])
+    m_split = main(tiny + ["--epochs", "3", "--out", str(split), "--resume"])
     a, b = _ckpt(straight), _ckpt(split)
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"] == 9
     for key in a["model"]:

@@ -55,3 +55,15 @@ def cli_error(capsys, call, *needles: str) -> str:
     for needle in needles:
         assert needle in line, (needle, line)
     return line
+
+
+def bad_data_and_damaged_checkpoint_exit_2(capsys, main, tmp_path, name: str, resume_args: list[str]):
+    """A trainer's ``main`` refuses ``--data mnist`` at a missing root and ``--resume`` from a truncated
+    checkpoint of model ``name`` (``resume_args``: a tiny run of that trainer, --out and --resume added) with
+    ``error: ...`` naming the path, exit status 2 and no traceback."""
+    gone = tmp_path / "nonexistent"
+    cli_error(capsys, lambda: main([*resume_args, "--data", "mnist", "--data-root", str(gone), "--out",
+                                    str(tmp_path / "a")]), "data set 'mnist'", str(gone))
+    path = truncated_checkpoint(tmp_path / "b", name)
+    cli_error(capsys, lambda: main([*resume_args, "--out", str(tmp_path / "b"), "--resume"]), str(path),
+              "truncated or damaged")

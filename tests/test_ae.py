@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resume_check import cli_error, split_run_equals_whole, truncated_checkpoint
+from resume_check import bad_data_and_damaged_checkpoint_exit_2, split_run_equals_whole
 from train import ae as trainer
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.models import ae as models
@@ -183,12 +183,7 @@ def test_vgg16bn_trainer_runs_and_round_trips(tmp_path):
 
 
 def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
-    gone = tmp_path / "nonexistent"
-    cli_error(capsys, lambda: trainer.main(["--data", "mnist", "--data-root", str(gone), "--out", str(tmp_path / "a")]),
-              "data set 'mnist'", str(gone))
-    path = truncated_checkpoint(tmp_path / "b", "ae-conv")
-    cli_error(capsys, lambda: trainer.main(TINY + ["--limit", "8", "--out", str(tmp_path / "b"), "--resume"]),
-              str(path), "truncated or damaged")
+    bad_data_and_damaged_checkpoint_exit_2(capsys, trainer.main, tmp_path, "ae-conv", TINY + ["--limit", "8"])
 
 
 def test_fewer_than_two_training_images_are_refused_up_front(tmp_path, capsys):

@@ -401,15 +401,10 @@ def test_load_encoder_round_trip_gives_unit_128d_embeddings(tmp_path):
 
 
 def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
-    from resume_check import cli_error, truncated_checkpoint
+    from resume_check import bad_data_and_damaged_checkpoint_exit_2
     from train.la import main
 
-    gone = tmp_path / "nonexistent"
-    cli_error(capsys, lambda: main(["--data", "mnist", "--data-root", str(gone), "--out", str(tmp_path / "a")]),
-              "data set 'mnist'", str(gone))
-    path = truncated_checkpoint(tmp_path / "b", "la")
-    cli_error(capsys, lambda: main(TINY + ["--epochs", "1", "--out", str(tmp_path / "b"), "--resume"]),
-              str(path), "truncated or damaged")
+    bad_data_and_damaged_checkpoint_exit_2(capsys, main, tmp_path, "la", TINY + ["--epochs", "1"])
 
 
 def test_bad_options_are_refused_with_a_clear_message():

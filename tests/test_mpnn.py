@@ -378,11 +378,6 @@ def test_resume_refuses_other_data_stream_or_model_settings_before_writing(tmp_p
 
 
 def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
-    from resume_check import cli_error, truncated_checkpoint
+    from resume_check import bad_data_and_damaged_checkpoint_exit_2
 
-    gone = tmp_path / "nonexistent"
-    cli_error(capsys, lambda: main(TINY + ["--data", "mnist", "--data-root", str(gone), "--out", str(tmp_path / "a")]),
-              "data set 'mnist'", str(gone))
-    path = truncated_checkpoint(tmp_path / "b", "mpnn")
-    cli_error(capsys, lambda: main(TINY + ["--level-steps", "2", "--resume", "--out", str(tmp_path / "b")]),
-              str(path), "truncated or damaged")
+    bad_data_and_damaged_checkpoint_exit_2(capsys, main, tmp_path, "mpnn", TINY + ["--level-steps", "2"])

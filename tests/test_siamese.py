@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resume_check import cli_error, split_run_equals_whole, truncated_checkpoint
+from resume_check import bad_data_and_damaged_checkpoint_exit_2, cli_error, split_run_equals_whole
 from train import siamese as trainer
 from train.checkpoint import load_checkpoint
 from train.models.siamese import (SiameseNet, SiameseTower, contrastive_loss, mine_triplets, pairwise_distances,
@@ -193,12 +193,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(tmp_path, capsys):
 
 
 def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
-    gone = tmp_path / "nonexistent"
-    cli_error(capsys, lambda: trainer.main(["--data", "mnist", "--data-root", str(gone), "--out", str(tmp_path / "a")]),
-              "data set 'mnist'", str(gone))
-    path = truncated_checkpoint(tmp_path / "b", "siamese")
-    cli_error(capsys, lambda: trainer.main(TINY + ["--limit", "40", "--out", str(tmp_path / "b"), "--resume"]),
-              str(path), "truncated or damaged")
+    bad_data_and_damaged_checkpoint_exit_2(capsys, trainer.main, tmp_path, "siamese", TINY + ["--limit", "40"])
 
 
 def test_load_encoder_round_trip_and_metrics(tmp_path):

@@ -4,6 +4,7 @@
   fsynced, and the temporary file is renamed over ``path`` (``os.replace``), so a reader sees the previous
   file or the new one, never a half-written one; on any error the temporary file is removed and the
   previous file is left as it was. The file reads like any other (mode 0644, not mkstemp's 0600).
+- ``unwritable(folder)``: why files cannot be written there (None when they can), checked before long work.
 - ``write_framed`` / ``read_framed``: the layout the memory bank and the training checkpoints share, one
   line ``MAGIC {json header}\\n`` then the payload; the header carries ``version``, ``nbytes``, the payload's
   ``sha256`` and ``header_sha256`` (of the header's other fields, canonical JSON), and reading refuses (with the
@@ -48,6 +49,20 @@ def atomic_write(path, *chunks, mode: int = 0o644) -> None:
 def _header_digest(header: dict) -> str:
     fields = {k: v for k, v in header.items() if k not in ("sha256", "header_sha256")}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def unwritable(folder) -> str | None:
+    """Why files cannot be written into ``folder`` (to be created as needed), or None when they can: the folder,
+    or its nearest existing parent while it is still to be made, must be a writable folder. Creates nothing.
+    (Checked before long work so that it fails first; ``atomic_write`` still reports what this cannot foresee.)"""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} exists and is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
 
 
 def write_framed(path, magic: bytes, header: dict, body: bytes) -> str:

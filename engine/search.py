@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ImageReadError, IndexFileError, InputError, LookalikeError, ModelError
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, unwritable
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SIDECAR_SUFFIX = ".paths.json"
@@ -76,17 +76,14 @@ def index_digest(index) -> str:
 
 
 def check_output(path, what: str) -> None:
-    """Refuse (InputError) an output ``path`` that cannot be written: a folder there, or a parent that is a
-    file or cannot be created or written. Creates the parent folders."""
+    """Refuse (InputError) an output file ``path`` that cannot be written: a folder there, or a folder for it
+    that cannot be made or written (``engine.fileio.unwritable``). Creates nothing."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"cannot write the {what} to {path}: it is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot write the {what} to {path}: cannot create its folder ({e})") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write the {what} to {path}: its folder {path.parent} is not writable")
+    why = unwritable(path.parent)
+    if why:
+        raise InputError(f"cannot write the {what} to {path}: {why}")
 
 
 # -- index ------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import tempfile
 import time
 import warnings
@@ -42,6 +41,7 @@ import numpy as np
 from engine.encoder import (CPU, DIGEST_PLACEHOLDER, KEY_PRECISION, KEY_SHA256, ModelInfo, check_file_digest,
                             make_session, model_metadata)
 from engine.errors import ModelError
+from engine.fileio import unwritable
 from export import verify
 from train.checkpoint import CheckpointError, atomic_write_bytes
 from train.registry import MODEL_NAMES
@@ -584,18 +584,12 @@ def cannot_write(e: OSError, default) -> str:
 
 
 def check_out_dir(out_dir) -> None:
-    """Refuse (``ExportError``) an output folder that cannot be created or written, before any work is done:
-    it (or its nearest existing parent, when it is still to be made) must be a writable folder. Creates nothing."""
-    out = Path(out_dir)
-    probe = out.absolute()
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        what = "the output folder" if probe == out.absolute() else "its parent"
-        raise ExportError(f"cannot write to {out}/: {what} {probe} exists and is not a folder; expected a folder "
-                          f"(or a path that can be created), give another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write to {out}/: {probe} is not writable")
+    """Refuse (``ExportError``) an output folder that cannot be created or written, before any work is done
+    (``engine.fileio.unwritable``). Creates nothing."""
+    why = unwritable(out_dir)
+    if why:
+        raise ExportError(f"cannot write to {out_dir}/: {why}; expected a folder (or a path that can be created), "
+                          f"give another --out")
 
 
 def update_report(path: Path, entries: dict) -> dict:

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from engine.fileio import atomic_write, read_framed, write_framed
+from engine.fileio import atomic_write, read_framed, unwritable, write_framed
 
 MAGIC = b"LOOKALIKE-TEST "
 
@@ -87,3 +87,12 @@ def test_read_framed_refuses_another_version_with_the_hint(tmp_path):
     write_framed(path, MAGIC, {"version": 2}, b"abc")
     with pytest.raises(ValueError, match=r"is test format version 2; this lookalike reads version 1\. Re-train"):
         read_framed(path, MAGIC, 1, what="test", error=ValueError, version_hint=". Re-train")
+
+
+def test_unwritable_names_the_file_in_the_way_and_creates_nothing(tmp_path):
+    assert unwritable(tmp_path) is None
+    assert unwritable(tmp_path / "new" / "deeper") is None  # can be made
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "f").write_text("a file")
+    assert unwritable(tmp_path / "f") == f"{tmp_path / 'f'} exists and is not a folder"
+    assert unwritable(tmp_path / "f" / "sub" / "x") == f"{tmp_path / 'f'} exists and is not a folder"

@@ -193,7 +193,8 @@ def test_cli_errors(model, folder, tmp_path, capsys, cache):
     before = index.read_bytes()
     assert search_main(["index", str(folder), "--model", str(model), "--index", str(tmp_path / "afile" / "x.idx")]) == 2
     err = capsys.readouterr().err
-    assert f"cannot write the index to {tmp_path / 'afile' / 'x.idx'}: cannot create its folder" in err
+    assert f"cannot write the index to {tmp_path / 'afile' / 'x.idx'}: {tmp_path / 'afile'} exists and is not a " \
+        "folder" in err
     assert "img/s" not in err and "index (" not in err  # no progress bar: nothing was embedded
     assert search_main(["index", str(folder), "--model", str(model), "--index", str(tmp_path)]) == 2
     assert f"cannot write the index to {tmp_path}: it is a folder" in capsys.readouterr().err

@@ -56,7 +56,7 @@ import numpy as np
 
 from engine.errors import IndexFileError, InputError, ModelError
 from engine.fileio import atomic_write
-from engine.kernels.topk import ResultTooLarge, heap_init, topk_ip
+from engine.kernels.topk import ResultTooLarge, topk_ip
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
@@ -309,16 +309,15 @@ class Searcher:
         q = self._coerce(queries, "queries", allow_1d=True)
         with self._lock.read():
             n = self._n
-            kk = min(k, n)
-            if kk == 0 or q.shape[0] == 0:
-                return _padding(q.shape[0], k, n)
-            top_scores, rows = topk_ip(q, self._vectors, n, kk)
-            top_ids = self._ids[rows]  # (nq, kk); every row < n since kk <= n
-        if kk == k:
-            return top_scores, top_ids
-        scores, ids = _padding(q.shape[0], k, n)
-        scores[:, :kk] = top_scores
-        ids[:, :kk] = top_ids
+            try:
+                scores, rows = topk_ip(q, self._vectors, n, k)  # padded with -inf / row -1 beyond n hits
+            except ResultTooLarge as e:
+                raise InputError(f"k = {k} is too large: {e} (the index holds {n} vectors)") from None
+            if k <= n:  # k hits per query: every row is real
+                return scores, self._ids[rows]
+            hit = rows >= 0
+            ids = np.full(rows.shape, -1, dtype=np.int64)
+            ids[hit] = self._ids[rows[hit]]
         return scores, ids
 
     # -- images ----------------------------------------------------------------------------------
@@ -436,14 +435,6 @@ def _sq_norms(x: np.ndarray) -> np.ndarray:
         c = x[r0 : r0 + _NORM_CHUNK].astype(np.float64)
         out[r0 : r0 + _NORM_CHUNK] = np.einsum("ij,ij->i", c, c)
     return out
-
-
-def _padding(nq: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(nq, k) scores -inf and ids -1; a k too large to allocate is refused as bad input."""
-    try:
-        return heap_init(nq, k)
-    except ResultTooLarge as e:
-        raise InputError(f"k = {k} is too large: {e} (the index holds {n} vectors)") from None
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

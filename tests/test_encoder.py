@@ -21,7 +21,7 @@ from engine.encoder import FORMAT_VERSION
 from engine.errors import ImageReadError, InputError, ModelError
 from engine.preprocess import read_image
 from train.registry import MODEL_NAMES
-from trained_models import ModelCache
+from trained_models import ModelCache, digest_by_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,13 +177,6 @@ def test_model_errors(tmp_path, fast_model):
     with pytest.raises(ModelError, match="format version 99"):
         Encoder(tmp_path / "future.onnx")
 
-
-def digest_by_onnx(path) -> str:
-    """Oracle for lookalike.sha256: the sha256 of the model re-serialised by onnx with that value as 64 zeros."""
-    proto = onnx.load(str(path))
-    (entry,) = [p for p in proto.metadata_props if p.key == "lookalike.sha256"]
-    entry.value = "0" * 64
-    return hashlib.sha256(proto.SerializeToString()).hexdigest()
 
 
 def test_file_carries_its_own_digest(fast_model):

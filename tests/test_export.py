@@ -4,7 +4,6 @@ Every registered model is trained for 2 steps by its real trainer (tests/trained
 exported; the torch model rebuilt from the checkpoint is the oracle.
 """
 
-import hashlib
 import json
 import shutil
 
@@ -26,7 +25,7 @@ from train import registry
 from train.checkpoint import MAGIC, CheckpointError, checkpoint_sha256, load_checkpoint, save_checkpoint
 from train.common import encoder_spec
 from train.registry import MODEL_NAMES, load_encoder
-from trained_models import ModelCache
+from trained_models import ModelCache, digest_by_onnx
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +48,6 @@ def ort_session(path):
 def metadata(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
-
-def digest_by_onnx(path) -> str:
-    """Oracle for lookalike.sha256: the sha256 of the model re-serialised by onnx with that value as 64 zeros."""
-    proto = onnx.load(str(path))
-    (entry,) = [p for p in proto.metadata_props if p.key == PREFIX + "sha256"]
-    entry.value = "0" * 64
-    return hashlib.sha256(proto.SerializeToString()).hexdigest()
 
 
 def file_opset(proto) -> int:

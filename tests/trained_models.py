@@ -48,6 +48,17 @@ def export_key() -> str:
     return _digest([*ROOT.glob("export/*.py"), ROOT / "engine" / "encoder.py"], [CHECK_IMAGES])
 
 
+def digest_by_onnx(path) -> str:
+    """Oracle for an exported file's lookalike.sha256: the sha256 of the model re-serialised by onnx with that
+    value as 64 zeros."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    (entry,) = [p for p in proto.metadata_props if p.key == "lookalike.sha256"]
+    entry.value = "0" * 64
+    return hashlib.sha256(proto.SerializeToString()).hexdigest()
+
+
 class ModelCache:
     """``runs/<name>/checkpoint.pt`` and ``models/<name>.onnx`` for tiny runs, built on first use."""
 

@@ -4,6 +4,11 @@
   fsynced, and the temporary file is renamed over ``path`` (``os.replace``), so a reader sees the previous
   file or the new one, never a half-written one; on any error the temporary file is removed and the
   previous file is left as it was. The file reads like any other (mode 0644, not mkstemp's 0600).
+  A process killed mid-save cannot remove its temporary file, so each save first removes the stale
+  temporaries of the same target: names ``.{name}.XXXXXXXX.tmp`` exactly as made here, last modified before
+  this process started (``STARTED``, less a margin for coarse file times), and not locked. The writer holds
+  an exclusive ``flock`` on its temporary file until the rename, so the save of another live process, however
+  long it has run, is never disturbed; the kernel drops the lock of a killed one. Other files are never touched.
 - ``unwritable(folder)``: why files cannot be written there (None when they can), checked before long work.
 - ``write_framed`` / ``read_framed``: the layout the memory bank and the training checkpoints share, one
   line ``MAGIC {json header}\\n`` then the payload; the header carries ``version``, ``nbytes``, the payload's
@@ -21,29 +26,80 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
+import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; stale temporaries are told by their age alone
+    fcntl = None
+
+STARTED = time.time()  # this process's start, as near as this module knows (no save of it can be older)
+STALE_MARGIN_S = 2.0  # file times may lag the clock (coarse timestamps, network file systems)
+_TEMP_TAIL = re.compile(r"[a-z0-9_]{8}\.tmp")  # mkstemp's 8 random characters, then our suffix
 
 
 def atomic_write(path, *chunks, mode: int = 0o644) -> None:
     """Write the bytes-like ``chunks``, in order, to ``path`` atomically (see the module notes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)  # a live save: other processes' cleanups leave it alone
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            os.chmod(tmp, mode)
+            if fcntl is not None:
+                os.replace(tmp, path)  # still locked, so never seen unlocked under its temporary name
+        if fcntl is None:
+            os.replace(tmp, path)  # Windows cannot rename an open file
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def _remove_stale_temporaries(path) -> None:
+    """Remove the temporary files that saves of ``path`` killed mid-write left beside it.
+
+    Only names ``.{path.name}.XXXXXXXX.tmp`` (as ``atomic_write`` makes them), last modified more than
+    ``STALE_MARGIN_S`` before ``STARTED`` (so none of this process's saves, nor of any process started after
+    it), and not locked by a live writer. Files that vanish or cannot be removed meanwhile are left alone.
+    """
+    prefix = f".{path.name}."
+    before = STARTED - STALE_MARGIN_S
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and _TEMP_TAIL.fullmatch(entry.name, len(prefix))):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_mtime >= before:
+                continue
+            if fcntl is None:
+                os.unlink(entry.path)
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live save holds it
+                os.unlink(entry.path)  # under the lock: its writer, if any, is gone
+            finally:
+                os.close(fd)
+        except OSError:  # vanished, locked, or not ours to remove
+            continue
 
 
 def _header_digest(header: dict) -> str:

@@ -2,7 +2,12 @@
 
 import hashlib
 import json
+import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -96,3 +101,98 @@ def test_unwritable_names_the_file_in_the_way_and_creates_nothing(tmp_path):
     (tmp_path / "f").write_text("a file")
     assert unwritable(tmp_path / "f") == f"{tmp_path / 'f'} exists and is not a folder"
     assert unwritable(tmp_path / "f" / "sub" / "x") == f"{tmp_path / 'f'} exists and is not a folder"
+
+
+# -- temporaries of interrupted saves ---------------------------------------------------------------
+
+LONG_AGO = 1_000_000_000  # 2001: before any process that runs these tests started
+
+# A child process that saves ``path`` (argv[1]) but stops inside the save, its temporary file written and
+# not yet renamed: it prints "saving" and waits for a line on stdin before finishing the save.
+HELD_SAVE = r"""
+import os, sys
+from engine.fileio import atomic_write
+real_fsync = os.fsync
+def held_fsync(fd):
+    print("saving", flush=True)
+    sys.stdin.readline()
+    real_fsync(fd)
+os.fsync = held_fsync
+atomic_write(sys.argv[1], b"from the held save")
+print("saved", flush=True)
+"""
+
+SAVE = "import sys; from engine.fileio import atomic_write; atomic_write(sys.argv[1], b'from a new process')"
+
+
+def child(code, *args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, text=True, **kwargs)
+
+
+def temporaries(folder, name):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}.") and p.name.endswith(".tmp"))
+
+
+def test_a_save_removes_its_targets_stale_temporaries_and_nothing_else(tmp_path):
+    """Stale: named as atomic_write names the target's temporaries, last written before this process began.
+    A fresh one (a save of this process or of a newer one), another target's, and lookalikes stay."""
+    path = tmp_path / "index.lkx"
+    stale = [".index.lkx.a1b2c3d4.tmp", ".index.lkx.zz_9zz9z.tmp"]
+    kept_old = [".other.lkx.a1b2c3d4.tmp", "index.lkx.a1b2c3d4.tmp", ".index.lkx.a1b2.tmp",
+                ".index.lkx.A1B2C3D4.tmp", ".index.lkx.a1b2c3d4.tmp.bak", ".index.lkx.a1b2c3d4.tmpx", "notes.txt"]
+    fresh = [".index.lkx.new12345.tmp"]
+    for name in stale + kept_old + fresh:
+        (tmp_path / name).write_bytes(b"x" * 10)
+    for name in stale + kept_old:
+        os.utime(tmp_path / name, (LONG_AGO, LONG_AGO))
+    (tmp_path / ".index.lkx.dir12345.tmp").mkdir()  # a folder by that name is not a temporary file
+    os.utime(tmp_path / ".index.lkx.dir12345.tmp", (LONG_AGO, LONG_AGO))
+    atomic_write(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        kept_old + fresh + ["index.lkx", ".index.lkx.dir12345.tmp"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_the_temporary_of_a_killed_save_is_removed_by_the_next_process_that_saves(tmp_path):
+    path = tmp_path / "index.lkx"
+    atomic_write(path, b"before")
+    held = child(HELD_SAVE, path, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert held.stdout.readline().strip() == "saving"
+    held.send_signal(signal.SIGKILL)  # kill -9 mid-save: nothing of it can clean up
+    held.wait(timeout=60)
+    left = temporaries(tmp_path, "index.lkx")
+    assert len(left) == 1 and (tmp_path / left[0]).read_bytes() == b"from the held save"
+    assert path.read_bytes() == b"before"
+    atomic_write(path, b"this process")  # this process started before the killed save: not stale for it
+    assert temporaries(tmp_path, "index.lkx") == left
+    # A save later than the margin for coarse file times (2 s) finds it older than its own start: the file's
+    # time is set back instead of waiting.
+    os.utime(tmp_path / left[0], (time.time() - 60, time.time() - 60))
+    assert child(SAVE, path).wait(timeout=120) == 0
+    assert temporaries(tmp_path, "index.lkx") == []
+    assert path.read_bytes() == b"from a new process"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_the_temporary_of_a_live_save_of_another_process_is_left_alone_however_old(tmp_path):
+    """A process that began saving long before the cleaning one started holds a lock on its temporary file:
+    the cleaning save leaves it, and the held save then completes."""
+    path = tmp_path / "index.lkx"
+    held = child(HELD_SAVE, path, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert held.stdout.readline().strip() == "saving"
+        (live,) = temporaries(tmp_path, "index.lkx")
+        os.utime(tmp_path / live, (LONG_AGO, LONG_AGO))  # as old as a save can look
+        assert child(SAVE, path).wait(timeout=120) == 0
+        assert temporaries(tmp_path, "index.lkx") == [live]
+        assert path.read_bytes() == b"from a new process"
+        held.stdin.write("go on\n")
+        held.stdin.flush()
+        assert held.stdout.readline().strip() == "saved"
+    finally:
+        held.kill()
+        held.wait(timeout=60)
+    assert temporaries(tmp_path, "index.lkx") == []
+    assert path.read_bytes() == b"from the held save"

@@ -3,10 +3,12 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -64,6 +66,9 @@ def test_framed_round_trip_and_the_header_it_writes(tmp_path):
     (lambda raw, nl: raw[:-1] + b"X", "is damaged: the payload's sha256 does not match the header"),
     (lambda raw, nl: raw.replace(b'"nbytes": 8', b'"nbytes": 8, "extra": 1'),
      r"is damaged: its header \(test metadata\) does not match the header's sha256"),
+    (lambda raw, nl: raw[:nl], r"damaged test header \(the file ends inside the header line\)"),
+    (lambda raw, nl: MAGIC + b" " * (2 << 20) + raw[len(MAGIC) :],
+     r"damaged test header \(the header line does not end within 1048576 bytes\)"),
 ])
 def test_read_framed_refuses_damage_naming_the_path(tmp_path, damage, message):
     path = tmp_path / "x.framed"
@@ -85,6 +90,53 @@ def test_a_file_without_the_header_digest_reads_unless_the_caller_requires_it(tm
     assert read_framed(path, MAGIC, 1, what="test", error=ValueError) == (header, body)
     with pytest.raises(ValueError, match=r"its header \(test metadata\) does not match the header's sha256"):
         read_framed(path, MAGIC, 1, what="test", error=ValueError, header_digest=True)
+
+
+def framed_bytes(fields: dict, body: bytes) -> bytes:
+    """A framed file with both digests correct, computed as the module documents them."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    header = {**fields, "sha256": hashlib.sha256(body).hexdigest(),
+              "header_sha256": hashlib.sha256(canonical).hexdigest()}
+    return MAGIC + json.dumps(header).encode() + b"\n" + body
+
+
+@pytest.mark.parametrize("nbytes", ["8", 8.0, -8, None, True])
+def test_a_payload_size_that_is_not_a_byte_count_is_refused(tmp_path, nbytes):
+    path = tmp_path / "x.framed"
+    path.write_bytes(framed_bytes({"version": 1, "nbytes": nbytes}, b"12345678"))
+    with pytest.raises(ValueError, match=rf"{path}: damaged test header \(nbytes must be a byte count, got "
+                                         rf"{re.escape(repr(nbytes))}\)"):
+        read_framed(path, MAGIC, 1, what="test", error=ValueError)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+@pytest.mark.parametrize("extra, message", [(b"", None), (b"and more", "found more than 8"), (None, "found 5")])
+def test_read_framed_from_a_pipe_reads_no_more_than_the_header_promises(tmp_path, extra, message):
+    """A pipe has no size to check first: the payload is read up to one byte past the promise."""
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    body = b"12345678"
+    data = framed_bytes({"version": 1, "nbytes": 8}, body)
+    data = data[:-3] if extra is None else data + extra
+
+    def feed():
+        with open(path, "wb") as f:
+            try:
+                f.write(data)
+            except BrokenPipeError:  # the reader stopped early, as it should
+                pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        if message is None:
+            assert read_framed(path, MAGIC, 1, what="test", error=ValueError)[1] == body
+        else:
+            with pytest.raises(ValueError, match=rf"{path} is truncated or damaged: header says 8 payload bytes, "
+                                                 rf"{message}$"):
+                read_framed(path, MAGIC, 1, what="test", error=ValueError)
+    finally:
+        writer.join(timeout=60)
 
 
 def test_read_framed_refuses_another_version_with_the_hint(tmp_path):

@@ -17,7 +17,10 @@ Contract
   answered as (1, k). Returns ``(scores, ids)``, float32 and int64, (nq, k), best first; on equal scores
   the vector stored in the lower row comes first (rows follow insertion order until a ``remove`` moves the
   last row into the hole). With fewer than k vectors stored the answer is padded with id -1 and score
-  -inf (an empty index answers padding only). ``k`` must be a positive int.
+  -inf (an empty index answers padding only). ``k`` must be a positive int. The answer never has more
+  columns than ``max(len(index), 1024)`` (``engine.kernels.topk.answer_columns``): a ``k`` beyond both
+  is answered as if it were that (every stored vector, then padding up to 1024 columns), so memory follows
+  the index, not ``k``.
 - ids: int64 >= 0 (-1 marks a missing hit). ``add`` without ids numbers the new vectors from one past the
   highest id ever assigned, increasing; an id already in the index, or repeated within the call, is
   refused (``InputError`` naming it) and nothing is added.
@@ -61,7 +64,7 @@ import numpy as np
 
 from engine.errors import IndexFileError, InputError, ModelError
 from engine.fileio import MAX_HEADER, atomic_write, read_payload
-from engine.kernels.topk import ResultTooLarge, topk_ip
+from engine.kernels.topk import ResultTooLarge, answer_columns, topk_ip
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
@@ -312,16 +315,18 @@ class Searcher:
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, queries, k: int):
-        """Top-k of each query: ``(scores (nq, k) float32, ids (nq, k) int64)``; see the module docstring."""
+        """Top-k of each query: ``(scores (nq, k') float32, ids (nq, k') int64)`` with
+        ``k' = min(k, max(len(self), 1024))``, best first; see the module docstring."""
         k = _as_k(k)
         q = self._coerce(queries, "queries", allow_1d=True)
         with self._lock.read():
             n = self._n
+            cols = answer_columns(k, n)
             try:
-                scores, rows = topk_ip(q, self._vectors, n, k)  # padded with -inf / row -1 beyond n hits
+                scores, rows = topk_ip(q, self._vectors, n, cols)  # padded with -inf / row -1 beyond n hits
             except ResultTooLarge as e:
                 raise InputError(f"k = {k} is too large: {e} (the index holds {n} vectors)") from None
-            if k <= n:  # k hits per query: every row is real
+            if cols <= n:  # every row is real
                 return scores, self._ids[rows]
             hit = rows >= 0
             ids = np.full(rows.shape, -1, dtype=np.int64)

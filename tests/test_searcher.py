@@ -276,13 +276,27 @@ def test_bad_k_is_refused(k):
 
 
 @pytest.mark.parametrize("k", [10**13, 2**62])
-def test_a_k_whose_results_cannot_be_allocated_is_refused(k):
+def test_a_huge_k_is_answered_with_what_the_index_holds(k):
+    """The answer stops at max(len(index), 1024) columns (answer_columns): a k that once asked for terabytes
+    of padding gets every stored vector, then padding up to 1024 columns."""
     s = Searcher(2)
-    s.add(data(0, 2, 2))
-    with pytest.raises(InputError, match=rf"k = {k} is too large: 1 x {k} results .* cannot be allocated \(the index "
-                                         r"holds 2 vectors\)"):
-        s.search(data(1, 1, 2), k)
-    assert s.search(data(1, 1, 2), 3)[1][0].tolist()[2] == -1  # the index is as it was
+    x = data(0, 2, 2)
+    s.add(x)
+    q = data(1, 1, 2)
+    scores, ids = s.search(q, k)
+    ref.check_topk(scores, ids, ref.normalize(q), ref.normalize(x), 1024)
+    assert s.search(q, 3)[1][0].tolist()[2] == -1  # the index is as it was
+
+
+def test_a_k_beyond_1024_but_within_the_index_is_k():
+    x = data(2, 1500, 3)
+    s = Searcher(3)
+    s.add(x)
+    q = data(3, 2, 3)
+    scores, ids = s.search(q, 1400)
+    ref.check_topk(scores, ids, ref.normalize(q), ref.normalize(x), 1400)
+    scores, ids = s.search(q, 5000)  # capped at the index: every vector, no padding
+    ref.check_topk(scores, ids, ref.normalize(q), ref.normalize(x), 1500)
 
 
 def test_the_largest_id_leaves_no_automatic_ids_and_says_so():

@@ -271,7 +271,7 @@ class MemoryBank:
     def load(cls, path) -> MemoryBank:
         """Read a file written by ``save``; a missing, damaged or other-version file raises IndexFileError."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise IndexFileError(f"no memory-bank file at {path}")
         header, body = read_framed(path, MAGIC, FILE_VERSION, what="memory-bank", error=IndexFileError,
                                    header_digest=True)

@@ -1,6 +1,7 @@
 """engine.memory_bank.MemoryBank: each method against the numpy oracles in tests/bank_reference.py."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,6 +298,11 @@ def test_load_refuses_damaged_files(tmp_path):
     damaged(b"LOOKALIKE-MEMORYBANK " + json.dumps(old).encode() + raw[nl:], "format version 1; this lookalike reads")
     with pytest.raises(IndexFileError, match="no memory-bank file at"):
         MemoryBank.load(tmp_path / "missing.lmb")
+    with pytest.raises(IndexFileError, match=rf"cannot read memory-bank file {tmp_path}: "):
+        MemoryBank.load(tmp_path)
+    if Path("/dev/zero").exists():  # read up to its magic only
+        with pytest.raises(IndexFileError, match=r"/dev/zero is not a lookalike memory-bank file"):
+            MemoryBank.load("/dev/zero")
 
 
 def test_state_dict_roundtrip_and_refusals():

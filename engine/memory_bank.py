@@ -14,7 +14,8 @@ construction. Rules (the numba kernels in ``engine.kernels.bank`` / ``kmeans`` d
 - ``neighbours(queries, k)``: the top-k bank rows by cosine for any (m, dim) queries (a zero query has cosine 0
   with every row); ``neighbours_of(rows, k, exclude_self=True)`` for bank rows. Both return ``(scores,
   indices)``: (m, k) float32 best first and (m, k) int64; ties keep the lower bank index first; slots beyond
-  the available rows hold -inf / -1.
+  the available rows hold -inf / -1. A ``k`` beyond both the bank's rows and 1024 is answered as if it were
+  the larger of the two (``engine.kernels.topk.answer_columns``), so memory follows the bank, not ``k``.
 - ``cluster(n_clusters, repeats=..)``: spherical k-means (see ``engine.kernels.kmeans``), one label array per
   repeat; the centroids and objectives of the last call stay in ``centroids`` / ``clusterings``.
 
@@ -34,7 +35,7 @@ from engine.errors import IndexFileError, InputError
 from engine.fileio import read_framed, write_framed
 from engine.kernels import bank as K
 from engine.kernels.kmeans import KMeansResult, spherical_kmeans
-from engine.kernels.topk import ResultTooLarge
+from engine.kernels.topk import ResultTooLarge, answer_columns
 
 MAGIC = b"LOOKALIKE-MEMORYBANK "
 FILE_VERSION = 2  # 2: the header (n, dim, mixing rate) is checksummed too
@@ -209,7 +210,7 @@ class MemoryBank:
 
     def _knn(self, unit, k, exclude):
         try:
-            return K.knn(self._v, unit, k, exclude)
+            return K.knn(self._v, unit, answer_columns(k, len(self)), exclude)
         except ResultTooLarge as e:
             raise InputError(f"k = {k} is too large: {e} (the bank holds {len(self)} rows)") from None
 
@@ -270,7 +271,7 @@ class MemoryBank:
     def load(cls, path) -> MemoryBank:
         """Read a file written by ``save``; a missing, damaged or other-version file raises IndexFileError."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise IndexFileError(f"no memory-bank file at {path}")
         header, body = read_framed(path, MAGIC, FILE_VERSION, what="memory-bank", error=IndexFileError,
                                    header_digest=True)

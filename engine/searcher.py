@@ -17,7 +17,10 @@ Contract
   answered as (1, k). Returns ``(scores, ids)``, float32 and int64, (nq, k), best first; on equal scores
   the vector stored in the lower row comes first (rows follow insertion order until a ``remove`` moves the
   last row into the hole). With fewer than k vectors stored the answer is padded with id -1 and score
-  -inf (an empty index answers padding only). ``k`` must be a positive int.
+  -inf (an empty index answers padding only). ``k`` must be a positive int. The answer never has more
+  columns than ``max(len(index), 1024)`` (``engine.kernels.topk.answer_columns``): a ``k`` beyond both
+  is answered as if it were that (every stored vector, then padding up to 1024 columns), so memory follows
+  the index, not ``k``.
 - ids: int64 >= 0 (-1 marks a missing hit). ``add`` without ids numbers the new vectors from one past the
   highest id ever assigned, increasing; an id already in the index, or repeated within the call, is
   refused (``InputError`` naming it) and nothing is added.
@@ -37,7 +40,12 @@ major). The header holds ``format_version``, ``dim``, ``metric``, ``count``, ``n
 identity of the attached image encoder, or null) and ``sha256``, the digest of the header's other fields
 (canonical JSON) followed by the payload. The file is written atomically (temporary file in the same
 folder, fsync, ``os.replace``); a truncated or altered file, or another format version, is refused with
-``IndexFileError`` naming the path.
+``IndexFileError`` naming the path. ``load`` reads the header line first and the payload only when the
+file's size is the one the header gives (no reading ``/dev/zero`` or a huge sparse file), and refuses, even
+under a correct checksum, what ``add`` could never have stored: a negative or repeated id, a ``next_id``
+not above every id (the next automatic id would repeat one), NaN or inf, a cosine vector neither of unit
+length nor zero (within float32 rounding), an ip vector whose squared norm exceeds float32's range. (Ids
+need not be below ``count``: removals leave gaps.)
 
 Images: with an encoder attached (``Searcher(encoder=enc)`` or ``Searcher.from_model(path)``),
 ``add_images`` / ``search_images`` encode images first. ``load(path, encoder=enc)`` refuses an encoder
@@ -55,13 +63,16 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import IndexFileError, InputError, ModelError
-from engine.fileio import atomic_write
-from engine.kernels.topk import ResultTooLarge, topk_ip
+from engine.fileio import MAX_HEADER, atomic_write, read_payload
+from engine.kernels.topk import ResultTooLarge, answer_columns, topk_ip
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
 FORMAT_VERSION = 1
-_MAX_HEADER = 1 << 20  # a header line longer than this is not ours
+# A cosine row is normalised in float64 and rounded to float32: each component moves by at most 2**-24 of
+# itself, so the row's norm moves by at most 2**-24 (6e-8) from 1 (subnormal components add < 1e-40). A
+# stored row further than 1e-6 (16 times that) from norm 1 was not normalised by ``add``.
+_UNIT_TOL = 1e-6
 _F32_MAX = float(np.finfo(np.float32).max)
 _MAX_ID = np.iinfo(np.int64).max
 _SMALL_NORM = 1e-140  # below this a row's squared values may have underflowed float64
@@ -304,16 +315,18 @@ class Searcher:
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, queries, k: int):
-        """Top-k of each query: ``(scores (nq, k) float32, ids (nq, k) int64)``; see the module docstring."""
+        """Top-k of each query: ``(scores (nq, k') float32, ids (nq, k') int64)`` with
+        ``k' = min(k, max(len(self), 1024))``, best first; see the module docstring."""
         k = _as_k(k)
         q = self._coerce(queries, "queries", allow_1d=True)
         with self._lock.read():
             n = self._n
+            cols = answer_columns(k, n)
             try:
-                scores, rows = topk_ip(q, self._vectors, n, k)  # padded with -inf / row -1 beyond n hits
+                scores, rows = topk_ip(q, self._vectors, n, cols)  # padded with -inf / row -1 beyond n hits
             except ResultTooLarge as e:
                 raise InputError(f"k = {k} is too large: {e} (the index holds {n} vectors)") from None
-            if k <= n:  # k hits per query: every row is real
+            if cols <= n:  # every row is real
                 return scores, self._ids[rows]
             hit = rows >= 0
             ids = np.full(rows.shape, -1, dtype=np.int64)
@@ -365,40 +378,15 @@ class Searcher:
     def load(cls, path, encoder=None) -> "Searcher":
         """Read an index written by ``save``; damaged files raise ``IndexFileError`` naming the path."""
         path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                line = f.readline(_MAX_HEADER)
-                body = f.read()
-        except OSError as e:
-            raise IndexFileError(f"cannot read index file {path}: {e.strerror or e}") from e
-        if not line.startswith(MAGIC) or not line.endswith(b"\n"):
-            raise IndexFileError(f"{path} is not a lookalike index file (no '{MAGIC.decode().strip()}' header line)")
-        try:
-            header = json.loads(line[len(MAGIC) :])
-            if not isinstance(header, dict):
-                raise ValueError(f"expected a JSON object, got {type(header).__name__}")
-            version = header["format_version"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise IndexFileError(f"{path}: damaged index header ({e})") from e
-        if version != FORMAT_VERSION:
-            raise IndexFileError(f"{path}: index format version {version!r}; this build reads version {FORMAT_VERSION}")
-        try:
-            digest = header.pop("sha256")
-            dim, count, metric = int(header["dim"]), int(header["count"]), header["metric"]
-            next_id, model = int(header["next_id"]), header["model"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise IndexFileError(f"{path}: damaged index header ({e!r})") from e
-        if dim <= 0 or count < 0 or metric not in METRICS:
-            raise IndexFileError(f"{path}: damaged index header (dim={dim}, count={count}, metric={metric!r})")
-        expected = count * 8 + count * dim * 4
-        if len(body) != expected:
-            raise IndexFileError(
-                f"{path}: truncated or damaged index: payload is {len(body)} bytes, header says {expected}"
-            )
+        header, digest, body = _read_index_file(path)
+        dim, count, metric, next_id, model = (header[key] for key in ("dim", "count", "metric", "next_id", "model"))
         ids = np.frombuffer(body, dtype="<i8", count=count)
         vectors = np.frombuffer(body, dtype="<f4", offset=count * 8).reshape(count, dim)
         if _digest(header, (ids, vectors)) != digest:
             raise IndexFileError(f"{path}: checksum mismatch, the index file was altered or damaged")
+        problem = _contents_problem(ids, vectors, metric, next_id)
+        if problem:
+            raise IndexFileError(f"{path}: damaged index: {problem}")
         if encoder is not None:
             if model is not None and dict(encoder.identity) != model:
                 raise ModelError(
@@ -414,11 +402,98 @@ class Searcher:
         s._vectors = vectors.astype(np.float32)  # native, writable copy
         s._ids = ids.astype(np.int64)
         s._row = dict(zip(s._ids.tolist(), range(count)))
-        if len(s._row) != count:
-            raise IndexFileError(f"{path}: damaged index, duplicate ids")
         s._n = count
         s._next_id = next_id
         return s
+
+
+def _read_index_file(path: Path) -> tuple[dict, str, bytes]:
+    """(header without its sha256, that sha256, payload) of an index file, the header's fields checked.
+
+    Reads the header line first and the payload only when the file's size is the one the header gives
+    (``engine.fileio.read_payload``), so a foreign, endless or huge file is refused without reading it.
+    """
+    try:
+        with open(path, "rb") as f:
+            line = f.read(len(MAGIC))
+            if line == MAGIC:
+                line += f.readline(MAX_HEADER)
+            if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+                raise IndexFileError(
+                    f"{path} is not a lookalike index file (no '{MAGIC.decode().strip()}' header line)"
+                )
+            header = _index_header(path, line[len(MAGIC) :])
+            count, dim = header["count"], header["dim"]
+            expected = count * 8 + count * dim * 4
+            body = read_payload(f, expected, lambda found: IndexFileError(
+                f"{path}: truncated or damaged index: payload is {found} bytes, header says {expected}"))
+    except IndexFileError:
+        raise
+    except OSError as e:
+        raise IndexFileError(f"cannot read index file {path}: {e.strerror or e}") from e
+    digest = header.pop("sha256")
+    return header, digest, body
+
+
+def _index_header(path: Path, text: bytes) -> dict:
+    """The header's JSON object, each field of the right type and range (else ``IndexFileError``)."""
+    try:
+        header = json.loads(text)
+        if not isinstance(header, dict):
+            raise ValueError(f"expected a JSON object, got {type(header).__name__}")
+        version = header["format_version"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise IndexFileError(f"{path}: damaged index header ({e})") from e
+    if version != FORMAT_VERSION:
+        raise IndexFileError(f"{path}: index format version {version!r}; this build reads version {FORMAT_VERSION}")
+    missing = [key for key in ("sha256", "dim", "count", "metric", "next_id", "model") if key not in header]
+    if missing:
+        raise IndexFileError(f"{path}: damaged index header (no {', '.join(missing)})")
+    dim, count, metric, next_id, model = (header[key] for key in ("dim", "count", "metric", "next_id", "model"))
+    if not (_is_int(dim) and dim > 0 and _is_int(count) and count >= 0 and metric in METRICS):
+        raise IndexFileError(f"{path}: damaged index header (dim={dim!r}, count={count!r}, metric={metric!r})")
+    if not (_is_int(next_id) and 0 <= next_id <= _MAX_ID + 1):
+        raise IndexFileError(f"{path}: damaged index header (next_id={next_id!r}, expected an int in [0, 2**63])")
+    if not (model is None or isinstance(model, dict)) or not isinstance(header["sha256"], str):
+        raise IndexFileError(f"{path}: damaged index header (model={model!r}, sha256={header['sha256']!r})")
+    return header
+
+
+def _contents_problem(ids: np.ndarray, vectors: np.ndarray, metric: str, next_id: int) -> str | None:
+    """What makes these stored ids and vectors unlike anything ``add`` stores, or None: the ids must be
+    distinct, >= 0 and below ``next_id``; the vectors finite, of unit length (or zero) under cosine, of a
+    squared norm within float32's range under ip."""
+    if ids.size:
+        if ids.min() < 0:
+            return f"ids must be >= 0, found {int(ids.min())} (row {int(ids.argmin())})"
+        uniq, counts = np.unique(ids, return_counts=True)
+        repeated = counts > 1
+        if repeated.any():
+            return (f"id {int(uniq[repeated][0])} is stored {int(counts[repeated][0])} times "
+                    f"({int(repeated.sum())} ids repeated)")
+        if next_id <= int(uniq[-1]):
+            return (f"next_id {next_id} is not above the largest id {int(uniq[-1])} (the next automatic id would "
+                    f"repeat one)")
+    sq = _sq_norms(vectors)
+    bad = ~np.isfinite(sq)
+    if bad.any():
+        return f"vectors hold NaN or inf in rows {_rows_named(bad)}"
+    if metric == "cosine":
+        norms = np.sqrt(sq)
+        off = (np.abs(norms - 1.0) > _UNIT_TOL) & (sq != 0)
+        if off.any():
+            first = int(np.flatnonzero(off)[0])
+            return (f"a cosine index stores unit (or zero) vectors, but rows {_rows_named(off)} have norms "
+                    f"further than {_UNIT_TOL} from 1 (row {first}: {norms[first]:.9g})")
+    else:
+        big = sq > _F32_MAX
+        if big.any():
+            return f"vectors have a squared norm beyond float32's range in rows {_rows_named(big)}"
+    return None
+
+
+def _is_int(value) -> bool:
+    return type(value) is int  # JSON integers only: not bool, not float
 
 
 def _digest(header: dict, arrays) -> str:

@@ -1,6 +1,7 @@
 """engine.memory_bank.MemoryBank: each method against the numpy oracles in tests/bank_reference.py."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,9 +224,11 @@ def test_neighbours_edge_cases():
         bank.neighbours(np.ones((1, 4)), 0)
     with pytest.raises(InputError, match=r"rows must lie in \[0, 3\).*got rows\[0\] = 3"):
         bank.neighbours_of([3], 1)
-    for k in (10**13, 2**63 - 1):
-        with pytest.raises(InputError, match=rf"k = {k} is too large: .* cannot be allocated \(the bank holds 3 rows"):
-            bank.neighbours_of([0], k)
+    for k in (10**13, 2**63 - 1):  # answered with the bank's rows, padded to 1024 columns (answer_columns)
+        s, i = bank.neighbours_of([0], k)
+        check_knn(bank.vectors, bank.vectors[[0]], 1024, np.array([0]), s, i)
+        s, i = bank.neighbours(bank.vectors[[1, 2]], k)
+        check_knn(bank.vectors, bank.vectors[[1, 2]], 1024, None, s, i)
 
 
 # ---------------------------------------------------------------- cluster
@@ -295,6 +298,11 @@ def test_load_refuses_damaged_files(tmp_path):
     damaged(b"LOOKALIKE-MEMORYBANK " + json.dumps(old).encode() + raw[nl:], "format version 1; this lookalike reads")
     with pytest.raises(IndexFileError, match="no memory-bank file at"):
         MemoryBank.load(tmp_path / "missing.lmb")
+    with pytest.raises(IndexFileError, match=rf"cannot read memory-bank file {tmp_path}: "):
+        MemoryBank.load(tmp_path)
+    if Path("/dev/zero").exists():  # read up to its magic only
+        with pytest.raises(IndexFileError, match=r"/dev/zero is not a lookalike memory-bank file"):
+            MemoryBank.load("/dev/zero")
 
 
 def test_state_dict_roundtrip_and_refusals():

@@ -1,6 +1,7 @@
 """engine.Searcher: exactness against the float64 oracle, the id and storage contract, bad input, files,
 and concurrent use."""
 
+import hashlib
 import json
 import threading
 
@@ -275,13 +276,27 @@ def test_bad_k_is_refused(k):
 
 
 @pytest.mark.parametrize("k", [10**13, 2**62])
-def test_a_k_whose_results_cannot_be_allocated_is_refused(k):
+def test_a_huge_k_is_answered_with_what_the_index_holds(k):
+    """The answer stops at max(len(index), 1024) columns (answer_columns): a k that once asked for terabytes
+    of padding gets every stored vector, then padding up to 1024 columns."""
     s = Searcher(2)
-    s.add(data(0, 2, 2))
-    with pytest.raises(InputError, match=rf"k = {k} is too large: 1 x {k} results .* cannot be allocated \(the index "
-                                         r"holds 2 vectors\)"):
-        s.search(data(1, 1, 2), k)
-    assert s.search(data(1, 1, 2), 3)[1][0].tolist()[2] == -1  # the index is as it was
+    x = data(0, 2, 2)
+    s.add(x)
+    q = data(1, 1, 2)
+    scores, ids = s.search(q, k)
+    ref.check_topk(scores, ids, ref.normalize(q), ref.normalize(x), 1024)
+    assert s.search(q, 3)[1][0].tolist()[2] == -1  # the index is as it was
+
+
+def test_a_k_beyond_1024_but_within_the_index_is_k():
+    x = data(2, 1500, 3)
+    s = Searcher(3)
+    s.add(x)
+    q = data(3, 2, 3)
+    scores, ids = s.search(q, 1400)
+    ref.check_topk(scores, ids, ref.normalize(q), ref.normalize(x), 1400)
+    scores, ids = s.search(q, 5000)  # capped at the index: every vector, no padding
+    ref.check_topk(scores, ids, ref.normalize(q), ref.normalize(x), 1500)
 
 
 def test_the_largest_id_leaves_no_automatic_ids_and_says_so():
@@ -414,6 +429,101 @@ def test_foreign_and_missing_files_are_refused(tmp_path):
         Searcher.load(path)
     with pytest.raises(IndexFileError, match=r"cannot read index file .*missing\.lkx"):
         Searcher.load(tmp_path / "missing.lkx")
+
+
+def write_index(path, ids, vectors, *, metric="cosine", next_id=None, **fields):
+    """An index file as ``save`` lays it out, with a correct sha256 over whatever it is given (crafted files
+    that only the contents checks can refuse). ``fields`` override the header's values."""
+    ids = np.asarray(ids, dtype="<i8")
+    vectors = np.asarray(vectors, dtype="<f4").reshape(len(ids), -1)
+    header = {"format_version": FORMAT_VERSION, "dim": vectors.shape[1], "metric": metric, "count": len(ids),
+              "next_id": int(ids.max()) + 1 if next_id is None else next_id, "model": None, **fields}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + ids.tobytes() + vectors.tobytes())
+    path.write_bytes(MAGIC + json.dumps({**header, "sha256": digest.hexdigest()}, sort_keys=True).encode() + b"\n"
+                     + ids.tobytes() + vectors.tobytes())
+    return path
+
+
+def unit_rows(seed, n, d):
+    x = np.random.default_rng(seed).standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_write_index_lays_out_what_save_writes(tmp_path):
+    """The crafting helper is checked against save itself: same bytes for the same index."""
+    s = Searcher(4)
+    x = unit_rows(0, 5, 4)
+    s.add(x, ids=[3, 10, 0, 7, 2])
+    s.save(tmp_path / "saved.lkx")
+    crafted = write_index(tmp_path / "crafted.lkx", [3, 10, 0, 7, 2], s.get([3, 10, 0, 7, 2]))
+    assert crafted.read_bytes() == (tmp_path / "saved.lkx").read_bytes()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("negative id", r"ids must be >= 0, found -5 \(row 1\)"),
+    ("duplicate id", r"id 3 is stored 2 times \(1 ids repeated\)"),
+    ("next_id at the largest id", r"next_id 9 is not above the largest id 9 \(the next automatic id would repeat"),
+    ("next_id below the largest id", r"next_id 4 is not above the largest id 9"),
+    ("NaN", r"vectors hold NaN or inf in rows \[1\] \(1 in all\)"),
+    ("inf", r"vectors hold NaN or inf in rows \[0, 2\] \(2 in all\)"),
+    ("non-unit cosine", r"a cosine index stores unit \(or zero\) vectors, but rows \[2\] \(1 in all\) have norms "
+                        r"further than 1e-06 from 1 \(row 2: 1.00001"),
+    ("half-length cosine", r"a cosine index .* rows \[0, 1, 2\] \(3 in all\) have norms .* \(row 0: 0.5"),
+    ("ip overflow", r"vectors have a squared norm beyond float32's range in rows \[1\]"),
+])
+def test_a_file_with_a_correct_checksum_but_impossible_contents_is_refused(tmp_path, case, message):
+    """What add could never have stored is refused by load, naming the problem, even when the checksum fits:
+    otherwise the next automatic add repeats an id, or search returns one id twice or scores above 1."""
+    ids, x, metric, next_id = [0, 9, 3], unit_rows(1, 3, 5), "cosine", None
+    if case == "negative id":
+        ids = [0, -5, 3]
+    elif case == "duplicate id":
+        ids = [3, 9, 3]
+    elif case == "next_id at the largest id":
+        next_id = 9
+    elif case == "next_id below the largest id":
+        next_id = 4
+    elif case == "NaN":
+        x[1, 2] = np.nan
+    elif case == "inf":
+        x[0, 0], x[2, 4] = np.inf, -np.inf
+    elif case == "non-unit cosine":
+        x[2] *= np.float32(1.00001)  # 160 times float32's rounding of a unit row
+    elif case == "half-length cosine":
+        x *= np.float32(0.5)
+    elif case == "ip overflow":
+        metric = "ip"
+        x[1] = 3e19  # squared norm 4.5e39 > float32 max 3.4e38: its scores could overflow
+    path = write_index(tmp_path / "i.lkx", ids, x, metric=metric, next_id=next_id)
+    with pytest.raises(IndexFileError, match=rf"{path}: damaged index: {message}"):
+        Searcher.load(path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("count", 3.0), ("dim", True), ("next_id", -1), ("next_id", 2**63 + 1), ("next_id", "10"), ("model", "mpnn"),
+])
+def test_header_fields_of_the_wrong_type_are_refused(tmp_path, field, value):
+    path = write_index(tmp_path / "i.lkx", [0, 9, 3], unit_rows(1, 3, 5), **{field: value})
+    with pytest.raises(IndexFileError, match=rf"{path}: damaged index header \(.*{field}={value!r}"):
+        Searcher.load(path)
+
+
+def test_what_add_can_store_loads_from_a_crafted_file(tmp_path):
+    """The checks refuse nothing add stores: ids far beyond the count (removals leave gaps), zero vectors,
+    the largest id with next_id one past int64, and unit rows rounded to float32 from every scale."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((300, 97)) * 10.0 ** rng.integers(-30, 30, size=(300, 1))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # float64 normalised, then rounded
+    x[5] = 0
+    ids = rng.permutation(10**6)[:300]
+    ids[7] = np.iinfo(np.int64).max
+    path = write_index(tmp_path / "i.lkx", ids, x, next_id=2**63)
+    s = Searcher.load(path)
+    assert len(s) == 300 and s.ids.tolist() == ids.tolist()
+    scores, got = s.search(x[:4].astype(np.float64), 3)
+    ref.check_topk(scores, got, x[:4], x, 3, vector_ids=ids)
+    write_index(path, [10**9, 5], unit_rows(2, 2, 5), metric="ip", next_id=10**9 + 1)
+    assert Searcher.load(path).ids.tolist() == [10**9, 5]
 
 
 class StandInEncoder:

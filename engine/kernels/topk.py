@@ -6,7 +6,9 @@ caller (``engine.searcher``) validates and coerces; here inputs are trusted: ``q
 
 Order ("better than"): a higher score first; on equal scores, the lower row first. The answer is
 deterministic: the first k rows by (-score, row). Rows past ``n`` never appear; when ``k > n`` the
-answer is padded with row -1 and score -inf. Zero vectors score 0 like any other.
+answer is padded with row -1 and score -inf. Zero vectors score 0 like any other. Padding costs memory
+that follows ``k``, not the rows: the callers answer ``answer_columns(k, n)`` columns (k, but never more
+than ``max(n, PAD_COLUMNS)``), so a huge ``k`` costs no more than the stored rows or a small fixed width.
 
 Result state: per query a binary min-heap of the k best candidates seen so far, worst at index 0, in two
 arrays ``best_scores`` (nq, k) float32 and ``best_rows`` (nq, k) int64 (``heap_init`` fills them with
@@ -57,6 +59,15 @@ MIN_PART_ROWS = 8192  # fewest stored rows worth a part of their own
 SMALL_WORK = 1 << 24  # nq * n * d multiply-adds up to this (a few ms): one part, in the calling thread
 ONE_CALL_FLOATS = 1 << 22  # score buffer of that one part: up to 4M floats = 16 MiB
 _GROUP = 64  # scores tested per vectorised count in the merge scan (64: LLVM vectorises the loop)
+PAD_COLUMNS = 1024  # an answer is padded up to k columns, but not past max(n, PAD_COLUMNS)
+
+
+def answer_columns(k: int, n: int) -> int:
+    """How many columns a top-``k`` answer over ``n`` stored rows has: ``min(k, max(n, PAD_COLUMNS))``.
+
+    Up to ``PAD_COLUMNS`` (and up to ``n``) that is ``k`` itself, padding included; beyond, the columns past
+    the ``n`` rows would hold padding only, so they are left out and memory stays bounded by the rows."""
+    return min(k, max(n, PAD_COLUMNS))
 
 
 # -- heaps -------------------------------------------------------------------------------------
@@ -351,7 +362,8 @@ def topk_ip(queries, vectors, n, k, *, method="auto", threads=None, parts=None, 
     """Exact top-k by inner product of ``queries`` (nq, d) against ``vectors[:n]``; see the module notes.
 
     Returns ``(scores (nq, k) float32, rows (nq, k) int64)``, best first, padded with -inf / -1 (a ``k``
-    whose result arrays cannot be allocated raises ``ResultTooLarge``, a MemoryError).
+    whose result arrays cannot be allocated raises ``ResultTooLarge``, a MemoryError; callers bound ``k``
+    with ``answer_columns``, which keeps the padding small).
     ``method``: "auto" (= "gemm"), "gemm" or "fused"; for "gemm": ``threads`` None or 1 searches in the
     calling thread with BLAS's own threads, N >= 2 uses N worker threads over ``parts`` parts of the rows
     (default: 2 per worker, at least ``MIN_PART_ROWS`` rows each) with single-threaded BLAS;

@@ -395,9 +395,10 @@ class Encoder:
     def _prepare(self, items: list, pool=None) -> np.ndarray:
         """Decode paths and preprocess: a list of paths / arrays -> (b, 3, h, w) float32 (= ``preprocess``)."""
         pre = self.preprocess
+        floor = pre.min_decode_size()  # a huge JPEG is decoded no larger than this needs (read_image)
 
         def one(it):
-            return pre.resize_crop(read_image(it) if isinstance(it, (str, os.PathLike)) else it)
+            return pre.resize_crop(read_image(it, min_size=floor) if isinstance(it, (str, os.PathLike)) else it)
 
         crops = list(pool.map(one, items)) if pool is not None and len(items) > 1 else [one(it) for it in items]
         return pre.normalise(np.stack(crops))

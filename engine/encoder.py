@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ImageReadError, InputError, ModelError
+from engine.onnxfile import refuse_external_data
 from engine.preprocess import Preprocess, read_image
 
 # -- the metadata contract between export/ (which writes it) and the engine (which reads it) -----------------
@@ -205,10 +206,12 @@ def make_session(model: bytes, *, providers=None, threads: int | None = None, wh
     """An onnxruntime InferenceSession; a provider that cannot start (CUDA without a GPU) is dropped quietly.
 
     Returns ``(session, providers_in_use)``. When the caller named providers explicitly and one of them could
-    not start, a ``RuntimeWarning`` says so.
+    not start, a ``RuntimeWarning`` says so. A model that keeps any tensor in an external file is refused
+    (``engine.onnxfile.refuse_external_data``): onnxruntime would read that file, wherever it points.
     """
     import onnxruntime as ort
 
+    refuse_external_data(model, where)  # before onnxruntime could read another file into the weights
     asked = providers is not None
     providers = list(providers) if asked else default_providers()
     if not providers:
@@ -392,9 +395,10 @@ class Encoder:
     def _prepare(self, items: list, pool=None) -> np.ndarray:
         """Decode paths and preprocess: a list of paths / arrays -> (b, 3, h, w) float32 (= ``preprocess``)."""
         pre = self.preprocess
+        floor = pre.min_decode_size()  # a huge JPEG is decoded no larger than this needs (read_image)
 
         def one(it):
-            return pre.resize_crop(read_image(it) if isinstance(it, (str, os.PathLike)) else it)
+            return pre.resize_crop(read_image(it, min_size=floor) if isinstance(it, (str, os.PathLike)) else it)
 
         crops = list(pool.map(one, items)) if pool is not None and len(items) > 1 else [one(it) for it in items]
         return pre.normalise(np.stack(crops))

@@ -21,11 +21,21 @@ Steps, in order:
 4. scale to [0, 1], subtract ``mean`` and divide by ``std`` per channel (given in RGB order), computed as
    ``x * (1 / (255 std)) - mean / std`` in float32.
 5. channel order ``color`` ("RGB" or "BGR") and layout NCHW float32 (steps 4 and 5 are one numba pass).
+
+Reading files (``read_image``): the image's size is read from its header before anything is decoded. An image
+of more than ``max_pixels()`` pixels (``LOOKALIKE_MAX_PIXELS``, default 2**27, ~400 MB as 8-bit RGB) is refused
+with ``ImageReadError`` naming the file, its size and the cap, so an indexer skips it instead of running out of
+memory. A JPEG can be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg scales while decoding, in a few MB): that
+is done when it brings a JPEG over the cap under it, and, given the smallest size the caller needs
+(``Preprocess.min_decode_size``: twice the network input's source window, so the final resize still averages),
+for JPEGs of more than ``REDUCE_ABOVE`` pixels (16 MP). Smaller images decode in full, exactly as before.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -33,6 +43,10 @@ import numpy as np
 from numba import njit
 
 from engine.errors import InputError
+
+MAX_PIXELS = 1 << 27  # images larger than this are refused (JPEGs: after the reduction below); see max_pixels()
+MAX_PIXELS_ENV = "LOOKALIKE_MAX_PIXELS"
+REDUCE_ABOVE = 1 << 24  # JPEGs with more pixels may decode at 1/2, 1/4 or 1/8 when the caller needs less
 
 RESIZE_POLICIES = ("shorter", "exact")
 CROP_POLICIES = ("center", "none")
@@ -132,6 +146,14 @@ class Preprocess:
         ws = min(w, max(1, round(w_out * w / nw)))
         return (h - hs) // 2, (w - ws) // 2, hs, ws
 
+    def min_decode_size(self) -> tuple[int, int]:
+        """(height, width) an image may be decoded down to (``read_image``'s ``min_size``) and still give the
+        network input it gives at full size up to a grey level or two: along each side twice what the network
+        input takes from it, so the final resize still averages over at least 2 x 2 decoded pixels. Both sides
+        are held to the larger need, so it holds whichever way the image is turned."""
+        side = 2 * max(int(self.resize_to or min(self.size)), *self.size)
+        return side, side
+
     def normalise(self, batch: np.ndarray) -> np.ndarray:
         """(n, h, w, 3) uint8 RGB at ``size`` -> (n, 3, h, w) float32 network input, in one pass."""
         b = np.asarray(batch)
@@ -206,10 +228,153 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if halved else cv2.INTER_LINEAR)
 
 
-def read_image(path) -> np.ndarray:
+def max_pixels() -> int:
+    """The largest image (width x height) ``read_image`` decodes: ``LOOKALIKE_MAX_PIXELS`` if set, else
+    ``MAX_PIXELS``."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return MAX_PIXELS
+    try:
+        cap = int(value)
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise InputError(f"{MAX_PIXELS_ENV} must be a positive int (pixels), got {value!r}")
+    return cap
+
+
+def image_size(data) -> tuple[str, int, int, bool] | None:
+    """``(format, width, height, progressive)`` from the header of an encoded image (bytes or uint8 array), or
+    None when it is not a PNG, JPEG, BMP, GIF, WebP, TIFF or PNM file, or its header is damaged. Decodes nothing."""
+    b = bytes(data[:64])
+    try:
+        if b.startswith(b"\x89PNG\r\n\x1a\n") and b[12:16] == b"IHDR":
+            return "png", int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big"), False
+        if b.startswith(b"\xff\xd8"):
+            return _jpeg_size(data)
+        if b.startswith(b"BM") and len(b) >= 26:
+            if int.from_bytes(b[14:18], "little") == 12:  # OS/2 1.x header: 16-bit sides
+                return "bmp", int.from_bytes(b[18:20], "little"), int.from_bytes(b[20:22], "little"), False
+            width, height = (int.from_bytes(b[o : o + 4], "little", signed=True) for o in (18, 22))
+            return "bmp", width, abs(height), False  # a negative height: rows stored top-down
+        if b[:6] in (b"GIF87a", b"GIF89a"):
+            return "gif", int.from_bytes(b[6:8], "little"), int.from_bytes(b[8:10], "little"), False
+        if b.startswith(b"RIFF") and b[8:12] == b"WEBP":
+            return _webp_size(b)
+        if b[:4] in (b"II*\0", b"MM\0*"):
+            return _tiff_size(memoryview(data).cast("B"))  # its directory may come after the pixels
+        if len(b) > 2 and b[0:1] == b"P" and b[1:2] in b"123456" and b[2:3].isspace():
+            fields = re.sub(rb"#[^\n]*", b"", bytes(data[2:4096])).split()  # comments may precede the size
+            return "pnm", int(fields[0]), int(fields[1]), False
+    except (IndexError, ValueError):
+        pass
+    return None
+
+
+def _jpeg_size(data) -> tuple[str, int, int, bool] | None:
+    """Walk the JPEG's marker segments to its frame header (SOFn)."""
+    b = memoryview(data).cast("B")
+    i, n = 2, len(b)
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = (b[i + 2] << 8) | b[i + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15 but DHT, JPG, DAC
+            if i + 9 > n:
+                return None
+            height, width = (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8]
+            progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
+            return ("jpeg", width, height, progressive) if height else None  # 0: height given later (DNL)
+        if marker == 0xDA or length < 2:  # scan data before any frame header: damaged
+            return None
+        i += 2 + length
+    return None
+
+
+def _webp_size(b: bytes) -> tuple[str, int, int, bool] | None:
+    chunk = b[12:16]
+    if chunk == b"VP8X":
+        return "webp", 1 + int.from_bytes(b[24:27], "little"), 1 + int.from_bytes(b[27:30], "little"), False
+    if chunk == b"VP8L" and b[20] == 0x2F:
+        bits = int.from_bytes(b[21:25], "little")
+        return "webp", 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF), False
+    if chunk == b"VP8 " and b[23:26] == b"\x9d\x01\x2a":
+        return ("webp", int.from_bytes(b[26:28], "little") & 0x3FFF, int.from_bytes(b[28:30], "little") & 0x3FFF,
+                False)
+    return None
+
+
+def _tiff_size(b: memoryview) -> tuple[str, int, int, bool] | None:
+    """ImageWidth (256) and ImageLength (257) of the first image of a (classic, not Big) TIFF."""
+    order = "little" if b[:2] == b"II" else "big"
+    at = int.from_bytes(b[4:8], order)
+    if at + 2 > len(b):
+        return None
+    found = {}
+    for e in range(int.from_bytes(b[at : at + 2], order)):
+        entry = b[at + 2 + 12 * e : at + 14 + 12 * e]
+        if len(entry) < 12:
+            return None
+        tag, kind = int.from_bytes(entry[0:2], order), int.from_bytes(entry[2:4], order)
+        if tag in (256, 257):
+            found[tag] = int.from_bytes(entry[8:10] if kind == 3 else entry[8:12], order)  # SHORT or LONG
+    return ("tiff", found[256], found[257], False) if len(found) == 2 else None
+
+
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def _reduction(p, head, min_size, cap: int) -> int:
+    """The factor (1, 2, 4 or 8) to decode ``p`` at; ImageReadError naming its size and the cap when too large."""
+    fmt, w, h, progressive = head
+
+    def pixels(f):
+        return -(-w // f) * -(-h // f)  # libjpeg rounds the scaled size up
+
+    def too_large(how):
+        from engine.errors import ImageReadError
+
+        return ImageReadError(f"{p} is {w} x {h} pixels ({w * h / 1e6:.0f} MP){how}, over the cap of {cap} pixels "
+                              f"({cap / 1e6:.0f} MP) for one image; skipped rather than decoded (set "
+                              f"{MAX_PIXELS_ENV} to allow larger images)")
+
+    if fmt != "jpeg":  # decoded at full size, whatever is needed
+        if w * h > cap:
+            raise too_large(f", a {fmt.upper()}, which cannot be decoded at a reduced size")
+        return 1
+    f = 1
+    if min_size is not None and w * h > REDUCE_ABOVE:
+        mh, mw = min_size
+        f = max((g for g in (2, 4, 8) if -(-h // g) >= mh and -(-w // g) >= mw), default=1)
+    if progressive:  # libjpeg holds every coefficient of a progressive file at full size, whatever it outputs
+        if w * h > cap:
+            raise too_large(", a progressive JPEG, which is held at full size while decoding")
+        return f
+    while pixels(f) > cap:
+        if f == 8:
+            raise too_large(" (even decoded at 1/8)")
+        f *= 2
+    return f
+
+
+def read_image(path, *, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB; grey and RGBA files (OpenCV decodes grey + alpha as RGBA) are
     converted, 16-bit ones keep their top 8 bits. Anything else (float or signed pixels, other channel counts, no pixels) is
-    refused with ImageReadError naming the file, so an image search indexing a folder skips it."""
+    refused with ImageReadError naming the file, so an image search indexing a folder skips it.
+
+    Large images (see the module docstring): one of more than ``max_pixels()`` pixels is refused with
+    ImageReadError naming its size and the cap, before it is decoded; a JPEG is decoded at 1/2, 1/4 or 1/8 of its
+    size when that brings it under the cap, and, when ``min_size`` = (height, width) is given and it has more
+    than ``REDUCE_ABOVE`` pixels, at the smallest of those that keeps both sides at least ``min_size``
+    (``Preprocess.min_decode_size()``). EXIF orientation is ignored either way, as in a full decode. Formats whose
+    header ``image_size`` does not read are decoded unchecked (OpenCV's own limit, 2**30 pixels, applies)."""
     from pathlib import Path
 
     from engine.errors import ImageReadError
@@ -218,7 +383,14 @@ def read_image(path) -> np.ndarray:
     if not p.is_file():
         raise ImageReadError(f"image file not found: {p}")
     data = np.fromfile(str(p), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    head = image_size(data) if data.size else None
+    f = _reduction(p, head, min_size, max_pixels()) if head is not None else 1
+    flags = cv2.IMREAD_UNCHANGED if f == 1 else _REDUCED[f] | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        img = cv2.imdecode(data, flags) if data.size else None
+    except cv2.error as e:  # e.g. over OpenCV's own size limit
+        raise ImageReadError(f"not a readable image (OpenCV: {str(e).strip().splitlines()[-1][:200]}): {p}") from None
+    del data
     if img is None:
         raise ImageReadError(f"not a readable image (OpenCV could not decode it): {p}")
     if img.dtype == np.uint16:

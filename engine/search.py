@@ -3,24 +3,31 @@
     python -m engine.search index ~/Pictures --model models/la.onnx --index pictures.idx
     python -m engine.search query a.jpg b.jpg --index pictures.idx -k 5 --out results.png
 
-``index`` embeds every image under FOLDER (recursive; .jpg .jpeg .png .bmp .webp .tif .tiff) and writes the
-index (``Searcher.save``: ids are row numbers 0..n-1) and, beside it, ``<index>.paths.json``: the image paths
+``index`` embeds every image under FOLDER (recursive; .jpg .jpeg .png .bmp .webp .tif .tiff; symbolic links
+followed, each folder read and each file listed once, so link loops end) and writes the index
+(``Searcher.save``: ids are row numbers 0..n-1) and, beside it, ``<index>.paths.json``: the image paths
 (relative to FOLDER), FOLDER, the model file and its identity, and the index's checksum, so a query can name
-its results. Files that cannot be decoded are skipped with a warning and listed in the sidecar.
+its results. Files that cannot be decoded, or are too large to (``engine.preprocess.read_image``), are skipped
+with a warning and listed in the sidecar.
 
 ``query`` embeds each query image with the index's model (``--model``, or the one recorded at indexing; a
-different model is refused), prints its top-k results with their cosine scores, and with ``--out`` writes a
-PNG with one row per query: the query, then its results with rank, score and file name.
+different model is refused), prints its top-k results with their cosine scores (k at most the number of
+indexed images), and with ``--out`` writes a PNG with one row per query: the query, then its results with
+rank, score and file name. A sidecar that is damaged (a field of the wrong type, a path leaving FOLDER) or
+does not match its index's ids is refused. File names that are not valid UTF-8 are shown with ``\\xNN``
+escapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import io
 import json
 import os
+import stat
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -50,13 +57,70 @@ def sidecar_path(index) -> Path:
 
 
 def list_images(folder) -> list[Path]:
-    """Image files under ``folder``, recursive, hidden files and folders skipped, sorted by relative path."""
+    """Image files under ``folder``, recursive, hidden files and folders skipped, sorted by relative path.
+
+    Symbolic links are followed, but every folder is read once and every file listed once (both known by
+    device and inode), so a link back up the tree (``ln -s . loop``) or two links crossing each other end,
+    and an image reached under two names (hard links, a link to a file or folder already listed) is listed
+    under one. Folders reached through fewer links are read first, so that name is a real path when there
+    is one; among equals the one that sorts first wins.
+    """
     folder = Path(folder)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath) / f for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTS)]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    best: dict = {}  # (st_dev, st_ino) of an image file -> (links on its path, relative path)
+    unknown = []  # image names whose target cannot be stat'ed (broken links): listed, so the indexer names them
+    done = set()  # (st_dev, st_ino) of the folders read
+    todo = [(0, (), folder)]  # heap of (links followed to get there, relative parts, path)
+    while todo:
+        links, rel, path = heapq.heappop(todo)
+        try:
+            st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            if key in done:
+                continue
+            done.add(key)
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:  # unreadable or vanished: skipped, as os.walk does
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                via = int(e.is_symlink())
+                st = e.stat()  # follows links
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                heapq.heappush(todo, (links + via, (*rel, e.name), Path(e.path)))
+            elif e.name.lower().endswith(IMAGE_EXTS):
+                name = "/".join((*rel, e.name))
+                if st is None:
+                    unknown.append(name)
+                    continue
+                cand = (links + via, name)
+                key = (st.st_dev, st.st_ino)
+                if key not in best or cand < best[key]:
+                    best[key] = cand
+    names = sorted([n for _, n in best.values()] + unknown)
+    return [folder / n for n in names]
+
+
+def printable(name) -> str:
+    """``name`` (a path or text) as text every terminal and matplotlib can show: bytes of a file name that are not
+    UTF-8 (Python keeps them as lone surrogates, e.g. a Latin-1 ``caf\\xe9.jpg`` on Linux) become ``\\xNN``, other
+    characters that do not print (control characters, a newline) their Python escape."""
+    s = str(name)
+    if s.isprintable():
+        return s
+    out = []
+    for c in s:
+        if c.isprintable():
+            out.append(c)
+        elif 0xDC80 <= ord(c) <= 0xDCFF:  # an undecodable byte, as os.fsdecode keeps it
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        else:
+            out.append(repr(c)[1:-1])
+    return "".join(out)
 
 
 def index_digest(index) -> str:
@@ -104,6 +168,7 @@ def build_index(folder, *, model, index, batch_size: int = 32, progress: bool = 
     check_output(index, "index")  # before the embedding, not after it
     encoder = Encoder(model, batch_size=batch_size)
     searcher = Searcher(encoder=encoder)
+    floor = encoder.preprocess.min_decode_size()  # read_image decodes a huge JPEG no larger than the encoder needs
     kept, skipped = [], []
     bar = None
     if progress:
@@ -116,17 +181,17 @@ def build_index(folder, *, model, index, batch_size: int = 32, progress: bool = 
             try:
                 searcher.add_images([str(p) for p in chunk])
                 kept += chunk
-            except ImageReadError:  # rare: find the culprits, keep the rest
-                good, arrays = [], []
+            except ImageReadError:  # rare: find the culprits (decoding one at a time), embed the rest
+                good = []
                 for p in chunk:
                     try:
-                        arrays.append(read_image(p))
+                        read_image(p, min_size=floor)
                         good.append(p)
                     except ImageReadError as e:
                         skipped.append(str(p.relative_to(folder).as_posix()))
-                        print(f"warning: skipped {p}: {e}", file=sys.stderr)
-                if arrays:
-                    searcher.add_images(arrays)
+                        print(f"warning: skipped {printable(p)}: {printable(e)}", file=sys.stderr)
+                if good:
+                    searcher.add_images([str(p) for p in good])
                 kept += good
             if bar is not None:
                 bar.update(len(chunk))
@@ -150,14 +215,16 @@ def build_index(folder, *, model, index, batch_size: int = 32, progress: bool = 
         "skipped": skipped,
     }
     atomic_write(sidecar_path(index), (json.dumps(side, indent=1) + "\n").encode())
-    log(f"indexed {len(kept)} images from {folder} with {encoder.name} (dim {encoder.dim}) -> {index} "
-        f"(+ {sidecar_path(index).name})" + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
+    log(f"indexed {len(kept)} images from {printable(folder)} with {encoder.name} (dim {encoder.dim}) -> "
+        f"{printable(index)} (+ {printable(sidecar_path(index).name)})"
+        + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
     return side
 
 
 # -- query ------------------------------------------------------------------------------------------------
 
 def load_sidecar(index) -> dict:
+    """The paths sidecar of ``index``, checked: IndexFileError naming the file and the problem otherwise."""
     path = sidecar_path(index)
     if not Path(index).is_file():
         raise IndexFileError(f"index file not found: {index}")
@@ -165,18 +232,43 @@ def load_sidecar(index) -> dict:
         raise IndexFileError(f"{index} has no paths sidecar {path.name} beside it; index the folder with "
                              f"`python -m engine.search index FOLDER --model M --index {index}`")
     try:
-        side = json.loads(path.read_text())
-        if side.get("format_version") != SIDECAR_VERSION:
-            raise ValueError(f"format version {side.get('format_version')!r}, expected {SIDECAR_VERSION}")
-        if len(side["paths"]) != side["count"]:
-            raise ValueError(f"{len(side['paths'])} paths for count {side['count']}")
-        side["root"], side["model"], side["index_sha256"]  # noqa: B018  (present)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        side = json.loads(path.read_text(encoding="utf-8"))
+        _check_sidecar(side)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
         raise IndexFileError(f"{path}: damaged paths sidecar ({e})") from None
     if side["index_sha256"] != index_digest(index):
         raise IndexFileError(f"{path} does not belong to {index} (the index was rewritten since); index the folder "
                              f"again")
     return side
+
+
+def _check_sidecar(side) -> None:
+    """ValueError naming the first thing a sidecar's JSON gets wrong."""
+    if not isinstance(side, dict):
+        raise ValueError(f"expected a JSON object, got {type(side).__name__}")
+    if side.get("format_version") != SIDECAR_VERSION:
+        raise ValueError(f"format version {side.get('format_version')!r}, expected {SIDECAR_VERSION}")
+    for key in ("root", "model", "index_sha256"):
+        if not isinstance(side.get(key), str):
+            raise ValueError(f"{key!r} must be a string, got {_kind(side.get(key), key in side)}")
+    paths, count = side.get("paths"), side.get("count")
+    if not isinstance(paths, list):
+        raise ValueError(f"'paths' must be a list of strings, got {_kind(paths, 'paths' in side)}")
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ValueError(f"'count' must be an int, got {_kind(count, 'count' in side)}")
+    if len(paths) != count:
+        raise ValueError(f"{len(paths)} paths for count {count}")
+    for i, rel in enumerate(paths):
+        if not isinstance(rel, str):
+            raise ValueError(f"paths[{i}] must be a string, got {_kind(rel, True)}")
+        parts = PurePosixPath(rel).parts
+        if not rel or "\0" in rel or PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise ValueError(f"paths[{i}] = {rel!r} is not a path inside the indexed folder (expected a relative "
+                             f"path without '..')")
+
+
+def _kind(value, present: bool) -> str:
+    return f"{type(value).__name__} {value!r}"[:80] if present else "nothing (absent)"
 
 
 def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32) -> dict:
@@ -192,7 +284,13 @@ def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32) ->
     searcher = Searcher.load(index, encoder=encoder)
     if len(searcher) != side["count"]:
         raise IndexFileError(f"{index} holds {len(searcher)} vectors but its sidecar lists {side['count']} paths")
-    scores, ids = searcher.search_images([str(p) for p in images], k)
+    stored = searcher.ids
+    outside = stored[(stored < 0) | (stored >= len(side["paths"]))]
+    if outside.size:
+        raise IndexFileError(f"{index} holds ids {outside[:5].tolist()}{' ...' if outside.size > 5 else ''} but its "
+                             f"sidecar names images 0..{len(side['paths']) - 1} only; index the folder again")
+    # never more than the index holds: nothing below (the search, the table, the picture) grows with k
+    scores, ids = searcher.search_images([str(p) for p in images], min(k, max(1, len(searcher))))
     return {"queries": [str(p) for p in images], "scores": scores, "ids": ids, "paths": side["paths"],
             "root": side["root"], "model": encoder.name}
 
@@ -200,12 +298,12 @@ def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32) ->
 def format_results(res: dict) -> str:
     lines = []
     for q, srow, irow in zip(res["queries"], res["scores"], res["ids"]):
-        lines.append(f"{q}")
+        lines.append(printable(q))
         for rank, (s, i) in enumerate(zip(srow, irow), 1):
             if i < 0:
                 lines.append(f"  {rank:>2}. (no more images in the index)")
                 break
-            lines.append(f"  {rank:>2}. {s:.4f}  [{i}] {res['paths'][i]}")
+            lines.append(f"  {rank:>2}. {s:.4f}  [{i}] {printable(res['paths'][i])}")
     return "\n".join(lines)
 
 
@@ -215,7 +313,7 @@ def _thumb(path) -> np.ndarray | None:
     from engine.preprocess import read_image
 
     try:
-        img = read_image(path)
+        img = read_image(path, min_size=(THUMB, THUMB))
     except ImageReadError:
         return None
     h, w = img.shape[:2]
@@ -234,14 +332,15 @@ def results_picture(res: dict, out) -> Path:
     axes = np.atleast_2d(fig.subplots(nq, k + 1, squeeze=False))
     root = Path(res["root"])
     for r in range(nq):
-        cells = [(res["queries"][r], f"query\n{Path(res['queries'][r]).name}", "tab:blue")]
+        cells = [(res["queries"][r], f"query\n{printable(Path(res['queries'][r]).name)}", "tab:blue")]
         for c in range(k):
             i = int(res["ids"][r, c])
             if i < 0:
                 cells.append((None, "", "black"))
             else:
                 rel = res["paths"][i]
-                cells.append((root / rel, f"#{c + 1}  {res['scores'][r, c]:.3f}\n{Path(rel).name}", "black"))
+                cells.append((root / rel, f"#{c + 1}  {res['scores'][r, c]:.3f}\n{printable(Path(rel).name)}",
+                              "black"))
         for c, (path, title, colour) in enumerate(cells):
             ax = axes[r][c]
             ax.set_axis_off()
@@ -252,8 +351,9 @@ def results_picture(res: dict, out) -> Path:
                 ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
             else:
                 ax.imshow(img)
-            ax.set_title(_short(title), fontsize=7, color=colour)
-    fig.suptitle(f"lookalike: top-{k} by cosine similarity ({res['model']})", fontsize=9)
+            ax.set_title(_short(title), fontsize=7, color=colour, parse_math=False)  # a '$' in a name is text
+    fig.suptitle(f"lookalike: top-{k} by cosine similarity ({printable(res['model'])})", fontsize=9,
+                 parse_math=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -292,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--index", required=True, metavar="OUT.idx", help="index written by `index`")
     pq.add_argument("--model", default=None, metavar="M",
                     help="encoder file (default: the one recorded at indexing; another model is refused)")
-    pq.add_argument("-k", type=int, default=5, help="results per query (default: 5)")
+    pq.add_argument("-k", type=int, default=5,
+                    help="results per query (default: 5; at most the number of indexed images)")
     pq.add_argument("--out", default=None, metavar="results.png",
                     help="write a PNG: each query beside its top-k results with their scores")
     pq.add_argument("--batch-size", type=int, default=32, help="images per network call (default: 32)")
@@ -313,7 +414,7 @@ def main(argv=None) -> int:
         res = run_query(args.images, index=args.index, model=args.model, k=args.k, batch_size=args.batch_size)
         print(format_results(res))
         if args.out:
-            print(f"wrote {results_picture(res, args.out)}")
+            print(f"wrote {printable(results_picture(res, args.out))}")
         return 0
     except LookalikeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -293,3 +293,89 @@ def test_engine_imports_no_torch(fast_model, photo_paths):
     assert r.returncode == 0, r.stderr
     # creating a session that falls back from CUDA prints nothing
     assert "CUDA" not in r.stderr, r.stderr
+
+
+# -- external data: a tensor whose values onnxruntime would read from another file -------------------------
+
+def make_external(tensor, location: str) -> None:
+    """Move ``tensor``'s values out of the model: data_location EXTERNAL, external_data location / offset / length."""
+    length = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def sealed(proto) -> bytes:
+    """The serialised model with lookalike.sha256 set as the exporter sets it, so its digest check passes."""
+    (entry,) = [p for p in proto.metadata_props if p.key == "lookalike.sha256"]
+    entry.value = "0" * 64
+    entry.value = hashlib.sha256(proto.SerializeToString()).hexdigest()
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("location, said", [
+    ("../secret.bin", "'../secret.bin', outside the model's folder"),
+    ("sub/../../secret.bin", "'sub/../../secret.bin', outside the model's folder"),
+    ("ABSOLUTE", "'ABSOLUTE', outside the model's folder"),
+    ("weights.bin", "'weights.bin';"),  # inside its folder: lookalike models never have external data
+])
+def test_a_model_with_external_data_is_refused_naming_the_location(tmp_path, fast_model, monkeypatch, location, said):
+    proto = onnx.load(str(fast_model))
+    weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    # files of the right size where each location points (onnxruntime resolves a model given as bytes against
+    # the working directory): a vulnerable runtime would load them as the weights
+    (tmp_path / "secret.bin").write_bytes(weight.raw_data[::-1])
+    (folder / "weights.bin").write_bytes(weight.raw_data)
+    monkeypatch.chdir(folder)
+    location = location.replace("ABSOLUTE", str(tmp_path / "secret.bin"))
+    said = said.replace("ABSOLUTE", str(tmp_path / "secret.bin"))
+    make_external(weight, location)
+    path = folder / "crafted.onnx"
+    path.write_bytes(sealed(proto))
+    with pytest.raises(ModelError) as e:
+        Encoder(path)
+    assert str(e.value).startswith(f"{path}: tensor {weight.name!r} keeps its values in the external file {said}")
+    assert "so a model with external data is refused" in str(e.value)
+    # the same model with its weights inside loads (the check refuses external data, nothing else)
+    path.write_bytes(sealed(onnx.load(str(fast_model))))
+    assert Encoder(path).dim > 0
+
+
+def test_external_tensors_are_found_wherever_onnx_allows_a_tensor():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from engine.onnxfile import external_tensors
+
+    def tensor(name, external):
+        t = numpy_helper.from_array(np.arange(4, dtype=np.float32), name)
+        if external:
+            make_external(t, f"{name}.bin")
+        return t
+
+    sub = helper.make_graph([], "then", [], [helper.make_tensor_value_info("s", TensorProto.FLOAT, [4])],
+                            [tensor("in_subgraph", True), tensor("inline_sub", False)])
+    half = tensor("listed_only", False)  # external_data entries without data_location EXTERNAL
+    entry = half.external_data.add()
+    entry.key, entry.value = "location", "half.bin"
+    sparse = helper.make_sparse_tensor(tensor("sparse_values", True), numpy_helper.from_array(np.arange(4), "i"),
+                                       [8])
+    nodes = [helper.make_node("Constant", [], ["c"], value=tensor("in_constant", True)),
+             helper.make_node("If", ["cond"], ["s"], then_branch=sub, else_branch=sub)]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("s", TensorProto.FLOAT, [4])],
+                              [tensor("inline", False), tensor("initializer", True), half],
+                              sparse_initializer=[sparse])
+    fn = helper.make_function("local", "f", [], ["o"],
+                              [helper.make_node("Constant", [], ["o"], value=tensor("in_function", True))],
+                              [helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, functions=[fn]).SerializeToString()
+    found = external_tensors(model)
+    assert sorted(found) == sorted([("in_constant", "in_constant.bin"), ("in_subgraph", "in_subgraph.bin"),
+                                    ("in_subgraph", "in_subgraph.bin"),  # then and else branch
+                                    ("initializer", "initializer.bin"), ("listed_only", "half.bin"),
+                                    ("sparse_values", "sparse_values.bin"), ("in_function", "in_function.bin")])
+    with pytest.raises(ValueError):
+        external_tensors(model[:-3])  # cut inside the last message

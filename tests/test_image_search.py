@@ -4,7 +4,11 @@ Oracle: Encoder.encode + a brute-force numpy top-k over the same real photos.
 """
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -16,6 +20,8 @@ from engine.errors import ModelError
 from engine.search import main as search_main
 from engine.search import IMAGE_EXTS, sidecar_path
 from trained_models import ModelCache
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -219,3 +225,154 @@ def test_cli_help(capsys):
     text = capsys.readouterr().out
     for opt in ("--index", "--model", "-k", "--out"):
         assert opt in text
+
+
+# -- damaged sidecars, symbolic-link loops, file names that are not UTF-8, a huge -k -------------------------
+
+@pytest.fixture(scope="module")
+def indexed(model, photos, tmp_path_factory):
+    """A real index of 6 photos (ids 0..5) and its sidecar, written once; tests copy them."""
+    root = tmp_path_factory.mktemp("indexed")
+    (root / "pictures").mkdir()
+    for p in photos[:6]:
+        shutil.copy(p, root / "pictures" / Path(p).name)
+    index = root / "p.idx"
+    assert search_main(["index", str(root / "pictures"), "--model", str(model), "--index", str(index),
+                        "--no-progress"]) == 0
+    return index
+
+
+def rewrite_index(src: Path, dst: Path, ids) -> str:
+    """Copy the index ``src`` to ``dst`` with other ids, re-sealed as the file format says (sha256 of the
+    header's other fields as canonical JSON, then the payload); returns the new digest."""
+    import hashlib
+
+    line, body = src.read_bytes().split(b"\n", 1)
+    header = json.loads(line.split(b" ", 1)[1])
+    header.pop("sha256")
+    count = header["count"]
+    body = np.asarray(ids, "<i8").tobytes() + body[count * 8 :]
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + body).hexdigest()
+    dst.write_bytes(b"LOOKALIKE-INDEX " + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n"
+                    + body)
+    return digest
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(model=["a.onnx"]), r"'model' must be a string, got list \['a\.onnx'\]"),
+    (lambda s: s.update(root=None), r"'root' must be a string, got NoneType None"),
+    (lambda s: s.pop("index_sha256"), r"'index_sha256' must be a string, got nothing"),
+    (lambda s: s["paths"].__setitem__(2, 7), r"paths\[2\] must be a string, got int 7"),
+    (lambda s: s["paths"].__setitem__(1, "../secret.jpg"), r"paths\[1\] = '\.\./secret\.jpg' is not a path inside"),
+    (lambda s: s["paths"].__setitem__(4, "a/../../b.jpg"), r"paths\[4\] = 'a/\.\./\.\./b\.jpg' is not a path inside"),
+    (lambda s: s["paths"].__setitem__(0, "/etc/hostname"), r"paths\[0\] = '/etc/hostname' is not a path inside"),
+    (lambda s: s.update(count="6"), r"'count' must be an int, got str '6'"),
+])
+def test_a_damaged_sidecar_is_refused_naming_the_problem(indexed, photos, tmp_path, capsys, edit, message):
+    index = tmp_path / indexed.name
+    shutil.copy(indexed, index)
+    side = json.loads(sidecar_path(indexed).read_text())
+    edit(side)
+    sidecar_path(index).write_text(json.dumps(side))
+    assert search_main(["query", photos[0], "--index", str(index), "-k", "6"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"^error: {re.escape(str(sidecar_path(index)))}: damaged paths sidecar \\(.*{message}", err), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("ids, named", [([0, 1, 2, 3, 4, 9], "[9]"), ([0, 1, -3, 2, 3, 4], "[-3]")])
+def test_an_index_with_ids_the_sidecar_does_not_name_is_refused(indexed, photos, tmp_path, capsys, ids, named):
+    index = tmp_path / indexed.name
+    digest = rewrite_index(indexed, index, ids)
+    side = json.loads(sidecar_path(indexed).read_text())
+    sidecar_path(index).write_text(json.dumps({**side, "index_sha256": digest}))
+    assert search_main(["query", photos[0], "--index", str(index), "-k", "6"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {index} holds ids {named} but its sidecar names images 0..5 only" in err, err
+    # the same ids in another order name every image: accepted
+    rewrite_index(indexed, index, [5, 4, 3, 2, 1, 0])
+    side["index_sha256"] = rewrite_index(indexed, index, [5, 4, 3, 2, 1, 0])
+    sidecar_path(index).write_text(json.dumps(side))
+    assert search_main(["query", photos[0], "--index", str(index), "-k", "6"]) == 0
+    assert len(parse_results(capsys.readouterr().out, [photos[0]])[photos[0]]) == 6
+
+
+def linked_folder(photos, root: Path) -> tuple[Path, list[str]]:
+    """Real photos in a/ b/ and the top, a link back to the top, a hard link and a link to a file; returns the
+    folder and the relative paths each image should be listed under (once)."""
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    names = []
+    for i, p in enumerate(photos[:6]):
+        rel = f"{'ab '[i % 3]}/{Path(p).name}".lstrip(" /")
+        shutil.copy(p, root / rel)
+        names.append(rel)
+    (root / "loop").symlink_to(".")
+    os.link(root / names[0], root / "b" / "zz-hard-link.jpg")  # the same file under a second name
+    (root / "b" / "0-file-link.jpg").symlink_to(root / names[1])  # sorts first, but is a link: the real name wins
+    return root, sorted(names)
+
+
+def test_list_images_follows_links_but_lists_each_image_once(photos, tmp_path):
+    from engine.search import list_images
+
+    root, names = linked_folder(photos, tmp_path / "pictures")
+    assert [p.relative_to(root).as_posix() for p in list_images(root)] == names
+
+
+def test_crossing_links_finish(photos, tmp_path):
+    root, names = linked_folder(photos, tmp_path / "pictures")
+    (root / "a" / "to-b").symlink_to("../b")
+    (root / "b" / "to-a").symlink_to("../a")
+    (root / "a" / "up").symlink_to("..")
+    code = ("import sys; from engine.search import list_images; "
+            f"print('\\n'.join(p.relative_to(sys.argv[1]).as_posix() for p in list_images(sys.argv[1])))")
+    r = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == names
+
+
+def test_cli_indexes_each_image_once_through_a_link_loop(model, photos, tmp_path, capsys):
+    root, names = linked_folder(photos, tmp_path / "pictures")
+    index = tmp_path / "p.idx"
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
+    assert json.loads(sidecar_path(index).read_text())["paths"] == names
+    assert f"indexed {len(names)} images" in capsys.readouterr().out
+
+
+def test_file_names_that_are_not_utf8(model, photos, tmp_path, capsys):
+    root = tmp_path / "pictures"
+    root.mkdir()
+    for p in photos[:4]:
+        shutil.copy(p, root / Path(p).name)
+    odd = root / os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: Python keeps the \xe9 as a lone surrogate
+    shutil.copy(photos[5], odd)
+    tex = root / "x$\\frac$.jpg"  # to matplotlib, bad mathtext
+    shutil.copy(photos[6], tex)
+    index = tmp_path / "p.idx"
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "results.png"
+    assert search_main(["query", str(odd), str(tex), photos[1], "--index", str(index), "-k", "6", "--out",
+                        str(out)]) == 0
+    text = capsys.readouterr().out
+    shown = str(root / "caf\\xe9.jpg")  # printed with the byte escaped
+    rows = parse_results(text, [shown, str(tex), photos[1]])
+    assert rows[shown][0][1] == pytest.approx(1.0, abs=1e-4) and rows[shown][0][3] == "caf\\xe9.jpg"
+    assert rows[str(tex)][0][1] == pytest.approx(1.0, abs=1e-4) and rows[str(tex)][0][3] == tex.name
+    assert [r[3] for r in rows[photos[1]]][0] == Path(photos[1]).name
+    img = cv2.imread(str(out))
+    assert img is not None and img.shape[:2] == (3 * 230, 7 * 200)  # 3 queries x (query + 6 results)
+
+
+def test_a_huge_k_gives_the_whole_index(indexed, photos, tmp_path, capsys):
+    assert search_main(["query", photos[0], photos[7], "--index", str(indexed), "-k", "1000000"]) == 0
+    rows = parse_results(capsys.readouterr().out, [photos[0], photos[7]])
+    assert [len(rows[q]) for q in (photos[0], photos[7])] == [6, 6]
+    out = tmp_path / "r.png"
+    assert search_main(["query", photos[0], "--index", str(indexed), "-k", "40", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "no more images" not in text and len(parse_results(text, [photos[0]])[photos[0]]) == 6
+    img = cv2.imread(str(out))
+    assert img.shape[:2] == (230, 7 * 200)  # the query and the 6 images of the index: no empty columns

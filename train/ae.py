@@ -32,7 +32,7 @@ from engine.preprocess import Preprocess
 from train import evaluate as ev
 from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
                           pick_device, progress, seed_everything)
-from train.data import DATASETS, ImageSet, load_images
+from train.data import DATASETS, DataError, ImageSet, load_images
 from train.models.ae import BACKBONES, L2Normalized, build_autoencoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,13 +83,13 @@ def load_split(data: str, root, *, limit: int | None, holdout: float, progress_b
     load_limit = None if limit is None else int(math.ceil(limit / (1.0 - holdout)))
     full = load_images(data, root, limit=load_limit, progress=progress_bar)
     if len(full) < 2:
-        raise SystemExit(f"data set {data!r} gave {len(full)} image(s); training needs at least 2")
+        raise DataError(f"data set {data!r} gave {len(full)} image(s){full.skipped_note()}; training needs at least 2")
     tr, te = ev.holdout_split(len(full), fraction=holdout, tail=data in SHUFFLED_DATASETS)
     if limit is not None:
         tr = tr[:limit]
     if len(tr) < 2:  # batch norm needs two images in a training batch
-        raise SystemExit(f"data set {data!r} gave {len(tr)} training image(s) ({len(te)} held out); training needs "
-                         f"at least 2 (raise --limit)")
+        raise DataError(f"data set {data!r} gave {len(tr)} training image(s) ({len(te)} held out)"
+                        f"{full.skipped_note()}; training needs at least 2 (raise --limit)")
     return full.subset(tr), full.subset(te)
 
 
@@ -266,7 +266,8 @@ def main(argv=None) -> dict:
                  extra={"losses": losses})
 
     metrics = {"model": name, "data": cfg.data, "n_train": len(x_train), "n_test": len(x_test),
-               "epochs": cfg.epochs, "steps": step, "loss_per_epoch": losses, "preprocess": pre.to_dict()}
+               "epochs": cfg.epochs, "steps": step, "loss_per_epoch": losses, "preprocess": pre.to_dict(),
+               "skipped_images": train_set.skipped}
     metrics.update(evaluate(model, encoder, pre, x_train, x_test, train_set, test_set, device=device))
     metrics["train_seconds"] = round(time.time() - t0, 1)  # wall clock, loading and evaluation included
     metrics["cpu_seconds"] = round(time.process_time() - c0, 1)  # CPU time of all threads (load-independent)

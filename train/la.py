@@ -45,7 +45,7 @@ from train import evaluate as ev
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
                           pick_device, progress, seed_everything)
-from train.data import DATASETS, ImageSet, load_images
+from train.data import DATASETS, DataError, ImageSet, load_images
 from train.models.ae import BACKBONES, backbone_state_from_ae
 from train.models.la import LAEncoder, LocalAggregation
 
@@ -243,7 +243,8 @@ def load_split(cfg: LAConfig, *, progress_bar: bool = False) -> tuple[ImageSet, 
         tr, te = ev.holdout_split(len(full), fraction=h, tail=cfg.data in SHUFFLED_DATASETS)
         train, test = full.subset(tr[: cfg.limit] if cfg.limit is not None else tr), full.subset(te)
     if len(train) < 3:
-        raise SystemExit(f"data set {cfg.data!r} gave {len(train)} training image(s); LA needs at least 3")
+        raise DataError(f"data set {cfg.data!r} gave {len(train)} training image(s){full.skipped_note()}; "
+                        f"LA needs at least 3")
     return train, test
 
 
@@ -593,7 +594,8 @@ def main(argv=None) -> dict:
                "n_test": 0 if test_set is None else len(test_set), "epochs": cfg.epochs, "steps": step,
                "kmeans_k": cfg.kmeans_k, "background": min(cfg.background, n - 1),
                "loss_per_epoch": losses, "mode_per_epoch": modes, "epoch_seconds": [round(s, 2) for s in epoch_times],
-               "time_split": time_split(clock.totals), "train_seconds": round(train_seconds, 1)}
+               "time_split": time_split(clock.totals), "train_seconds": round(train_seconds, 1),
+               "skipped_images": train_set.skipped}
     metrics["eval_per_epoch"] = evals
     metrics.update(evaluator(model, pre, device=device))
     run.write_metrics(metrics)

@@ -403,6 +403,7 @@ def _train(cfg: MPNNConfig, *, out, resume: bool, show_progress: bool, device: t
             "all_levels_reached": complete and all(h["reached"] for h in history),
             "train_seconds": round(sum(h["seconds"] for h in history), 2),
             "device": str(device),
+            "skipped_images": [] if stream.images is None else stream.images.skipped,
         }
         if complete:
             metrics["eval"] = evaluate(encoder, pre, stream.first_pass(cfg.eval_limit), cfg=cfg, device=device)

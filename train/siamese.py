@@ -31,7 +31,7 @@ from train import evaluate as ev
 from train.ae import batches, epoch_order, fitted_preprocess, load_split, preprocess_all, show
 from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
                           pick_device, progress, seed_everything)
-from train.data import DATASETS
+from train.data import DATASETS, DataError
 from train.models.ae import L2Normalized
 from train.models.siamese import DEFAULT_MARGIN, LOSSES, MININGS, SiameseNet, contrastive_loss, triplet_loss
 
@@ -110,12 +110,12 @@ def main(argv=None) -> dict:
     train_set, test_set = load_split(cfg.data, cfg.data_root, limit=cfg.limit, holdout=cfg.holdout,
                                      progress_bar=not args.no_progress)
     if train_set.labels is None:
-        raise SystemExit(f"the Siamese network trains on labelled pairs, but data set {cfg.data!r} has no labels "
-                         f"(for --data folder, put the images in one sub-folder per class)")
+        raise DataError(f"the Siamese network trains on labelled pairs, but data set {cfg.data!r} has no labels "
+                        f"(for --data folder, put the images in one sub-folder per class)")
     y_train = train_set.labels
     if len(np.unique(y_train)) < 2 or np.bincount(np.unique(y_train, return_inverse=True)[1]).max() < 2:
-        raise SystemExit(f"training pairs need two labels and a label seen twice; {len(y_train)} training images "
-                         f"have {len(np.unique(y_train))} label(s) (raise --limit)")
+        raise DataError(f"training pairs need two labels and a label seen twice; {len(y_train)} training images "
+                        f"have {len(np.unique(y_train))} label(s){train_set.skipped_note()} (raise --limit)")
 
     out = args.out or default_out(NAME)
     if args.resume:
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
 
     metrics = {"model": NAME, "data": cfg.data, "loss": cfg.loss, "mining": cfg.mining if cfg.loss != "binary" else None,
                "margin": margin, "n_train": len(x_train), "n_test": len(x_test), "epochs": cfg.epochs, "steps": step,
-               "loss_per_epoch": losses, "preprocess": pre.to_dict()}
+               "loss_per_epoch": losses, "preprocess": pre.to_dict(), "skipped_images": train_set.skipped}
     metrics.update(evaluate(model, pre, x_train, x_test, train_set, test_set, cfg, device=device))
     metrics["train_seconds"] = round(time.time() - t0, 1)  # wall clock, loading and evaluation included
     metrics["cpu_seconds"] = round(time.process_time() - c0, 1)  # CPU time of all threads (load-independent)

@@ -95,8 +95,10 @@ def test_the_bounds_themselves_are_accepted():
     from train import ae, la, siamese
 
     cfg, _ = la.parse_config(["--warmup-epochs", "0", "--eval-every", "0", "--mixing-rate", "1", "--hue", "0.5",
-                              "--jitter", "0", "--holdout", "0", "--lr", "0", "--center-crop", "1", "--batch-size", "2"])
-    assert (cfg.warmup_epochs, cfg.mixing_rate, cfg.hue, cfg.holdout, cfg.lr, cfg.batch_size) == (0, 1.0, 0.5, 0.0, 0.0, 2)
+                              "--jitter", "0", "--holdout", "0", "--lr", "0", "--center-crop", "1",
+                              "--batch-size", "2"])
+    got = (cfg.warmup_epochs, cfg.mixing_rate, cfg.hue, cfg.holdout, cfg.lr, cfg.center_crop, cfg.batch_size)
+    assert got == (0, 1.0, 0.5, 0.0, 0.0, 1.0, 2)
     cfg, _ = ae.parse_config(["--batch-size", "2", "--epochs", "1", "--limit", "1", "--weight-decay", "0"])
     assert (cfg.batch_size, cfg.epochs, cfg.limit, cfg.weight_decay) == (2, 1, 1, 0.0)
     cfg, _ = siamese.parse_config(["--batch-size", "2", "--image-size", "8", "--margin", "0.01"])

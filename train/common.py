@@ -86,7 +86,8 @@ def make_parser(prog: str, description: str, *, datasets: dict[str, str], defaul
                    help=f"dataset to train on (default: {default_data}; see the list below)")
     p.add_argument("--data-root", default=None,
                    help="where the dataset lies on disk (a folder, a file, or for video a path or camera index)")
-    p.add_argument("--epochs", type=number(int, low=1), default=epochs, help=f"passes over the data (default: {epochs})")
+    p.add_argument("--epochs", type=number(int, low=1), default=epochs,
+                   help=f"passes over the data (default: {epochs})")
     p.add_argument("--batch-size", type=number(int, low=min_batch_size, why=batch_size_why), default=batch_size,
                    help=f"images per step (default: {batch_size})")
     p.add_argument("--out", default=None, help=f"run folder for checkpoint, config, metrics and pictures (default: {out_help})")

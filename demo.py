@@ -47,12 +47,75 @@ def step(title: str):
 
 
 def train_all(out: Path) -> dict:
-    results = {}
+    seconds = {}
     for name, module, args in TRAINING:
         t0 = step(f"train {name}: python -m {module} {' '.join(args)}")
-        metrics = importlib.import_module(module).main(args + ["--out", str(out / "runs" / name), "--seed", "0"])
-        results[name] = {"seconds": round(time.time() - t0, 1), "metrics": metrics}
+        importlib.import_module(module).main(args + ["--out", str(out / "runs" / name), "--seed", "0"])
+        seconds[name] = round(time.time() - t0, 1)
+    return trained(out, seconds)
+
+
+def trained(out: Path, seconds: dict | None = None) -> dict:
+    """``{name: {"seconds", "metrics"}}`` for each model of TRAINING whose run folder under ``out/runs`` holds a
+    metrics.json: the metrics exactly as its trainer wrote them (``seconds``: training time, when measured)."""
+    results = {}
+    for name, _, _ in TRAINING:
+        path = out / "runs" / name / "metrics.json"
+        if path.is_file():
+            results[name] = {"seconds": (seconds or {}).get(name), "metrics": json.loads(path.read_text())}
     return results
+
+
+def evaluation(metrics: dict) -> list[tuple[str, object]]:
+    """The headline evaluation in one run's metrics.json, as (label, value) pairs; the one place that knows
+    which keys each trainer writes (``name`` is the model, as ``Run.write_metrics`` records it).
+
+    mpnn: levels that reached the similarity threshold, then (complete runs) the embedding's mean max |cos|
+    between maps and, on a whole video with known cuts, the share of cuts at the 5 lowest frame-to-frame
+    similarities. siamese: held-out pair accuracy and 1-NN label accuracy (raw pixels beside it). ae-*: held-out
+    reconstruction MSE, with labels 1-NN accuracy. la: with labels 1-NN accuracy and k-means NMI (raw pixels
+    beside them); without labels only the training loss, the last epoch's."""
+    name = metrics.get("name") or metrics.get("model") or ""
+    out: list[tuple[str, object]] = []
+    if name == "mpnn":
+        levels = metrics.get("per_level") or []
+        out.append(("levels reached", f"{sum(bool(lv.get('reached')) for lv in levels)}/{metrics.get('levels')}"))
+        ev = metrics.get("eval")
+        if ev:
+            out.append(("mean max|cos|", ev["per_level"][-1]["mean_max_cos"]))
+            cuts = (ev.get("consecutive_frames") or {}).get("cut_recall_at_5")
+            if cuts is not None:
+                out.append(("cut recall@5", cuts))
+        else:
+            out.append(("stopped at step", metrics.get("steps")))
+    elif name == "siamese":
+        out += [("pair accuracy", metrics.get("pair_accuracy")), ("1-NN", metrics.get("knn1_accuracy")),
+                ("1-NN raw pixels", metrics.get("knn1_raw_pixels"))]
+    elif name.startswith("ae-"):
+        out += [("held-out MSE", metrics.get("test_mse")), ("1-NN", metrics.get("knn1_accuracy"))]
+    elif name == "la":
+        if "knn1_accuracy" in metrics:
+            out += [("1-NN", metrics["knn1_accuracy"]), ("NMI", metrics.get("kmeans_nmi")),
+                    ("1-NN raw pixels", metrics.get("knn1_accuracy_raw_pixels"))]
+        elif metrics.get("loss_per_epoch"):
+            out.append(("final loss (no labels)", metrics["loss_per_epoch"][-1]))
+    if metrics.get("skipped_images"):
+        out.append(("unreadable images skipped", len(metrics["skipped_images"])))
+    return [(k, v) for k, v in out if v is not None]
+
+
+def headline(metrics: dict) -> str:
+    """``evaluation(metrics)`` on one line: ``1-NN 0.912, NMI 0.734``."""
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation(metrics))
+
+
+def training_lines(training: dict) -> list[str]:
+    """One summary line per trained model of ``trained()``: its name, training time and headline evaluation."""
+    lines = []
+    for name, r in training.items():
+        took = "" if r.get("seconds") is None else f" in {r['seconds']:>5.0f} s"
+        lines.append(f"  trained {name:<11}{took}  {headline(r['metrics'])}")
+    return lines
 
 
 def export_all(out: Path) -> dict:
@@ -110,7 +173,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    report = {"training": None if args.skip_training else train_all(out)}
+    report = {"training": trained(out) if args.skip_training else train_all(out)}
     report["export"] = export_all(out)
     report["search"] = search_photos(out)
     report["stream"] = stream_video(out)
@@ -125,10 +188,7 @@ def main(argv=None) -> int:
 
 def summary(report: dict, out: Path) -> str:
     lines = ["", f"== done in {report['seconds']:.0f} s; everything is under {out}/"]
-    for name, r in (report["training"] or {}).items():
-        ev = {k: v for k, v in (r["metrics"].get("evaluation") or {}).items() if isinstance(v, (int, float))}
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in list(ev.items())[:4])
-        lines.append(f"  trained {name:<11} in {r['seconds']:>5.0f} s  {shown}")
+    lines += training_lines(report["training"] or {})
     s = report["search"]
     lines.append(f"  search: {s['indexed']} photos indexed, top-{s['k']} results in {s['picture']}")
     st = report["stream"]["report"]

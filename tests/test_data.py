@@ -239,18 +239,82 @@ def test_fungi_missing_column_is_named(tmp_path):
         load_images("fungi", bad)
 
 
-@pytest.mark.data
-def test_unreadable_image_is_named(tmp_path, fungi):
-    (tmp_path / "Amanita_muscaria").mkdir()
-    shutil.copy(fungi.paths[0], tmp_path / "Amanita_muscaria" / "good.jpg")
-    broken = tmp_path / "Amanita_muscaria" / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    with pytest.raises(DataError, match="broken.jpg"):
+def bad_images(folder: Path, names=("cut.jpg", "notes.jpg")) -> list[Path]:
+    """In ``folder``: cut.jpg, a real JPEG cut to half its bytes (OpenCV cannot decode it), and notes.jpg, a text
+    file named like an image (those of ``names``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    whole = next(p for p in photo_files() if p.name == "china.jpg").read_bytes()
+    made = {"cut.jpg": whole[: len(whole) // 2], "notes.jpg": b"not an image, only named like one\n"}
+    for n in names:
+        (folder / n).write_bytes(made[n])
+    return [folder / n for n in names]
+
+
+def real_photos(folder: Path, names: list[str]) -> list[Path]:
+    """Copies of the embedded photographs ``names`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {p.name: p for p in photo_files()}
+    return [Path(shutil.copy(files[n], folder / n)) for n in names]
+
+
+def test_unreadable_images_are_skipped_named_and_listed(tmp_path, capsys):
+    good = real_photos(tmp_path / "a", ["coins.png", "rocket.jpg"]) + real_photos(tmp_path / "b", ["moon.png"])
+    bad = bad_images(tmp_path / "a") + bad_images(tmp_path / "b", ["notes.jpg"])
+    capsys.readouterr()
+    s = load_images("folder", tmp_path)
+    err = capsys.readouterr().err
+    # the readable photos, in path order, with their class folders; every one equal to OpenCV's own read
+    assert s.paths == [str(p) for p in sorted(good)]
+    assert s.class_names == ["a", "b"] and s.labels.tolist() == [0, 0, 1]
+    for img, path in zip(s.images, s.paths):
+        np.testing.assert_array_equal(img, cv2_rgb(path))
+    # exactly the bad files are listed, each with why, and each named in a warning on stderr
+    assert [d["path"] for d in s.skipped] == [str(p) for p in sorted(bad)]
+    for d in s.skipped:
+        assert "could not decode" in d["reason"], d
+        assert f"warning: skipped {d['path']}: " in err
+    assert err.count("warning: skipped") == 3
+    # parts taken for training keep the data set's list
+    assert s.subset([0, 2]).skipped == s.skipped
+    # a set with nothing to skip lists nothing
+    assert load_images("photos", limit=2).skipped == []
+
+
+def test_only_unreadable_images_are_refused_naming_them(tmp_path):
+    cut, text = bad_images(tmp_path / "Amanita_muscaria")
+    with pytest.raises(DataError) as e:
         load_images("fungi", tmp_path)
+    msg = str(e.value)
+    assert "none of the 2 image files could be read" in msg and str(cut) in msg and str(text) in msg, msg
     # the same through a metadata CSV: the message also names the CSV
-    (tmp_path / "metadata.csv").write_text("species,image_path\nAmanita muscaria,Amanita_muscaria/broken.jpg\n")
-    with pytest.raises(DataError, match=r"broken\.jpg.*listed in .*metadata\.csv"):
+    (tmp_path / "metadata.csv").write_text("species,image_path\nAmanita muscaria,Amanita_muscaria/cut.jpg\n")
+    with pytest.raises(DataError, match=r"none of the 1 image files \(listed in .*metadata\.csv\) could be read: "
+                                        r".*cut\.jpg"):
         load_images("fungi", tmp_path)
+
+
+@pytest.mark.data
+def test_fungi_csv_skips_unreadable_images_keeping_labels_aligned(tmp_path, fungi_dir):
+    rows = list(csv.DictReader(open(fungi_dir / "metadata.csv", newline="", encoding="utf-8")))
+    picked = [rows[0], rows[1], rows[-1]]  # two Amanita muscaria, one of the last species
+    images = tmp_path / "images"
+    images.mkdir()
+    for r in picked:
+        shutil.copy(fungi_dir / "images" / r["image_path"], images)
+    cut, text = bad_images(images)
+    listed = [picked[0], {"species": "Amanita muscaria", "image_path": cut.name}, picked[1],
+              {"species": "Boletus edulis", "image_path": text.name}, picked[2]]
+    with open(tmp_path / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["species", "image_path"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(listed)
+    s = load_images("fungi", tmp_path)
+    assert [Path(p).name for p in s.paths] == [r["image_path"] for r in picked]
+    assert s.class_names == sorted({r["species"] for r in listed})  # every species listed, as for a full CSV
+    assert [s.class_names[i] for i in s.labels] == [r["species"] for r in picked]
+    for img, path in zip(s.images, s.paths):
+        np.testing.assert_array_equal(img, cv2_rgb(path))
+    assert [d["path"] for d in s.skipped] == [str(cut), str(text)]
 
 
 @pytest.mark.parametrize("name, where", [("fungi", "Danish Fungi"), ("mnist", "yann.lecun.com"),

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from engine.preprocess import Preprocess
 from train import evaluate as ev
 from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
-                          pick_device, progress, seed_everything)
-from train.data import DATASETS, ImageSet, load_images
+                          number, pick_device, progress, seed_everything)
+from train.data import DATASETS, DataError, ImageSet, load_images
 from train.models.ae import BACKBONES, L2Normalized, build_autoencoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,13 +83,13 @@ def load_split(data: str, root, *, limit: int | None, holdout: float, progress_b
     load_limit = None if limit is None else int(math.ceil(limit / (1.0 - holdout)))
     full = load_images(data, root, limit=load_limit, progress=progress_bar)
     if len(full) < 2:
-        raise SystemExit(f"data set {data!r} gave {len(full)} image(s); training needs at least 2")
+        raise DataError(f"data set {data!r} gave {len(full)} image(s){full.skipped_note()}; training needs at least 2")
     tr, te = ev.holdout_split(len(full), fraction=holdout, tail=data in SHUFFLED_DATASETS)
     if limit is not None:
         tr = tr[:limit]
     if len(tr) < 2:  # batch norm needs two images in a training batch
-        raise SystemExit(f"data set {data!r} gave {len(tr)} training image(s) ({len(te)} held out); training needs "
-                         f"at least 2 (raise --limit)")
+        raise DataError(f"data set {data!r} gave {len(tr)} training image(s) ({len(te)} held out)"
+                        f"{full.skipped_note()}; training needs at least 2 (raise --limit)")
     return full.subset(tr), full.subset(te)
 
 
@@ -170,14 +170,16 @@ def build_parser(arch: str) -> argparse.ArgumentParser:
     p = make_parser("train.ae", "Train an autoencoder (pixel MSE); its encoder is the search embedding.",
                     datasets=DATASETS, default_data="photos", epochs=d["epochs"], batch_size=d["batch_size"],
                     default_out_help="runs/ae-ARCH: " + ", ".join(
-                        f"{default_out(f'ae-{a}')} for --arch {a}" for a in sorted(BACKBONES)))
+                        f"{default_out(f'ae-{a}')} for --arch {a}" for a in sorted(BACKBONES)),
+                    min_batch_size=2, batch_size_why="batch norm needs two images")
     p.add_argument("--arch", default="conv", choices=BACKBONES,
                    help="conv: small CIFAR autoencoder, 1000-d code; vgg16bn: SegNet on VGG16-BN, 512-d (default: conv)")
-    p.add_argument("--image-size", type=int, default=d["image_size"],
+    p.add_argument("--image-size", type=number(int, low=8), default=d["image_size"],
                    help="square network input side (default: 32 for conv, 96 for vgg16bn)")
-    p.add_argument("--lr", type=float, default=d["lr"], help=f"Adam learning rate (default: {d['lr']})")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default: 0)")
-    p.add_argument("--code-dim", type=int, default=1000, help="conv: size of the code / embedding (default: 1000)")
+    p.add_argument("--lr", type=number(float, low=0), default=d["lr"], help=f"Adam learning rate (default: {d['lr']})")
+    p.add_argument("--weight-decay", type=number(float, low=0), default=0.0, help="Adam weight decay (default: 0)")
+    p.add_argument("--code-dim", type=number(int, low=1), default=1000,
+                   help="conv: size of the code / embedding (default: 1000)")
     p.add_argument("--pretrained", action="store_true",
                    help="vgg16bn: start from torchvision's ImageNet weights (needs them cached or a network; "
                         "without them a warning is printed and training starts from random init)")
@@ -188,13 +190,12 @@ def parse_config(argv=None) -> tuple[AEConfig, argparse.Namespace]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--arch", default="conv", choices=BACKBONES)
     known, _ = pre.parse_known_args(argv)
-    args = build_parser(known.arch).parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"--limit must be >= 1, got {args.limit}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.batch_size < 2:
-        raise SystemExit(f"--batch-size must be >= 2 (batch norm needs two images), got {args.batch_size}")
+    parser = build_parser(known.arch)
+    args = parser.parse_args(argv)
+    if args.arch == "conv" and args.image_size % 8:
+        parser.error(f"--image-size must be a multiple of 8 for the conv autoencoder, got {args.image_size}")
+    if args.arch == "vgg16bn" and args.image_size < 32:
+        parser.error(f"--image-size must be at least 32 for vgg16bn (five 2x2 pools), got {args.image_size}")
     return config_from_args(AEConfig, args), args
 
 
@@ -266,7 +267,8 @@ def main(argv=None) -> dict:
                  extra={"losses": losses})
 
     metrics = {"model": name, "data": cfg.data, "n_train": len(x_train), "n_test": len(x_test),
-               "epochs": cfg.epochs, "steps": step, "loss_per_epoch": losses, "preprocess": pre.to_dict()}
+               "epochs": cfg.epochs, "steps": step, "loss_per_epoch": losses, "preprocess": pre.to_dict(),
+               "skipped_images": train_set.skipped}
     metrics.update(evaluate(model, encoder, pre, x_train, x_test, train_set, test_set, device=device))
     metrics["train_seconds"] = round(time.time() - t0, 1)  # wall clock, loading and evaluation included
     metrics["cpu_seconds"] = round(time.process_time() - c0, 1)  # CPU time of all threads (load-independent)

@@ -35,11 +35,45 @@ from train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoin
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def number(kind=int, *, low=None, high=None, low_open: bool = False, high_open: bool = False, why: str = ""):
+    """An argparse ``type``: a ``kind`` (int or float) in [low, high] (``low_open`` / ``high_open``: that end
+    excluded; None: unbounded). A value out of range, or not a finite number, is refused by argparse itself:
+    ``prog: error: argument --epochs: expected an integer >= 1, got '0'`` on stderr, exit status 2."""
+    if kind not in (int, float):
+        raise ValueError(f"kind must be int or float, got {kind!r}")
+    what = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        want = f"{what} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        want = f"{what} {'>' if low_open else '>='} {low}"
+    elif high is not None:
+        want = f"{what} {'<' if high_open else '<='} {high}"
+    else:
+        want = what
+    if why:
+        want += f" ({why})"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if (kind is float and not np.isfinite(v)) or (low is not None and (v <= low if low_open else v < low)) \
+                or (high is not None and (v >= high if high_open else v > high)):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type by it in its own messages
+    return parse
+
+
 def make_parser(prog: str, description: str, *, datasets: dict[str, str], default_data: str,
-                epochs: int, batch_size: int, default_out_help: str | None = None) -> argparse.ArgumentParser:
+                epochs: int, batch_size: int, default_out_help: str | None = None,
+                min_batch_size: int = 1, batch_size_why: str = "") -> argparse.ArgumentParser:
     """The options every trainer takes; ``datasets`` maps each accepted name to a one-line description.
     ``default_out_help`` describes the run folder used without --out (default: ``runs/<last part of prog>``,
-    what ``default_out`` gives for a trainer named like its module)."""
+    what ``default_out`` gives for a trainer named like its module). Numeric options out of their range are
+    refused by argparse (``number``); ``min_batch_size`` (and ``batch_size_why``, the reason) bounds --batch-size."""
     out_help = default_out_help or str(default_out(prog.split(".")[-1]))
     listing = "\n".join(f"  {k:<10} {v}" for k, v in datasets.items())
     p = argparse.ArgumentParser(
@@ -52,16 +86,20 @@ def make_parser(prog: str, description: str, *, datasets: dict[str, str], defaul
                    help=f"dataset to train on (default: {default_data}; see the list below)")
     p.add_argument("--data-root", default=None,
                    help="where the dataset lies on disk (a folder, a file, or for video a path or camera index)")
-    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the data (default: {epochs})")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default: {batch_size})")
+    p.add_argument("--epochs", type=number(int, low=1), default=epochs,
+                   help=f"passes over the data (default: {epochs})")
+    p.add_argument("--batch-size", type=number(int, low=min_batch_size, why=batch_size_why), default=batch_size,
+                   help=f"images per step (default: {batch_size})")
     p.add_argument("--out", default=None, help=f"run folder for checkpoint, config, metrics and pictures (default: {out_help})")
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto picks CUDA when torch sees a GPU, else the CPU (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed; fixed seed + CPU gives identical runs (default: 0)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run folder's checkpoint (after a crash or to add epochs)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many training images (quick runs)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (smoke tests)")
+    p.add_argument("--limit", type=number(int, low=1), default=None,
+                   help="use at most this many training images (quick runs)")
+    p.add_argument("--max-steps", type=number(int, low=1), default=None,
+                   help="stop each epoch after this many steps (smoke tests)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 

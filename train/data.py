@@ -31,6 +31,9 @@ Data sets (``DATASETS`` holds the one-line descriptions shown by ``--help``):
 
 ``limit`` keeps at most ``limit`` items spread evenly over the data set (items ``floor(i * n / limit)``), so a
 quick run still sees every class of a data set stored sorted by class; only the kept images are decoded.
+An image file that cannot be read or decoded is left out with ``warning: skipped <file>: <why>`` on stderr, as
+``engine.search index`` does, and listed in ``ImageSet.skipped`` (each trainer records it in metrics.json);
+only when none of the files can be read is that a DataError.
 ``max_side`` shrinks images whose longest side is larger (aspect kept, ``cv2.INTER_AREA``).
 """
 
@@ -43,10 +46,11 @@ import io
 import os
 import pickle
 import re
+import sys
 import tarfile
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -104,6 +108,8 @@ class ImageSet:
     labels: np.ndarray | None  # int64 (n,), or None when unlabelled
     class_names: list[str] | None  # label -> name
     paths: list[str] | None  # source file per image, when images come from files
+    # image files of the data set that could not be read or decoded and were left out: {"path", "reason"} each
+    skipped: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.images)
@@ -146,7 +152,15 @@ class ImageSet:
             labels=None if self.labels is None else self.labels[idx],
             class_names=self.class_names,
             paths=None if self.paths is None else [self.paths[i] for i in idx],
+            skipped=list(self.skipped),  # a property of the loaded data set, whichever part is taken
         )
+
+    def skipped_note(self) -> str:
+        """`` (N unreadable image files skipped: ...)`` to append to a message about too few images, or ''."""
+        if not self.skipped:
+            return ""
+        shown = ", ".join(s["path"] for s in self.skipped[:3]) + (" ..." if len(self.skipped) > 3 else "")
+        return f" ({len(self.skipped)} unreadable image file(s) skipped: {shown})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,12 +242,27 @@ def _bar(items, progress: bool, desc: str):
     return tqdm(items, desc=desc, unit="img", leave=False)
 
 
-def _read(path: Path, max_side: int | None, context: str = "") -> np.ndarray:
-    try:
-        img = read_image(path)
-    except ImageReadError as e:
-        raise DataError(f"{e}{context}") from e
-    return _shrink(img, max_side)
+def _read_all(name: str, files: list[Path], max_side: int | None, progress: bool,
+              context: str = "") -> tuple[list[np.ndarray], list[int], list[dict]]:
+    """Decode ``files`` -> (images, the indices of the files read, skipped). A file that cannot be read or decoded
+    is left out with ``warning: skipped <file>: <why>`` on stderr (as ``engine.search index`` does) and listed
+    in ``skipped`` as ``{"path", "reason"}``; when no file at all can be read, DataError names them."""
+    images, kept, skipped = [], [], []
+    for i, f in enumerate(_bar(files, progress, name)):
+        try:
+            img = read_image(f)
+        except OSError as e:  # ImageReadError (not a decodable image) or an I/O error (unreadable file)
+            reason = str(e) if isinstance(e, ImageReadError) else f"could not read the file: {e}"
+            skipped.append({"path": str(f), "reason": reason})
+            print(f"warning: skipped {f}: {reason}", file=sys.stderr)
+            continue
+        images.append(_shrink(img, max_side))
+        kept.append(i)
+    if files and not images:
+        shown = "; ".join(f"{s['reason']}" for s in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        raise DataError(f"data set {name!r}: none of the {len(files)} image files{context} could be read: {shown}; "
+                        f"expected decodable images ({', '.join(IMAGE_EXTS)})")
+    return images, kept, skipped
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -282,16 +311,16 @@ def _list_images(folder: Path) -> list[Path]:
 def _folder_set(name: str, root: Path, files: list[Path], class_of, *, limit, max_side, progress,
                 class_names=None) -> ImageSet:
     keep = _keep(len(files), limit)
-    files = [files[i] for i in keep]
+    images, read, skipped = _read_all(name, [files[i] for i in keep], max_side, progress)
+    files = [files[keep[i]] for i in read]
     labels = None
     if class_of is not None:
         names = [class_of(f) for f in files]
         class_names = class_names or sorted(set(names))
         pos = {c: i for i, c in enumerate(class_names)}
         labels = np.array([pos[c] for c in names], dtype=np.int64)
-    images = [_read(f, max_side) for f in _bar(files, progress, name)]
     return ImageSet(name=name, images=_stack(images), labels=labels, class_names=class_names if labels is not None
-                    else None, paths=[str(f) for f in files])
+                    else None, paths=[str(f) for f in files], skipped=skipped)
 
 
 def _load_folder(root: Path, *, limit, max_side, progress) -> ImageSet:
@@ -424,10 +453,10 @@ def _fungi_csv(path: Path, *, limit, max_side, progress) -> ImageSet:
                         f"looked in {', '.join(str(d) for d in finder.dirs)}. Expected the DF20-Mini images "
                         f"beside the CSV (in images/ or DF20M/); get them from {WHERE['fungi']}")
     pos = {c: i for i, c in enumerate(class_names)}
-    labels = np.array([pos[species[i]] for i in keep], dtype=np.int64)
-    images = [_read(f, max_side, f" (listed in {path})") for f in _bar(files, progress, "fungi")]
+    images, read, skipped = _read_all("fungi", files, max_side, progress, f" (listed in {path})")
+    labels = np.array([pos[species[keep[i]]] for i in read], dtype=np.int64)
     return ImageSet(name="fungi", images=_stack(images), labels=labels, class_names=class_names,
-                    paths=[str(f) for f in files])
+                    paths=[str(files[i]) for i in read], skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -691,10 +720,10 @@ def _load_photos(*, limit, max_side) -> ImageSet:
     files = photo_files()
     if not files:
         raise DataError("embedded photos: no .png/.jpg found in scikit-image's data folder nor scikit-learn's images")
-    keep = _keep(len(files), limit)
-    files = [files[i] for i in keep]
-    images = [_read(f, max_side) for f in files]
-    return ImageSet(name="photos", images=_stack(images), labels=None, class_names=None, paths=[str(f) for f in files])
+    files = [files[i] for i in _keep(len(files), limit)]
+    images, read, skipped = _read_all("photos", files, max_side, False)
+    return ImageSet(name="photos", images=_stack(images), labels=None, class_names=None,
+                    paths=[str(files[i]) for i in read], skipped=skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------

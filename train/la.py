@@ -44,8 +44,8 @@ from engine.preprocess import Preprocess
 from train import evaluate as ev
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
-                          pick_device, progress, seed_everything)
-from train.data import DATASETS, ImageSet, load_images
+                          number, pick_device, progress, seed_everything)
+from train.data import DATASETS, DataError, ImageSet, load_images
 from train.models.ae import BACKBONES, backbone_state_from_ae
 from train.models.la import LAEncoder, LocalAggregation
 
@@ -139,50 +139,56 @@ def data_defaults(data: str, arch: str) -> dict:
 def build_parser(data: str = "photos", arch: str = "conv") -> argparse.ArgumentParser:
     d = data_defaults(data, arch)
     p = make_parser("train.la", "Train a Local Aggregation encoder (Zhuang et al., ICCV 2019) without labels.",
-                    datasets=DATASETS, default_data="photos", epochs=d["epochs"], batch_size=d["batch_size"])
+                    datasets=DATASETS, default_data="photos", epochs=d["epochs"], batch_size=d["batch_size"],
+                    min_batch_size=2)
     p.add_argument("--arch", default="conv", choices=BACKBONES,
                    help="backbone: conv (small CIFAR encoder) or vgg16bn (VGG16-BN averaged over H, W) (default: conv)")
-    p.add_argument("--image-size", type=int, default=d["image_size"],
+    p.add_argument("--image-size", type=number(int, low=8), default=d["image_size"],
                    help=f"square network input side (default for this data set: {d['image_size']})")
-    p.add_argument("--train-side", type=int, default=d["train_side"],
+    p.add_argument("--train-side", type=number(int, low=8), default=d["train_side"],
                    help=f"side the training images are resized to before random crops (default: {d['train_side']})")
-    p.add_argument("--center-crop", type=float, default=d["center_crop"],
+    p.add_argument("--center-crop", type=number(float, low=0, high=1, low_open=True), default=d["center_crop"],
                    help=f"the encoder (training and export) sees the central square of this fraction of the "
                         f"shorter side (default for this data set: {d['center_crop']})")
-    p.add_argument("--dim", type=int, default=128, help="embedding size (default: 128)")
-    p.add_argument("--code-dim", type=int, default=1000, help="conv: the backbone's code size (default: 1000)")
-    p.add_argument("--temperature", type=float, default=0.07, help="softmax temperature tau (default: 0.07)")
-    p.add_argument("--background", "--k", dest="background", type=int, default=4096,
+    p.add_argument("--dim", type=number(int, low=1), default=128, help="embedding size (default: 128)")
+    p.add_argument("--code-dim", type=number(int, low=1), default=1000,
+                   help="conv: the backbone's code size (default: 1000)")
+    p.add_argument("--temperature", type=number(float, low=0, low_open=True), default=0.07,
+                   help="softmax temperature tau (default: 0.07)")
+    p.add_argument("--background", "--k", dest="background", type=number(int, low=1), default=4096,
                    help="background neighbours: k nearest bank rows, capped at n - 1 (default: 4096)")
-    p.add_argument("--kmeans-k", type=int, default=None,
+    p.add_argument("--kmeans-k", type=number(int, low=1), default=None,
                    help="clusters per k-means run (default: round(sqrt(n)) for n training images)")
-    p.add_argument("--kmeans-repeats", type=int, default=3,
+    p.add_argument("--kmeans-repeats", type=number(int, low=1), default=3,
                    help="k-means runs united into close neighbours (default: 3)")
-    p.add_argument("--kmeans-iterations", type=int, default=20, help="Lloyd iterations per k-means run (default: 20)")
-    p.add_argument("--cluster-every", type=int, default=1, help="refit k-means every this many epochs (default: 1)")
-    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"],
+    p.add_argument("--kmeans-iterations", type=number(int, low=1), default=20,
+                   help="Lloyd iterations per k-means run (default: 20)")
+    p.add_argument("--cluster-every", type=number(int, low=1), default=1,
+                   help="refit k-means every this many epochs (default: 1)")
+    p.add_argument("--warmup-epochs", type=number(int, low=0), default=d["warmup_epochs"],
                    help=f"instance-recognition epochs before LA (default for this data set: {d['warmup_epochs']})")
-    p.add_argument("--mixing-rate", type=float, default=0.5, help="memory-bank mixing rate (default: 0.5)")
-    p.add_argument("--lr", type=float, default=d["lr"],
+    p.add_argument("--mixing-rate", type=number(float, low=0, high=1, low_open=True), default=0.5,
+                   help="memory-bank mixing rate (default: 0.5)")
+    p.add_argument("--lr", type=number(float, low=0), default=d["lr"],
                    help=f"SGD learning rate, cosine-annealed (default for this data set: {d['lr']})")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
-    p.add_argument("--crop-scale", type=float, default=d["crop_scale"],
+    p.add_argument("--momentum", type=number(float, low=0), default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=number(float, low=0), default=5e-4, help="SGD weight decay (default: 5e-4)")
+    p.add_argument("--crop-scale", type=number(float, low=0, high=1, low_open=True), default=d["crop_scale"],
                    help=f"random resized crops keep between this fraction and all of the area "
                         f"(default: {d['crop_scale']})")
-    p.add_argument("--jitter", type=float, default=d["jitter"],
+    p.add_argument("--jitter", type=number(float, low=0, high=1, high_open=True), default=d["jitter"],
                    help=f"brightness / contrast / saturation jitter strength (default: {d['jitter']})")
-    p.add_argument("--hue", type=float, default=d["hue"],
+    p.add_argument("--hue", type=number(float, low=0, high=0.5), default=d["hue"],
                    help=f"hue jitter in turns, at most 0.5 (default: {d['hue']})")
-    p.add_argument("--grayscale", type=float, default=d["grayscale"],
+    p.add_argument("--grayscale", type=number(float, low=0, high=1), default=d["grayscale"],
                    help=f"probability of a grey training view (default: {d['grayscale']})")
     p.add_argument("--init-from", default=None,
                    help="start the backbone from this autoencoder checkpoint (run folder or file, e.g. runs/ae-conv)")
     p.add_argument("--pretrained", action="store_true",
                    help="vgg16bn: start from torchvision's ImageNet weights (needs them cached or a network)")
-    p.add_argument("--holdout", type=float, default=None,
+    p.add_argument("--holdout", type=number(float, low=0, high=1, high_open=True), default=None,
                    help="fraction held out for evaluation (default: 0.2 for mnist / cifar10, else 0: leave-one-out)")
-    p.add_argument("--eval-every", type=int, default=0,
+    p.add_argument("--eval-every", type=number(int, low=0), default=0,
                    help="with labels, also evaluate (1-NN, NMI) every this many epochs (default: 0, only at the end)")
     return p
 
@@ -192,34 +198,12 @@ def parse_config(argv=None) -> tuple[LAConfig, argparse.Namespace]:
     pre.add_argument("--data", default="photos")
     pre.add_argument("--arch", default="conv")
     known, _ = pre.parse_known_args(argv)
-    args = build_parser(known.data, known.arch).parse_args(argv)
-    checks = [("limit", 1), ("max_steps", 1), ("epochs", 1), ("batch_size", 2), ("image_size", 8),
-              ("train_side", 8), ("dim", 1), ("background", 1), ("kmeans_k", 1), ("kmeans_repeats", 1),
-              ("kmeans_iterations", 1), ("cluster_every", 1), ("warmup_epochs", 0), ("eval_every", 0)]
-    for key, low in checks:
-        v = getattr(args, key)
-        if v is not None and v < low:
-            raise SystemExit(f"--{key.replace('_', '-')} must be >= {low}, got {v}")
-    if not 0.0 < args.center_crop <= 1.0:
-        raise SystemExit(f"--center-crop must be in (0, 1], got {args.center_crop}")
-    if not 0.0 < args.crop_scale <= 1.0:
-        raise SystemExit(f"--crop-scale must be in (0, 1], got {args.crop_scale}")
-    if not 0.0 <= args.jitter < 1.0:
-        raise SystemExit(f"--jitter must be in [0, 1), got {args.jitter}")
-    if not 0.0 <= args.hue <= 0.5:
-        raise SystemExit(f"--hue must be in [0, 0.5], got {args.hue}")
-    if not 0.0 <= args.grayscale <= 1.0:
-        raise SystemExit(f"--grayscale must be in [0, 1], got {args.grayscale}")
-    if not 0.0 < args.mixing_rate <= 1.0:
-        raise SystemExit(f"--mixing-rate must be in (0, 1], got {args.mixing_rate}")
-    if not args.temperature > 0:
-        raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
-    if args.holdout is not None and not 0.0 <= args.holdout < 1.0:
-        raise SystemExit(f"--holdout must be in [0, 1), got {args.holdout}")
+    parser = build_parser(known.data, known.arch)
+    args = parser.parse_args(argv)
     if args.arch == "conv" and args.image_size % 8:
-        raise SystemExit(f"--image-size must be a multiple of 8 for the conv backbone, got {args.image_size}")
+        parser.error(f"--image-size must be a multiple of 8 for the conv backbone, got {args.image_size}")
     if args.arch == "vgg16bn" and args.image_size < 32:
-        raise SystemExit(f"--image-size must be at least 32 for vgg16bn (five 2x2 pools), got {args.image_size}")
+        parser.error(f"--image-size must be at least 32 for vgg16bn (five 2x2 pools), got {args.image_size}")
     cfg = config_from_args(LAConfig, args)
     if cfg.holdout is None:
         cfg.holdout = 0.2 if cfg.data in SHUFFLED_DATASETS else 0.0
@@ -243,7 +227,8 @@ def load_split(cfg: LAConfig, *, progress_bar: bool = False) -> tuple[ImageSet, 
         tr, te = ev.holdout_split(len(full), fraction=h, tail=cfg.data in SHUFFLED_DATASETS)
         train, test = full.subset(tr[: cfg.limit] if cfg.limit is not None else tr), full.subset(te)
     if len(train) < 3:
-        raise SystemExit(f"data set {cfg.data!r} gave {len(train)} training image(s); LA needs at least 3")
+        raise DataError(f"data set {cfg.data!r} gave {len(train)} training image(s){full.skipped_note()}; "
+                        f"LA needs at least 3")
     return train, test
 
 
@@ -593,7 +578,8 @@ def main(argv=None) -> dict:
                "n_test": 0 if test_set is None else len(test_set), "epochs": cfg.epochs, "steps": step,
                "kmeans_k": cfg.kmeans_k, "background": min(cfg.background, n - 1),
                "loss_per_epoch": losses, "mode_per_epoch": modes, "epoch_seconds": [round(s, 2) for s in epoch_times],
-               "time_split": time_split(clock.totals), "train_seconds": round(train_seconds, 1)}
+               "time_split": time_split(clock.totals), "train_seconds": round(train_seconds, 1),
+               "skipped_images": train_set.skipped}
     metrics["eval_per_epoch"] = evals
     metrics.update(evaluator(model, pre, device=device))
     run.write_metrics(metrics)

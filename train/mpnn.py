@@ -50,7 +50,7 @@ import torch
 
 from engine.preprocess import Preprocess
 from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
-                          pick_device, progress, seed_everything)
+                          number, pick_device, progress, seed_everything)
 from train.models.mpnn import (MAPS, MPNNEncoder, max_abs_cosine_per_image, mean_max_abs_cosine, output_side,
                                pairwise_cosine_loss)
 
@@ -403,6 +403,7 @@ def _train(cfg: MPNNConfig, *, out, resume: bool, show_progress: bool, device: t
             "all_levels_reached": complete and all(h["reached"] for h in history),
             "train_seconds": round(sum(h["seconds"] for h in history), 2),
             "device": str(device),
+            "skipped_images": [] if stream.images is None else stream.images.skipped,
         }
         if complete:
             metrics["eval"] = evaluate(encoder, pre, stream.first_pass(cfg.eval_limit), cfg=cfg, device=device)
@@ -545,35 +546,42 @@ def build_parser():
     for action in p._actions:
         if action.dest in helps:
             action.help = helps[action.dest]
-    p.add_argument("--levels", type=int, default=d.levels, help=f"levels stacked (default: {d.levels})")
-    p.add_argument("--size", type=int, default=d.size, help=f"input side in pixels (default: {d.size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    p.add_argument("--levels", type=number(int, low=1), default=d.levels, help=f"levels stacked (default: {d.levels})")
+    p.add_argument("--size", type=number(int, low=1), default=d.size, help=f"input side in pixels (default: {d.size})")
+    p.add_argument("--lr", type=number(float, low=0), default=d.lr, help=f"Adam learning rate (default: {d.lr})")
     p.add_argument("--init", default=d.init, choices=INITS,
                    help="level initialisation: pca (whitened principal directions of a sample of the level's input "
                         f"patches) or random (torch's default) (default: {d.init})")
-    p.add_argument("--init-frames", type=int, default=d.init_frames,
+    p.add_argument("--init-frames", type=number(int, low=1), default=d.init_frames,
                    help=f"frames sampled for the pca initialisation of each level (default: {d.init_frames})")
-    p.add_argument("--threshold", type=float, default=d.threshold,
+    p.add_argument("--threshold", type=number(float, low=0, high=1, low_open=True), default=d.threshold,
                    help=f"a level is done when its windowed mean max |cos| falls below this (default: {d.threshold})")
-    p.add_argument("--window", type=int, default=d.window, help=f"steps averaged for that test (default: {d.window})")
-    p.add_argument("--level-steps", type=int, default=None,
+    p.add_argument("--window", type=number(int, low=1), default=d.window,
+                   help=f"steps averaged for that test (default: {d.window})")
+    p.add_argument("--level-steps", type=number(int, low=1), default=None,
                    help="per-level step budget (default: --epochs passes over the data)")
-    p.add_argument("--frame-step", type=int, default=d.frame_step,
+    p.add_argument("--frame-step", type=number(int, low=1), default=d.frame_step,
                    help=f"video: train on every n-th frame (default: {d.frame_step})")
-    p.add_argument("--shuffle-window", type=int, default=d.shuffle_window,
+    p.add_argument("--shuffle-window", type=number(int, low=1), default=d.shuffle_window,
                    help=f"video: shuffle frames within windows of this many consecutive frames; 1 keeps them "
                         f"consecutive (default: {d.shuffle_window})")
-    p.add_argument("--threads", type=int, default=d.threads,
+    p.add_argument("--threads", type=number(int, low=0), default=d.threads,
                    help="CPU threads for torch while training, 0 for torch's default. One thread measured 2.5x "
                         f"faster than two on the shared 2-core box (default: {d.threads})")
-    p.add_argument("--eval-limit", type=int, default=d.eval_limit,
+    p.add_argument("--eval-limit", type=number(int, low=1), default=d.eval_limit,
                    help=f"items of the first pass embedded by the final evaluation (default: {d.eval_limit})")
     return p
 
 
 @cli_main
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    side = output_side(args.size, args.levels)
+    if side * side < MAPS:
+        parser.error(f"--size {args.size} with --levels {args.levels} leaves the last level {side}x{side} maps; "
+                     f"expected at least {MAPS} values per map ({MAPS} maps cannot be pairwise orthogonal in fewer): "
+                     f"use fewer levels or a larger size")
     cfg = config_from_args(MPNNConfig, args)
     out = args.out or default_out(NAME)
     m = train(cfg, out=out, resume=args.resume, show_progress=not args.no_progress)

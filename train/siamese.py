@@ -30,8 +30,8 @@ from engine.preprocess import Preprocess
 from train import evaluate as ev
 from train.ae import batches, epoch_order, fitted_preprocess, load_split, preprocess_all, show
 from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
-                          pick_device, progress, seed_everything)
-from train.data import DATASETS
+                          number, pick_device, progress, seed_everything)
+from train.data import DATASETS, DataError
 from train.models.ae import L2Normalized
 from train.models.siamese import DEFAULT_MARGIN, LOSSES, MININGS, SiameseNet, contrastive_loss, triplet_loss
 
@@ -65,31 +65,28 @@ def build_parser():
     d = SiameseConfig()
     p = make_parser("train.siamese", "Train the Siamese pair network; its shared tower is the search embedding.",
                     datasets={k: v for k, v in DATASETS.items() if k in LABELLED}, default_data=d.data,
-                    epochs=d.epochs, batch_size=d.batch_size)
+                    epochs=d.epochs, batch_size=d.batch_size, min_batch_size=2,
+                    batch_size_why="a batch needs a pair")
     p.add_argument("--loss", default=d.loss, choices=LOSSES,
                    help="binary: pairs + BCE with logits (the published method); contrastive / triplet: "
                         "in-batch mining (default: binary)")
     p.add_argument("--mining", default=d.mining, choices=MININGS,
                    help="contrastive / triplet: hard = batch hard, semihard = FaceNet (default: semihard)")
-    p.add_argument("--margin", type=float, default=None,
+    p.add_argument("--margin", type=number(float, low=0, low_open=True), default=None,
                    help=f"contrastive / triplet margin on unit-vector distances (default: {DEFAULT_MARGIN})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"Adam weight decay (default: {d.weight_decay})")
-    p.add_argument("--image-size", type=int, default=d.image_size, help=f"square input side (default: {d.image_size})")
-    p.add_argument("--dim", type=int, default=d.dim, help=f"embedding size (default: {d.dim})")
-    p.add_argument("--test-pairs", type=int, default=d.test_pairs,
+    p.add_argument("--lr", type=number(float, low=0), default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    p.add_argument("--weight-decay", type=number(float, low=0), default=d.weight_decay,
+                   help=f"Adam weight decay (default: {d.weight_decay})")
+    p.add_argument("--image-size", type=number(int, low=8), default=d.image_size,
+                   help=f"square input side (default: {d.image_size})")
+    p.add_argument("--dim", type=number(int, low=1), default=d.dim, help=f"embedding size (default: {d.dim})")
+    p.add_argument("--test-pairs", type=number(int, low=1), default=d.test_pairs,
                    help=f"balanced held-out pairs for pair accuracy (default: {d.test_pairs})")
     return p
 
 
 def parse_config(argv=None) -> tuple[SiameseConfig, object]:
     args = build_parser().parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"--limit must be >= 1, got {args.limit}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.batch_size < 2:
-        raise SystemExit(f"--batch-size must be >= 2, got {args.batch_size}")
     return config_from_args(SiameseConfig, args), args
 
 
@@ -110,12 +107,12 @@ def main(argv=None) -> dict:
     train_set, test_set = load_split(cfg.data, cfg.data_root, limit=cfg.limit, holdout=cfg.holdout,
                                      progress_bar=not args.no_progress)
     if train_set.labels is None:
-        raise SystemExit(f"the Siamese network trains on labelled pairs, but data set {cfg.data!r} has no labels "
-                         f"(for --data folder, put the images in one sub-folder per class)")
+        raise DataError(f"the Siamese network trains on labelled pairs, but data set {cfg.data!r} has no labels "
+                        f"(for --data folder, put the images in one sub-folder per class)")
     y_train = train_set.labels
     if len(np.unique(y_train)) < 2 or np.bincount(np.unique(y_train, return_inverse=True)[1]).max() < 2:
-        raise SystemExit(f"training pairs need two labels and a label seen twice; {len(y_train)} training images "
-                         f"have {len(np.unique(y_train))} label(s) (raise --limit)")
+        raise DataError(f"training pairs need two labels and a label seen twice; {len(y_train)} training images "
+                        f"have {len(np.unique(y_train))} label(s){train_set.skipped_note()} (raise --limit)")
 
     out = args.out or default_out(NAME)
     if args.resume:
@@ -179,7 +176,7 @@ def main(argv=None) -> dict:
 
     metrics = {"model": NAME, "data": cfg.data, "loss": cfg.loss, "mining": cfg.mining if cfg.loss != "binary" else None,
                "margin": margin, "n_train": len(x_train), "n_test": len(x_test), "epochs": cfg.epochs, "steps": step,
-               "loss_per_epoch": losses, "preprocess": pre.to_dict()}
+               "loss_per_epoch": losses, "preprocess": pre.to_dict(), "skipped_images": train_set.skipped}
     metrics.update(evaluate(model, pre, x_train, x_test, train_set, test_set, cfg, device=device))
     metrics["train_seconds"] = round(time.time() - t0, 1)  # wall clock, loading and evaluation included
     metrics["cpu_seconds"] = round(time.process_time() - c0, 1)  # CPU time of all threads (load-independent)

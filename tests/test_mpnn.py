@@ -197,7 +197,7 @@ def test_pca_init_whitens_the_sample_and_maps_start_as_components():
 
 # -- training runs --------------------------------------------------------------------------------------
 
-from train.mpnn import FrameStream, MPNNConfig, build_preprocess, main  # noqa: E402
+from train.mpnn import FrameStream, MPNNConfig, build_preprocess, main, train  # noqa: E402
 
 # bikes.mp4 (250 frames) at every 25th frame: 10 frames per pass, so a few steps loop past its end.
 TINY = ["--size", "32", "--levels", "2", "--batch-size", "4", "--frame-step", "25", "--shuffle-window", "6",
@@ -288,11 +288,16 @@ def test_image_dataset_stream_and_registry_round_trip(tmp_path):
         np.testing.assert_allclose(enc(x).norm(dim=1).numpy(), 1.0, atol=1e-5)
 
 
-def test_bad_options_are_refused(tmp_path):
+def test_bad_options_are_refused(tmp_path, capsys):
+    for argv, says in ((["--size", "32", "--levels", "4"], "--size 32 with --levels 4 leaves the last level 2x2 maps"),
+                       (["--threshold", "0"], "argument --threshold: expected a number in (0, 1], got '0'")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--out", str(tmp_path / "x"), "--no-progress"])
+        assert e.value.code == 2 and f"train.mpnn: error: {says}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    cfg = MPNNConfig(size=32, levels=4)  # train() itself still refuses what the command line would
     with pytest.raises(ValueError, match="2x2 = 4 values"):
-        main(["--size", "32", "--levels", "4", "--out", str(tmp_path / "x"), "--no-progress"])
-    with pytest.raises(ValueError, match="threshold must be in"):
-        main(["--threshold", "0", "--out", str(tmp_path / "y"), "--no-progress"])
+        train(cfg, out=tmp_path / "y", show_progress=False)
 
 
 class Crash(Exception):

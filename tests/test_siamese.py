@@ -226,7 +226,9 @@ def test_unlabelled_data_is_refused_clearly(tmp_path, capsys):
     folder.mkdir()
     for i in range(3):  # images directly in the folder: no classes
         cv2.imwrite(str(folder / f"{i}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
-    with pytest.raises(SystemExit, match="has no labels"):
-        trainer.main(["--data", "folder", "--data-root", str(folder), "--out", str(tmp_path / "run"), "--no-progress"])
-    with pytest.raises(SystemExit, match="--batch-size must be >= 2"):
+    cli_error(capsys, lambda: trainer.main(["--data", "folder", "--data-root", str(folder), "--out",
+                                            str(tmp_path / "run"), "--no-progress"]), "has no labels")
+    with pytest.raises(SystemExit) as e:
         trainer.main(TINY + ["--batch-size", "1", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "argument --batch-size: expected an integer >= 2 (a batch needs a pair), got '1'" in capsys.readouterr().err

@@ -56,6 +56,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +66,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError, LookalikeError, VideoOpenError
-from engine.fileio import atomic_write
+from engine.fileio import atomic_write, unwritable
 from engine.kernels.topk import blas_single_thread
 
 TRANSITION_TYPES = ("cut", "gradual")
@@ -1039,17 +1040,27 @@ class VideoReader:
         self.size = (int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
         n = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.frame_count = None if self.is_camera or n <= 0 else n
+        self.frames_read = 0  # frames the last pass delivered
+        self.ended_early = False  # the decoder ended before the frame count the container lists
 
     def frames(self, max_frames: int | None = None) -> Iterator[np.ndarray]:
+        """One pass of uint8 RGB frames. When the decoder ends before the frame count the container lists (a
+        truncated or damaged file), ``ended_early`` is set and a ``RuntimeWarning`` names the file and both
+        counts."""
         import cv2
 
-        done = 0
+        self.frames_read = 0
         try:
-            while max_frames is None or done < max_frames:
+            while max_frames is None or self.frames_read < max_frames:
                 ok, f = self.cap.read()
                 if not ok or f is None:
+                    if self.frame_count is not None and self.frames_read < self.frame_count:
+                        self.ended_early = True
+                        warnings.warn(f"video file {self.source}: the decoder ended after {self.frames_read} of "
+                                      f"the {self.frame_count} frames its container lists (a truncated or damaged "
+                                      f"file?)", RuntimeWarning, stacklevel=2)
                     return
-                done += 1
+                self.frames_read += 1
                 yield cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
         finally:
             self.cap.release()
@@ -1068,7 +1079,9 @@ EPILOG = """\
 what it writes in OUT:
   report.json     frames, frames per second processed (decode + embed + compare, end to end), seconds per
                   stage, the options, every transition {type: cut|gradual, first, last, score, times} and every
-                  shot {index, start, end, recurs_with: an earlier shot showing the same scene, or null}
+                  shot {index, start, end, recurs_with: an earlier shot showing the same scene, or null};
+                  frames_expected (the count the container lists) and decode_ended_early (true when the
+                  decoder stopped before it: a truncated or damaged file, also warned about on stderr)
   timeline.png    per frame: similarity with the frame before and with the anchor (the published MPNN demo's
                   curve); cuts drawn as red lines, gradual transitions as orange bands
   annotated.mp4   with --annotate: the video with the two similarities and the events drawn on each frame
@@ -1249,12 +1262,20 @@ def timeline_png(scores: dict, transitions: list[Transition], shots: list[Shot],
     return buf.getvalue()
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning on the command line: one ``warning: ...`` line on stderr, without the source location."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from engine.encoder import Encoder
 
     out = Path(args.out)
     try:
+        why = unwritable(out)
+        if why is not None:
+            raise InputError(f"--out {out}: {why}; expected a folder to write report.json and timeline.png into")
         if args.show:
             check_display()
         if args.max_frames is not None and args.max_frames < 1:
@@ -1263,7 +1284,8 @@ def main(argv=None) -> int:
             raise InputError(f"--workers must be a positive int, got {args.workers}")
         threads = args.threads if args.threads is not None else (1 if args.workers > 1 else None)
         encoder = Encoder(args.model, threads=threads, batch_size=max(1, args.batch_size))
-        frames, rate = _frames_of(args.source, args.max_frames)
+        reader = VideoReader(args.source)
+        frames, rate = reader.frames(args.max_frames), reader.fps
         out.mkdir(parents=True, exist_ok=True)
     except (LookalikeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1292,14 +1314,16 @@ def main(argv=None) -> int:
     ok = False
     t0 = time.perf_counter()
     try:
-        source = overlay.feed(frames) if overlay is not None else frames
-        for ev in comp.run(source, fps=rate, prefetch=8 if overlay is not None else 32, workers=args.workers):
-            if overlay is not None:
-                overlay.on_event(ev)
-            (transitions if isinstance(ev, Transition) else shots).append(ev)
-            if isinstance(ev, Transition):
-                what = f"{ev.type} {ev.first}" + (f"-{ev.last}" if ev.last != ev.first else "")
-                print(f"{what} (score {ev.score:.3f})", flush=True)
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning  # e.g. a damaged file's early end, from the decoding thread
+            source = overlay.feed(frames) if overlay is not None else frames
+            for ev in comp.run(source, fps=rate, prefetch=8 if overlay is not None else 32, workers=args.workers):
+                if overlay is not None:
+                    overlay.on_event(ev)
+                (transitions if isinstance(ev, Transition) else shots).append(ev)
+                if isinstance(ev, Transition):
+                    what = f"{ev.type} {ev.first}" + (f"-{ev.last}" if ev.last != ev.first else "")
+                    print(f"{what} (score {ev.score:.3f})", flush=True)
         ok = True
     except (LookalikeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1315,6 +1339,8 @@ def main(argv=None) -> int:
         "model": {"path": str(args.model), "name": encoder.name, "dim": encoder.dim, "sha256": encoder.sha256,
                   "providers": encoder.providers},
         "frames": n,
+        "frames_expected": reader.frame_count,  # what the container lists (None: a camera, or it does not say)
+        "decode_ended_early": reader.ended_early,  # the decoder ended before that count: a damaged file
         "seconds": round(seconds, 3),
         "fps": round(n / seconds, 2) if seconds > 0 else None,
         "stage_seconds": {k: round(float(v), 3) for k, v in stats.items() if k.endswith("_seconds")},

@@ -415,3 +415,75 @@ def test_transition_products_run_on_one_blas_thread_and_give_the_plain_product()
     np.testing.assert_array_equal(np.asarray(got), m @ m.T)
     assert seen and all(n == 1 for n in seen[0])
     assert counts() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# damaged files and bad output folders (issue 13)
+
+
+def _damaged_copy(src: Path, dst: Path, keep: float = 0.2) -> Path:
+    """``src`` with its coded frames zeroed after the first ``keep`` of them: the container (its index, which
+    lists every frame, comes after the frames in these files) is intact, the decoder runs dry early."""
+    data = bytearray(src.read_bytes())
+    i = 0
+    while i < len(data):  # the file's top-level boxes: size (4 bytes, big-endian), type (4 bytes), payload
+        size, kind = int.from_bytes(data[i : i + 4], "big"), bytes(data[i + 4 : i + 8])
+        if kind == b"mdat":
+            cut = i + 8 + int((size - 8) * keep)
+            data[cut : i + size] = bytes(i + size - cut)
+            break
+        i += size
+    else:
+        raise AssertionError(f"no mdat box in {src}")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _decodable(path: Path) -> tuple[int, int]:
+    """(frames the container lists, frames OpenCV decodes), read with OpenCV directly (the oracle)."""
+    cap = cv2.VideoCapture(str(path))
+    listed, n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return listed, n
+
+
+def test_cli_warns_and_reports_when_a_damaged_video_ends_early(shared_data, mpnn_model, tmp_path, capsys):
+    video = _damaged_copy(shared_data / "video" / "bikes.mp4", tmp_path / "damaged.mp4")
+    listed, decodable = _decodable(video)
+    assert listed == 250 and 0 < decodable < 100  # the premise: the index is whole, the frames are not
+    out = tmp_path / "out"
+    assert main([str(video), "--model", str(mpnn_model), "--out", str(out)]) == 0  # what could be read is reported
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and str(video) in warning[0], err
+    assert f"{decodable} of the {listed} frames" in warning[0], err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["frames"], report["frames_expected"], report["decode_ended_early"]) == (decodable, 250, True)
+    # an intact file stopped by --max-frames did not end early
+    intact = shared_data / "video" / "bikes.mp4"
+    assert main([str(intact), "--model", str(mpnn_model), "--out", str(out), "--max-frames", "20"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["frames"], report["frames_expected"], report["decode_ended_early"]) == (20, 250, False)
+
+
+def test_detect_warns_when_a_damaged_video_ends_early(shared_data, encoder, tmp_path):
+    video = _damaged_copy(shared_data / "video" / "bikes.mp4", tmp_path / "damaged.mp4", keep=0.15)
+    listed, decodable = _decodable(video)
+    with pytest.warns(RuntimeWarning, match=rf"damaged.mp4: the decoder ended after {decodable} of the {listed} "):
+        events = detect(video, encoder)
+    assert max(e.end for e in events if isinstance(e, Shot)) == decodable - 1
+
+
+def test_cli_out_that_is_a_file_fails_clearly_before_reading(mpnn_model, tmp_path):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder\n")
+    proc = subprocess.run([sys.executable, "-m", "engine.stream", str(_sample("bikes")), "--model", str(mpnn_model),
+                           "--out", str(taken)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
+    assert str(taken) in proc.stderr and "not a folder" in proc.stderr and "expected a folder" in proc.stderr
+    assert "Errno" not in proc.stderr and proc.stdout == ""  # nothing decoded, no event printed
+    assert taken.read_text() == "not a folder\n"

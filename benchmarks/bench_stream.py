@@ -127,7 +127,7 @@ def stage_costs(path, encoder, *, batch: int = 8, repeats: int = 1) -> dict:
     t, c = time.perf_counter(), time.process_time()
     prepared = [comp.prepare(f) for f in frames]
     out["preprocess"] = ((time.perf_counter() - t) * 1e3 / n, (time.process_time() - c) * 1e3 / n)
-    x = np.stack([p[0] for p in prepared])
+    x = np.stack([p.net for p in prepared])
     t, c = time.perf_counter(), time.process_time()
     emb = np.concatenate([encoder.encode_preprocessed(x[i : i + batch]) for i in range(0, n, batch)])
     out["network"] = ((time.perf_counter() - t) * 1e3 / n, (time.process_time() - c) * 1e3 / n)

@@ -61,7 +61,7 @@ def source_path(name: str) -> Path:
 
 def read_frames(path, size: tuple[int, int] | None = SIZE) -> np.ndarray:
     """All frames of a video as (n, h, w, 3) uint8 RGB, scaled to cover ``size`` (w, h) and centre-cropped."""
-    from engine.stream import VideoReader  # raises VideoOpenError (an OSError) for a file it cannot open
+    from engine.video import VideoReader  # raises VideoOpenError (an OSError) for a file it cannot open
 
     out = [f if size is None else cover(f, size) for f in VideoReader(path).frames()]
     if not out:

@@ -23,8 +23,9 @@ import cv2
 import numpy as np
 import pytest
 
+from damaged_video import damaged_copy, decodable
 from engine.errors import InputError, VideoOpenError
-from engine.stream import FrameScore, Shot, StreamComparator, Transition, detect, main
+from engine.stream import FrameScore, Shot, StreamComparator, StreamOptions, Transition, build_parser, detect, main
 
 ROOT = Path(__file__).resolve().parents[1]
 BIKES_STARTS = (0, 30, 76, 137, 187, 242)  # shared/data/video/shots.json (checked against the file below)
@@ -266,7 +267,7 @@ def test_detect_over_a_file_equals_frame_by_frame(encoder, tmp_path):
 def test_memory_stays_bounded_over_a_long_looped_stream(encoder):
     clip = _read(_sample("bikes"), (320, 136))[:96]  # 96 real frames (6 batches of 16), cuts at 30 and 76
     comp = StreamComparator(encoder, max_shots=3, batch_size=16)
-    ring_shapes = [r.data.shape for r in comp._rings]
+    ring_shapes = [r.data.shape for r in comp._history.rings]
     caps = {k: cap for k, (_, cap) in comp.buffer_sizes().items()}
     shots = 0
     traced = []  # Python and numpy memory held after each loop (tracemalloc sees numpy's buffers)
@@ -284,7 +285,7 @@ def test_memory_stays_bounded_over_a_long_looped_stream(encoder):
     assert comp.buffer_sizes()["shot_signatures"][0] == comp.max_shots
     shots += sum(isinstance(e, Shot) for e in comp.flush())
     assert shots >= 3 * 3 - 1 > comp.max_shots  # each loop's restart is a cut too
-    assert [r.data.shape for r in comp._rings] == ring_shapes  # nothing grew
+    assert [r.data.shape for r in comp._history.rings] == ring_shapes  # nothing grew
     assert comp.capacity < len(clip) * 3
 
 
@@ -320,11 +321,12 @@ def test_a_refused_frame_changes_nothing(encoder):
     got = []
     for i, f in enumerate(frames):
         if i in (3, 11):
+            held = comp.buffer_sizes()["pending_frames"][0]
             with pytest.raises(InputError, match=r"timestamp t must be a finite number of seconds or None, got"):
                 comp.process_frame(frames[0], "bad-ts" if i == 3 else float("nan"))
-            with pytest.raises(InputError, match=r"what prepare\(frame\) returned \(a 3-tuple\), got a 1-tuple"):
+            with pytest.raises(InputError, match=r"what prepare\(frame\) returned \(a PreparedFrame\), got a 1-tuple"):
                 comp.process_prepared((1,), 0.0)
-            assert comp.buffer_sizes()["pending_frames"][0] == len(comp._pending_meta)  # still in step
+            assert comp.buffer_sizes()["pending_frames"][0] == held  # nothing buffered
         got += comp.process_frame(f, i / 25)
     assert got + comp.flush() == expected
     assert any(isinstance(e, Transition) for e in expected)  # the comparison above saw a cut
@@ -390,11 +392,11 @@ def test_engine_stream_does_not_import_torch():
 
 
 def test_transition_products_run_on_one_blas_thread_and_give_the_plain_product():
-    """The comparator's thumbnail products (``_matmul``) run with BLAS at one thread (a multi-threaded call
+    """The comparator's thumbnail products (``vectors.matmul``) run with BLAS at one thread (a multi-threaded call
     leaves OpenBLAS's helper spinning on the core the network's workers need) and equal ``a @ b``."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from engine import stream
     from engine.kernels import topk
+    from engine.stream import vectors
 
     if not topk.blas_controllable():
         pytest.skip("threadpoolctl finds no BLAS library to control")
@@ -411,7 +413,64 @@ def test_transition_products_run_on_one_blas_thread_and_give_the_plain_product()
     before = counts()
     rng = np.random.default_rng(0)
     m = rng.standard_normal((40, 3072))  # 40 thumbnails of 32 x 32 x 3, float64 as in the comparator
-    got = stream._matmul(m.view(Recording), m.T)
+    got = vectors.matmul(m.view(Recording), m.T)
     np.testing.assert_array_equal(np.asarray(got), m @ m.T)
     assert seen and all(n == 1 for n in seen[0])
     assert counts() == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# damaged files and bad output folders (issue 13)
+
+
+def test_cli_warns_and_reports_when_a_damaged_video_ends_early(shared_data, mpnn_model, tmp_path, capsys):
+    video = damaged_copy(shared_data / "video" / "bikes.mp4", tmp_path / "damaged.mp4")
+    listed, n_read = decodable(video)
+    assert listed == 250 and 0 < n_read < 100  # the premise: the index is whole, the frames are not
+    out = tmp_path / "out"
+    assert main([str(video), "--model", str(mpnn_model), "--out", str(out)]) == 0  # what could be read is reported
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and str(video) in warning[0], err
+    assert f"{n_read} of the {listed} frames" in warning[0], err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["frames"], report["frames_expected"], report["decode_ended_early"]) == (n_read, 250, True)
+    # an intact file stopped by --max-frames did not end early
+    intact = shared_data / "video" / "bikes.mp4"
+    assert main([str(intact), "--model", str(mpnn_model), "--out", str(out), "--max-frames", "20"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["frames"], report["frames_expected"], report["decode_ended_early"]) == (20, 250, False)
+
+
+def test_detect_warns_when_a_damaged_video_ends_early(shared_data, encoder, tmp_path):
+    video = damaged_copy(shared_data / "video" / "bikes.mp4", tmp_path / "damaged.mp4", keep=0.15)
+    listed, n_read = decodable(video)
+    with pytest.warns(RuntimeWarning, match=rf"damaged.mp4: the decoder ended after {n_read} of the {listed} "):
+        events = detect(video, encoder)
+    assert max(e.end for e in events if isinstance(e, Shot)) == n_read - 1
+
+
+def test_cli_out_that_is_a_file_fails_clearly_before_reading(mpnn_model, tmp_path):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder\n")
+    proc = subprocess.run([sys.executable, "-m", "engine.stream", str(_sample("bikes")), "--model", str(mpnn_model),
+                           "--out", str(taken)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
+    assert str(taken) in proc.stderr and "not a folder" in proc.stderr and "expected a folder" in proc.stderr
+    assert "Errno" not in proc.stderr and proc.stdout == ""  # nothing decoded, no event printed
+    assert taken.read_text() == "not a folder\n"
+
+
+def test_options_whole_by_keyword_and_on_the_command_line_agree(encoder):
+    from engine.stream.options import from_flags
+
+    whole = StreamComparator(encoder, options=StreamOptions(cut_threshold=0.25, min_gap=4), min_gap=5)
+    assert whole.options == StreamComparator(encoder, cut_threshold=0.25, min_gap=5).options  # keywords override
+    assert (whole.cut_threshold, whole.min_gap, whole.window) == (0.25, 5, StreamOptions().window)
+    args = build_parser().parse_args(["v.mp4", "--model", "m.onnx", "--out", "o", "--cut-threshold", "0.25",
+                                      "--min-gap", "5"])
+    assert StreamOptions(**from_flags(args)) == StreamOptions(cut_threshold=0.25, min_gap=5)
+    with pytest.raises(InputError, match=r"gradual_window must be an int >= 2, got 1"):
+        StreamComparator(encoder, gradual_window=1)

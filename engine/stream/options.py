@@ -1,0 +1,108 @@
+"""``StreamOptions``: what the comparator's decisions depend on, with each default, its meaning and its check.
+
+Every option is declared once, below: its default, what it means (the text ``--help`` shows), what values it
+takes, and whether the command line has a flag for it. ``StreamComparator(encoder, **options)`` takes the same
+names as keywords; ``add_flags`` / ``from_flags`` derive the command line's flags from the declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from engine.errors import InputError
+
+
+def _int(default: int | None, doc: str, *, least: int = 1, none: bool = False, flag: bool = False):
+    """An int option of at least ``least`` (``none``: None is allowed too)."""
+    return field(default=default, metadata={"kind": int, "least": least, "none": none, "help": doc, "flag": flag})
+
+
+def _number(default: float, lo: float, hi: float, doc: str, *, flag: bool = False):
+    """A number option in [lo, hi] (stored as float)."""
+    return field(default=default, metadata={"kind": float, "range": (lo, hi), "help": doc, "flag": flag})
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """The comparator's options (the defaults suit an MPNN at 224 px on ordinary footage). Refused values raise
+    ``InputError`` naming the option, what it takes and what came."""
+
+    window: int = _int(64, "recent frames over which each embedding dimension's variance is measured", least=2)
+    top_dims: int | None = _int(4096, "compare on this many highest-variance dimensions (the published demo's "
+                                      "choice); all where the embedding has no more, or with None", none=True,
+                                flag=True)
+    refresh: int = _int(16, "frames between two choices of the highest-variance dimensions")
+    cut_threshold: float = _number(0.2, 0.0, 2.0, "least dissimilarity (1 - cosine) with the frame before for a cut",
+                                   flag=True)
+    cut_ratio: float = _number(2.5, 1.0, 1e9, "a cut's dissimilarity is also at least this many times the one "
+                                              "typical of the neighbouring frames")
+    flash_frames: int = _int(4, "content that comes back within this many frames was a flash, not a cut")
+    gradual_window: int = _int(8, "frames averaged on each side of a point to find where content changes gradually",
+                               least=2)
+    gradual_threshold: float = _number(0.3, 0.0, 2.0, "least dissimilarity across a dissolve", flag=True)
+    # a dissolve moves the picture in a straight line from P (before) to Q (after)
+    straightness: float = _number(0.3, 0.0, 1.0, "a dissolve's distance covered over the path length travelled "
+                                                 "(in thumbnail space) reaches this")
+    blend_residual: float = _number(0.3, 0.0, 10.0, "how far (relative to |Q - P|) the frames of a dissolve may lie "
+                                                    "from the blends of P and Q; motion and pans leave the line")
+    blend_spread: float = _number(0.4, 0.0, 10.0, "how unevenly (interquartile range of per-tile blends) a dissolve "
+                                                  "may blend the picture")
+    smooth_ratio: float = _number(0.25, 0.0, 1.0, "the largest share of the P-to-Q change one frame step may carry "
+                                                  "in a dissolve")
+    max_gradual: int = _int(40, "the longest transition, in frames")
+    dark_threshold: float = _number(24.0, 0.0, 255.0, "mean brightness (0..255) at or below which a frame is black "
+                                                      "(fades)")
+    anchor_threshold: float = _number(0.5, -1.0, 1.0, "the published demo's rule: below this similarity to the "
+                                                      "anchor, a new anchor")
+    min_gap: int = _int(8, "frames at least between two transitions (a closer one is dropped)", flag=True)
+    recur_threshold: float = _number(0.4, -1.0, 1.0, "least signature cosine (after removing the stream's mean) for "
+                                                     "a recurring shot", flag=True)
+    max_shots: int = _int(256, "shot signatures kept for recurrence (the oldest are forgotten)")
+    signature_dim: int = _int(1024, "entries in a shot signature (the mean embedding, pooled in blocks when larger)")
+    thumb_size: int = _int(32, "side of the small colour thumbnails kept per frame to tell dissolves from motion",
+                           least=4)
+    # 2: end to end with 2 workers on the 2-core reference machine, median frames/s at batch 1 / 2 / 4 were
+    # 218 / 222 / 217 on mixed.mp4 and 201 / 209 / 210 on bikes.mp4; larger batches' activations fall out of the
+    # cache
+    batch_size: int = _int(2, "frames embedded together", flag=True)
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _checked(f.name, getattr(self, f.name), f.metadata))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+OPTION_NAMES = tuple(f.name for f in fields(StreamOptions))
+
+
+def _checked(name: str, v, m):
+    if m["kind"] is int:
+        if v is None and m["none"]:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < m["least"]:
+            want = "a positive int" if m["least"] == 1 else f"an int >= {m['least']}"
+            raise InputError(f"{name} must be {want}{' or None' if m['none'] else ''}, got {v!r}")
+        return int(v)
+    lo, hi = m["range"]
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not lo <= float(v) <= hi:
+        raise InputError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
+    return float(v)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for each option the command line offers (``--cut-threshold`` for ``cut_threshold``), its type,
+    default and help taken from the declaration."""
+    for f in fields(StreamOptions):
+        if f.metadata["flag"]:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["kind"], default=f.default,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def from_flags(args: argparse.Namespace) -> dict:
+    """The options the command line gave (``add_flags``'s), by name."""
+    return {f.name: getattr(args, f.name) for f in fields(StreamOptions) if f.metadata["flag"]}

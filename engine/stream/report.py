@@ -1,0 +1,72 @@
+"""What ``python -m engine.stream`` writes: report.json's contents and the similarity timeline (PNG)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.stream.events import Shot, Transition
+
+
+def timeline_png(scores: dict, transitions: list[Transition], shots: list[Shot], title: str) -> bytes:
+    """The similarity timeline as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = np.asarray(scores["index"])
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for tr in transitions:
+        if tr.type == "cut":
+            ax.axvline(tr.first, color="red", lw=1.2, alpha=0.8)
+        else:
+            ax.axvspan(tr.first - 0.5, tr.last + 0.5, color="orange", alpha=0.35, lw=0)
+    ax.plot(idx, scores["similarity"], lw=1, color="tab:green", label="similarity with the frame before")
+    ax.plot(idx, scores["anchor"], lw=1, color="tab:blue", label="similarity with the anchor (published demo)")
+    flashes = idx[np.asarray(scores["outlier"], bool)] if len(idx) else idx
+    if len(flashes):
+        ax.plot(flashes, np.ones(len(flashes)), "x", color="purple", ms=4, label="flash frames (ignored)")
+    for sh in shots:
+        if sh.recurs_with is not None:
+            ax.annotate(f"= shot {sh.recurs_with}", ((sh.start + sh.end) / 2, 1.02), ha="center", fontsize=7,
+                        xycoords=("data", "axes fraction"))
+    ax.plot([], [], color="red", label="cut")
+    ax.fill_between([], [], [], color="orange", alpha=0.35, label="gradual (dissolve / fade)")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("cosine similarity")
+    lo = min([0.0] + [float(v) for v in scores["similarity"]] + [float(v) for v in scores["anchor"]])
+    ax.set_ylim(lo - 0.05, 1.05)
+    ax.set_xlim(-1, max(1, len(idx)))
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower left", fontsize=7, ncol=3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build_report(*, source, model, encoder, comparator, reader, seconds: float, video_fps: float | None,
+                 workers: int, threads: int | None, transitions: list[Transition], shots: list[Shot]) -> dict:
+    """report.json's contents for a finished run of ``comparator`` (``reader``: the video's, or None)."""
+    stats = comparator.stats
+    n = int(stats.get("frames", 0))
+    return {
+        "source": str(source),
+        "model": {"path": str(model), "name": encoder.name, "dim": encoder.dim, "sha256": encoder.sha256,
+                  "providers": encoder.providers},
+        "frames": n,
+        "frames_expected": None if reader is None else reader.frame_count,  # what the container lists
+        "decode_ended_early": reader is not None and reader.ended_early,  # the decoder stopped before: damaged
+        "seconds": round(seconds, 3),
+        "fps": round(n / seconds, 2) if seconds > 0 else None,
+        "stage_seconds": {k: round(float(v), 3) for k, v in stats.items() if k.endswith("_seconds")},
+        "video_fps": video_fps,
+        "latency_frames": comparator.latency + (workers - 1) * comparator.options.batch_size,
+        "workers": workers,
+        "onnxruntime_threads": threads,
+        "options": comparator.options.to_dict(),
+        "transitions": [t.to_dict() for t in transitions],
+        "shots": [s.to_dict() for s in shots],
+    }

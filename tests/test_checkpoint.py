@@ -175,3 +175,18 @@ def test_run_progress_of_version_1_payloads():
     assert run_progress({"name": "la", "config": {"epochs": 4, "max_steps": 2}, "epoch": 4}) == (
         False, "4 of 4 epochs, each at most --max-steps 2 steps")
     assert run_progress({"name": "la", "complete": False, "progress": "words"}) == (False, "words")
+
+
+def test_pretrained_vgg_weights_placed_in_the_hub_cache_cannot_run_code(tmp_path, monkeypatch, capsys):
+    # --pretrained's warning tells users to place vgg16_bn-6c64b313.pth in torch.hub's cache, which torch.hub
+    # loads (without checking its hash) with weights_only=False unless told otherwise
+    from train.models.ae import _load_pretrained_vgg16bn
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    marker = tmp_path / "PWNED"
+    torch.save({"features.0.weight": Touch(marker)}, tmp_path / "hub" / "checkpoints" / "vgg16_bn-6c64b313.pth")
+    assert _load_pretrained_vgg16bn() is None  # refused: training goes on from random initialisation
+    assert not marker.exists()
+    assert "cannot be had" in capsys.readouterr().err
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ

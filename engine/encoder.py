@@ -8,6 +8,10 @@ as JSON). ``Encoder`` reads that metadata, so nothing is guessed::
     x = enc.encode(["a.jpg", "b.png"])          # (2, enc.dim) float32, unit rows
     x = enc.encode(frame)                        # one (H, W, 3) uint8 RGB array -> (1, dim)
 
+A model exported from a run that stopped before the end of its training (``lookalike.complete`` "false": a
+``--max-steps`` smoke test, a run stopped by a signal, exported with ``--allow-incomplete``) loads with an
+``IncompleteModelWarning`` naming the file and how far the run got; files without the key count as complete.
+
 onnxruntime runs it on CUDA when it can (``CUDAExecutionProvider`` offered and a session really starts on it),
 else on the CPU; ``enc.providers`` says which are in use. No torch here.
 
@@ -51,6 +55,9 @@ KEY_PRECISION = PREFIX + "precision"  # "float32", "float16" or "int8"
 KEY_KWARGS = PREFIX + "kwargs"  # JSON of the architecture's constructor arguments (informative)
 KEY_EXPORTER = PREFIX + "exporter"  # what wrote the file (informative)
 KEY_SHA256 = PREFIX + "sha256"  # sha256 of the serialised file with this value set to DIGEST_PLACEHOLDER
+# Optional (files written before they existed load as from a complete run):
+KEY_COMPLETE = PREFIX + "complete"  # "true" / "false": the source run did all its configured training
+KEY_PROGRESS = PREFIX + "progress"  # how far the source run got, in words (informative)
 REQUIRED_KEYS = (KEY_FORMAT, KEY_NAME, KEY_ARCH, KEY_DIM, KEY_INPUT_SIZE, KEY_PREPROCESS, KEY_CHECKPOINT_SHA256,
                  KEY_PRECISION, KEY_SHA256)
 DIGEST_PLACEHOLDER = "0" * 64  # the value of KEY_SHA256 while the file is hashed
@@ -62,6 +69,10 @@ CPU = "CPUExecutionProvider"
 _ORT_QUIET = 4  # onnxruntime logger severity while a session starts: fatal only (hides failed-CUDA noise)
 _ORT_DEFAULT = 2  # onnxruntime's own default (warnings)
 _DECODE_WORKERS = max(1, min(8, os.cpu_count() or 1))  # threads decoding and resizing the images of a batch
+
+
+class IncompleteModelWarning(UserWarning):
+    """An exported model comes from a training run that stopped before the end (``--max-steps``, a signal)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ class ModelInfo:
     precision: str
     format_version: int
     extra: dict  # every other metadata entry, as strings
+    complete: bool = True  # False: exported from a run that stopped before the end of its training
+    progress: str = ""  # how far that run got, in words
 
     @classmethod
     def from_metadata(cls, meta: dict, where: str) -> "ModelInfo":
@@ -113,15 +126,21 @@ class ModelInfo:
         if not _is_sha256(meta[KEY_SHA256]):
             raise ModelError(f"{where}: metadata {KEY_SHA256} must be 64 lowercase hex digits, "
                              f"got {meta[KEY_SHA256]!r}")
+        complete = meta.get(KEY_COMPLETE, "true")
+        if complete not in ("true", "false"):
+            raise ModelError(f"{where}: metadata {KEY_COMPLETE} must be 'true' or 'false', got {complete!r}")
         extra = {k: v for k, v in meta.items() if k not in REQUIRED_KEYS}
         return cls(name=meta[KEY_NAME], arch=meta[KEY_ARCH], dim=dim, input_size=size, preprocess=preprocess,
                    checkpoint_sha256=meta[KEY_CHECKPOINT_SHA256], precision=meta[KEY_PRECISION],
-                   format_version=version, extra=extra)
+                   format_version=version, extra=extra, complete=complete == "true",
+                   progress=meta.get(KEY_PROGRESS, ""))
 
 
 def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preprocess, checkpoint_sha256: str,
-                   precision: str = "float32", kwargs: dict | None = None, exporter: str = "") -> dict[str, str]:
-    """The metadata entries (string -> string) an exported model carries; export/ writes exactly these."""
+                   precision: str = "float32", kwargs: dict | None = None, exporter: str = "",
+                   complete: bool = True, progress: str = "") -> dict[str, str]:
+    """The metadata entries (string -> string) an exported model carries; export/ writes exactly these.
+    ``complete`` / ``progress``: whether the source run did all its configured training, and how far it got."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     meta = {
@@ -135,7 +154,10 @@ def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preproces
         KEY_PRECISION: precision,
         KEY_KWARGS: json.dumps(kwargs or {}, sort_keys=True, default=str),
         KEY_SHA256: DIGEST_PLACEHOLDER,  # the writer replaces it with file_digest() of the serialised model
+        KEY_COMPLETE: "true" if complete else "false",
     }
+    if progress:
+        meta[KEY_PROGRESS] = str(progress)
     if exporter:
         meta[KEY_EXPORTER] = exporter
     return meta
@@ -307,6 +329,11 @@ class Encoder:
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         self.info = ModelInfo.from_metadata(meta, str(self.path))
         check_file_digest(data, meta, str(self.path))
+        if not self.info.complete:
+            warnings.warn(f"{self.path} was exported from an incomplete training run "
+                          f"({self.info.progress or 'progress not recorded'}); its embeddings may be far from what "
+                          f"the finished run would give. Finish the run and export it again",
+                          IncompleteModelWarning, stacklevel=2)
         self.batch_size = int(batch_size)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:

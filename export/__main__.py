@@ -15,15 +15,17 @@ must hold that model's checkpoint):
   OUT/NAME.onnx        the encoder only (no decoder), dynamic batch axis, input "images" (n, 3, H, W) float32,
                        output "embeddings" (n, dim) L2-normalised float32; its metadata carries the model name,
                        architecture, embedding size, input size, preprocessing (resize/crop, mean/std, colour
-                       order, grayscale), a format version, the sha256 of the source checkpoint and the
-                       file's own sha256 (the engine refuses a damaged or edited file)
+                       order, grayscale), a format version, the sha256 of the source checkpoint, whether
+                       the run is complete, and the file's own sha256 (the engine refuses a damaged or
+                       edited file)
   OUT/NAME.fp16.onnx   with --fp16: float16 weights and arithmetic, float32 inputs and outputs
   OUT/NAME.int8.onnx   with --int8: static int8 quantisation calibrated on real images
   OUT/export_report.json   measured differences (float32 vs torch; variants vs float32, with overlap@10)
 
 checks: every file passes onnx.checker (full_check) and onnxruntime is compared with torch on real images
 (the fungi photos of ../shared/data when present, else photographs and video frames embedded in installed
-packages); a float32 export that differs by more than --tolerance writes nothing and fails.
+packages); a float32 export that differs by more than --tolerance writes nothing and fails. A run that stopped
+before the end of its training (--max-steps, a signal) is refused unless --allow-incomplete is given.
 
 model names: {", ".join(MODEL_NAMES)}
 
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET} up to the newest the installed onnx and torch exporter write "
                         f"(default: {DEFAULT_OPSET})")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="also export a run that stopped before the end of its training (--max-steps, a signal); "
+                        "the file records it and the engine warns when it loads it (default: refuse such a run)")
     p.add_argument("--exporter", default="auto", choices=EXPORTERS,
                    help="torch exporter: auto tries TorchScript, then dynamo (dynamo alone for an opset newer than "
                         "the TorchScript exporter writes; default: auto)")
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
     try:
         report, errors = export_many(args.names, runs_dir=args.runs, out_dir=args.out, variants=variants,
                                      check_images=args.check_images, opset=args.opset, tolerance=args.tolerance,
-                                     exporter=args.exporter)
+                                     exporter=args.exporter, allow_incomplete=args.allow_incomplete)
     except (ExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

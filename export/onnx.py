@@ -7,7 +7,8 @@
    axis, input ``images`` (n, 3, H, W) float32, output ``embeddings`` (n, dim) float32, opset 17 up to what
    the installed onnx and torch exporter write (``opset_limits``; the opset recorded is the one the file has);
 3. the metadata the engine needs (``engine.encoder.model_metadata``: name, arch, dim, input size, the
-   ``Preprocess`` JSON, format version, sha256 of the source checkpoint) goes into ``metadata_props``, and
+   ``Preprocess`` JSON, format version, sha256 of the source checkpoint, whether the run is complete and how far
+   it got) goes into ``metadata_props``, and
    ``lookalike.sha256`` seals the file (``_seal``: the sha256 of its serialisation with that value as 64 zeros,
    which ``engine.Encoder`` checks on load);
 4. ``onnx.checker.check_model(full_check=True)``, then onnxruntime is compared with torch on real images
@@ -15,7 +16,9 @@
    and nothing is written; otherwise the file is written atomically (temp file + ``os.replace``).
 
 A run folder named after a model (``runs/la/``) must hold that model's checkpoint; the output folder is checked
-to be writable before any work.
+to be writable before any work. A run that stopped before the end of its training (``--max-steps``, a signal:
+the checkpoint's ``complete`` is false) is refused, naming how far it got, unless ``allow_incomplete``
+(``--allow-incomplete``); the file then records it and ``engine.Encoder`` warns when it loads it.
 
 Optional variants, measured against the float32 file on held-out real images (max abs difference, mean
 cosine, overlap@10 of the neighbour lists) and written as ``<name>.fp16.onnx`` / ``<name>.int8.onnx``:
@@ -109,8 +112,9 @@ def resolve(names, runs_dir) -> list[tuple[str, Path]]:
                               f"{', '.join(MODEL_NAMES)}; trained runs in {runs_dir}/: {trained}")
         ckpt = folder / "checkpoint.pt"
         if not ckpt.is_file():
-            raise ExportError(f"run folder {folder}/ has no checkpoint.pt (a trainer writes it after each epoch; "
-                              f"was the run stopped before its first epoch ended?)")
+            raise ExportError(f"run folder {folder}/ has no checkpoint.pt (a trainer writes it every "
+                              f"--checkpoint-every seconds, at the end and when a signal stops it; was the run killed "
+                              f"before its first one?)")
         out.append((name, ckpt))
     return out
 
@@ -275,11 +279,12 @@ def _normalisation_tail(proto) -> tuple[str | None, list[str]]:
 
 def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | None = None,
                image_source: str = "", variants=(), opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE,
-               exporter: str = "auto", check_images: int = 64, log=print) -> dict:
+               exporter: str = "auto", check_images: int = 64, allow_incomplete: bool = False, log=print) -> dict:
     """Export one checkpoint (a file or a run folder) to ``<out_dir>/<name>.onnx`` (+ variants); returns its
     report entry. Raises ``ExportError`` (or ``CheckpointError`` for a damaged / foreign checkpoint), in which
-    case the float32 file is not written. A variant that fails is not written either; its error is listed under
-    the entry's ``errors`` (the float32 file stays)."""
+    case the float32 file is not written; an incomplete run is refused unless ``allow_incomplete``. A variant
+    that fails is not written either; its error is listed under the entry's ``errors`` (the float32 file
+    stays)."""
     import onnx
 
     from train.registry import load_encoder
@@ -305,6 +310,9 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
                           f"folder's), got one of model {info.name!r} (arch {info.arch!r}); move it to a run folder "
                           f"named {info.name!r}, or export it under a name that is not a model name")
     name = name or info.name
+    kwargs, complete, progress = _checkpoint_facts(checkpoint)
+    if not complete and not allow_incomplete:
+        raise ExportError(_incomplete_message(checkpoint, info.name, progress))
     out_dir = Path(out_dir)
     if images is None:
         images, image_source = verify.real_images(check_images)
@@ -329,7 +337,8 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
                                  exporter=exporter)
     proto = onnx.load_from_string(raw)
     meta = model_metadata(name, arch=info.arch, dim=info.dim, preprocess=pre, checkpoint_sha256=info.sha256,
-                          precision="float32", kwargs=_checkpoint_kwargs(checkpoint), exporter=exporter_used)
+                          precision="float32", kwargs=kwargs, exporter=exporter_used, complete=complete,
+                          progress=progress)
     _set_metadata(proto, meta)
     _check(proto, f"the ONNX export of {checkpoint}")
     data = _seal(proto)
@@ -351,6 +360,8 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
         "input_size": list(pre.size),
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": info.sha256,
+        "complete": complete,
+        "progress": progress,
         "exporter": exporter_used,
         "images": {"source": image_source, "evaluation": len(evaluation), "calibration": len(calib)},
         "float32": {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -358,7 +369,8 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
                     "min_cosine_vs_torch": float(verify.row_cosines(got, ref).min())},
     }
     log(f"{name}: wrote {path} ({len(data) / 1e6:.1f} MB, dim {info.dim}, input {pre.size[0]}x{pre.size[1]}); "
-        f"max |onnxruntime - torch| = {diff:.2e} on {len(x_eval)} real images")
+        f"max |onnxruntime - torch| = {diff:.2e} on {len(x_eval)} real images"
+        + ("" if complete else f"; from an INCOMPLETE run ({progress})"))
     errors = []
     for variant in variants:
         try:
@@ -375,11 +387,24 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
     return entry
 
 
-def _checkpoint_kwargs(checkpoint: Path) -> dict:
-    from train.checkpoint import load_checkpoint
+def _checkpoint_facts(checkpoint: Path) -> tuple[dict, bool, str]:
+    """(encoder kwargs, complete, progress in words) of a checkpoint file or run folder."""
+    from train.checkpoint import load_checkpoint, run_progress
 
-    p = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
-    return dict(load_checkpoint(p).get("encoder", {}).get("kwargs", {}))
+    state = load_checkpoint(checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint)
+    complete, progress = run_progress(state)
+    return dict(state.get("encoder", {}).get("kwargs", {})), complete, progress
+
+
+def _incomplete_message(checkpoint: Path, model: str, progress: str) -> str:
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    trainer = TRAINERS.get(model, f"python -m train.{model}")
+    if "--max-steps" in progress:
+        finish = f"train it again without --max-steps (`{trainer} --out {folder}`)"
+    else:
+        finish = f"finish it with `{trainer} --resume --out {folder}` and its other settings"
+    return (f"{checkpoint}: the {model} run is incomplete ({progress}): its encoder is not what the configured "
+            f"training gives. {finish[0].upper()}{finish[1:]}, or export it anyway with --allow-incomplete")
 
 
 def _fp16(proto):
@@ -548,10 +573,11 @@ def _finish_variant(vproto, variant: str, name: str, out_dir: Path, x_eval: np.n
 
 def export_many(names, *, runs_dir="runs", out_dir="models", variants=(), check_images: int = 64,
                 opset: int = DEFAULT_OPSET, tolerance: float = TOLERANCE, exporter: str = "auto",
-                log=print) -> tuple[dict, list[str]]:
+                allow_incomplete: bool = False, log=print) -> tuple[dict, list[str]]:
     """Export each named run (or ``all``); returns (report, errors). The report is merged into
     ``<out_dir>/export_report.json`` (atomically) for the models that exported. A model that fails (a file
-    that cannot be written included) is listed in the errors and the others go on."""
+    that cannot be written, an incomplete run without ``allow_incomplete`` included) is listed in the errors and
+    the others go on."""
     check_opset(opset, exporter)
     todo = resolve(names, runs_dir)
     check_out_dir(out_dir)
@@ -561,7 +587,8 @@ def export_many(names, *, runs_dir="runs", out_dir="models", variants=(), check_
     for name, ckpt in todo:
         try:
             done[name] = export_run(ckpt, out_dir, name=name, images=images, image_source=source, variants=variants,
-                                    opset=opset, tolerance=tolerance, exporter=exporter, log=log)
+                                    opset=opset, tolerance=tolerance, exporter=exporter,
+                                    allow_incomplete=allow_incomplete, log=log)
             errors += done[name].get("errors", [])
         except (ExportError, CheckpointError) as e:
             errors.append(f"{name}: {e}")

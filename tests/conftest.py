@@ -21,3 +21,9 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path}, which is absent")
     return path
+
+
+def pytest_configure(config):
+    # The tiny test runs (--max-steps 2) are incomplete on purpose, so every load of their exports would warn;
+    # tests/test_incomplete_runs.py asserts the warning (pytest.warns records it despite this filter).
+    config.addinivalue_line("filterwarnings", "ignore::engine.encoder.IncompleteModelWarning")

@@ -124,7 +124,8 @@ def test_cli_all_with_fp16_and_int8(cache, tmp_path, capsys):
         shutil.copytree(cache.run(name), runs / name)
     (runs / "notes").mkdir()  # a folder without checkpoint.pt is not a run: 'all' skips it
     out = tmp_path / "models"
-    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--fp16", "--int8", "--check-images", "24"])
+    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--fp16", "--int8", "--check-images", "24",
+                      "--allow-incomplete"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -286,7 +287,7 @@ def test_help_explains(capsys):
 def test_dynamo_exporter_with_fp16_and_int8(cache, tmp_path, name):
     images, source = cache.images()
     entry = export_run(cache.run(name), tmp_path, name=name, images=images, image_source=source,
-                       variants=("fp16", "int8"), exporter="dynamo", log=lambda *_: None)
+                       variants=("fp16", "int8"), exporter="dynamo", allow_incomplete=True, log=lambda *_: None)
     assert "errors" not in entry, entry["errors"]
     assert "dynamo exporter" in entry["exporter"]
     model, info = load_encoder(cache.run(name))
@@ -317,7 +318,7 @@ def test_run_folder_named_after_another_model_is_refused(cache, tmp_path, capsys
     shutil.copytree(cache.run("siamese"), runs / "la")  # the siamese checkpoint in la's run folder
     shutil.copytree(cache.run("mpnn"), runs / "my-mpnn")  # a folder name that is no model name: used as given
     out = tmp_path / "models"
-    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--check-images", "4"])
+    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--check-images", "4", "--allow-incomplete"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "expected a checkpoint of model 'la'" in err and "got one of model 'siamese' (arch 'siamese')" in err
@@ -361,7 +362,7 @@ def test_a_model_that_cannot_be_written_does_not_stop_the_others(cache, tmp_path
         shutil.copytree(cache.run(name), runs / name)
     out = tmp_path / "models"
     (out / "mpnn.onnx").mkdir(parents=True)  # a folder where mpnn.onnx goes: its write fails
-    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--check-images", "4"])
+    rc = export_main(["all", "--runs", str(runs), "--out", str(out), "--check-images", "4", "--allow-incomplete"])
     err = capsys.readouterr().err
     assert rc == 1
     assert err.startswith(f"error: mpnn: cannot write {out / 'mpnn.onnx'} (IsADirectoryError")
@@ -398,7 +399,7 @@ def test_recorded_opset_is_the_files(cache, tmp_path, monkeypatch):
     images = verify.real_images(4)[0]
     # the dynamo exporter writes no opset below 18: asked for 17, the file and its records say 18
     entry = export_run(cache.run("mpnn"), tmp_path / "a", images=images, opset=17, exporter="dynamo",
-                       log=lambda *_: None)
+                       allow_incomplete=True, log=lambda *_: None)
     assert file_opset(onnx.load(str(tmp_path / "a" / "mpnn.onnx"))) == 18
     assert entry["exporter"].endswith("opset 18")
     assert metadata(tmp_path / "a" / "mpnn.onnx")[PREFIX + "exporter"] == entry["exporter"]
@@ -412,5 +413,6 @@ def test_recorded_opset_is_the_files(cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", keeps_18)
     with pytest.raises(ExportError, match="asked the dynamo exporter for opset 20, it wrote opset 18"):
-        export_run(cache.run("mpnn"), tmp_path / "b", images=images, opset=20, exporter="dynamo", log=lambda *_: None)
+        export_run(cache.run("mpnn"), tmp_path / "b", images=images, opset=20, exporter="dynamo", allow_incomplete=True,
+                   log=lambda *_: None)
     assert not (tmp_path / "b").exists()

@@ -315,7 +315,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, cluster_every):
 
     straight = tmp_path / "straight"
     split = tmp_path / "split"
-    tiny = TINY + ["--cluster-every", str(cluster_every)]
+    tiny = TINY + ["--cluster-every", str(cluster_every), "--checkpoint-every", "0"]  # a checkpoint every epoch
     m_straight = main(tiny + ["--epochs", "3", "--out", str(straight)])
 
     # the same run, killed right after its second checkpoint, then resumed

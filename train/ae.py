@@ -10,7 +10,8 @@ the last 20% for MNIST / CIFAR-10 (stored shuffled), every 5th item otherwise.
 
 Every image goes through the run's ``Preprocess`` (recorded in the checkpoint and exported with the
 encoder), so the engine sees exactly what training saw. The run folder (default ``runs/ae-<arch>``) gets
-checkpoint.pt (every epoch, atomically; ``--resume`` continues), config.json, metrics.json (loss per epoch,
+checkpoint.pt (every ``--checkpoint-every`` seconds, at the end and on SIGTERM / Ctrl-C, atomically; ``--resume``
+continues exactly, mid-epoch included), config.json, metrics.json (loss per epoch,
 held-out reconstruction error, and with labels 1-NN accuracy against the raw-pixel and HSV baselines) and
 reconstructions.png (inputs above their reconstructions).
 """
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 
 from engine.preprocess import Preprocess
 from train import evaluate as ev
-from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
-                          number, pick_device, progress, seed_everything)
+from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
+                          default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
+                          resumed_position, seed_everything)
 from train.data import DATASETS, DataError, ImageSet, load_images
 from train.models.ae import BACKBONES, L2Normalized, build_autoencoder
 
@@ -220,12 +222,13 @@ def main(argv=None) -> dict:
         warnings.filterwarnings("ignore", message="max_unpooling2d_forward_out does not have a deterministic")
     t0, c0 = time.time(), time.process_time()
 
+    out = args.out or default_out(name)
+    check_run_folder(out, ("reconstructions.png",))
     train_set, test_set = load_split(cfg.data, cfg.data_root, limit=cfg.limit, holdout=cfg.holdout,
                                      progress_bar=not args.no_progress)
-    out = args.out or default_out(name)
     if args.resume:
         check_resume(out, name, asdict(cfg), ("arch", "data", "data_root", "image_size", "code_dim", "limit", "holdout", "seed"))
-    run = Run(out, name=name, config=asdict(cfg), resume=args.resume)
+    run = Run(out, name=name, config=asdict(cfg), resume=args.resume, checkpoint_every=args.checkpoint_every)
     state = run.resume_state()
     if state is not None:
         pre = Preprocess.from_dict(state["encoder"]["preprocess"])
@@ -240,34 +243,57 @@ def main(argv=None) -> dict:
                               image_size=cfg.image_size, code_dim=cfg.code_dim).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, step, losses = Run.restore(state, model, opt)
+    cut_short = cut_short_epochs(state)
     encoder = L2Normalized(model.encoder)  # shares the parameters; what the registry rebuilds
 
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        te = time.time()
-        idx_batches = batches(epoch_order(len(x_train), cfg.seed, epoch), cfg.batch_size, cfg.max_steps)
-        total, count = 0.0, 0
-        bar = progress(idx_batches, desc=f"{name} epoch {epoch + 1}/{cfg.epochs}", disable=args.no_progress)
-        for idx in bar:
-            xb = x_train[idx].to(device)
-            loss = F.mse_loss(model(xb), xb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            total += loss.item() * len(idx)
-            count += len(idx)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        losses.append(total / max(count, 1))
-        if epoch + 1 == cfg.epochs:
-            recalibrate_batchnorm(model, x_train, cfg.batch_size, device)
-        print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({time.time() - te:.1f}s)", file=sys.stderr)
-        run.save(model=model, optimizer=opt, epoch=epoch + 1, step=step,
+    def save(epochs_done: int, position: dict | None = None) -> str:
+        complete, words = epoch_progress(epochs_done, cfg.epochs, cut_short=cut_short, max_steps=cfg.max_steps,
+                                         position=position)
+        run.save(model=model, optimizer=opt, epoch=epochs_done, step=step, complete=complete, progress=words,
                  encoder=encoder_spec(name, encoder_kwargs(cfg), encoder, model.encoder.out_dim, pre),
-                 extra={"losses": losses})
+                 extra={"losses": losses, "position": position, "cut_short_epochs": cut_short})
+        return words
 
+    with run.stoppable():
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            every = batches(epoch_order(len(x_train), cfg.seed, epoch), cfg.batch_size, None)
+            idx_batches = every[: cfg.max_steps] if cfg.max_steps is not None else every
+            pos = resumed_position(state, epoch)  # a checkpoint written mid-epoch: go on from there
+            done, total, count = (int(pos["steps"]), pos["total"], int(pos["count"])) if pos else (0, 0.0, 0)
+            te = time.time() - (pos["seconds"] if pos else 0.0)
+            bar = progress(idx_batches[done:], desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+                           disable=args.no_progress)
+            for i, idx in enumerate(bar, done + 1):
+                xb = x_train[idx].to(device)
+                loss = F.mse_loss(model(xb), xb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                total += loss.item() * len(idx)
+                count += len(idx)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+                if run.due(boundary=False):
+                    words = save(epoch, {"epoch": epoch, "steps": i, "of": len(idx_batches),
+                                         "batch_size": cfg.batch_size, "total": total, "count": count,
+                                         "seconds": time.time() - te})
+                    run.exit_if_stopped(f"after step {step} ({words})")
+            losses.append(total / max(count, 1))
+            cut_short += len(idx_batches) < len(every)
+            if epoch + 1 == cfg.epochs:
+                recalibrate_batchnorm(model, x_train, cfg.batch_size, device)
+            print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({time.time() - te:.1f}s)",
+                  file=sys.stderr)
+            if run.due(boundary=True) or epoch + 1 == cfg.epochs:
+                words = save(epoch + 1)
+                run.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
+
+    complete, words = epoch_progress(max(start_epoch, cfg.epochs), cfg.epochs, cut_short=cut_short,
+                                     max_steps=cfg.max_steps)
     metrics = {"model": name, "data": cfg.data, "n_train": len(x_train), "n_test": len(x_test),
-               "epochs": cfg.epochs, "steps": step, "loss_per_epoch": losses, "preprocess": pre.to_dict(),
+               "epochs": cfg.epochs, "steps": step, "complete": complete, "progress": words, "loss_per_epoch": losses,
+               "preprocess": pre.to_dict(),
                "skipped_images": train_set.skipped}
     metrics.update(evaluate(model, encoder, pre, x_train, x_test, train_set, test_set, device=device))
     metrics["train_seconds"] = round(time.time() - t0, 1)  # wall clock, loading and evaluation included

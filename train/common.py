@@ -4,23 +4,39 @@ A trainer module (``train/mpnn.py`` ...) defines a config dataclass, builds its 
 ``make_parser``, decorates its ``main`` with ``cli_main`` (the project's errors exit 2 with ``error: ...``),
 and drives a ``Run``::
 
+    check_run_folder(out, ("clusters.png",))          # before any work: --out must be able to hold the run
     if args.resume:
         check_resume(out, "la", asdict(cfg), RESUME_KEYS)   # before Run rewrites config.json
-    run = Run(args.out or default_out("la"), name="la", config=asdict(cfg), resume=args.resume)
+    run = Run(out, name="la", config=asdict(cfg), resume=args.resume, checkpoint_every=args.checkpoint_every)
     state = run.resume_state()          # None, or the last checkpoint's payload
-    ... train an epoch ...
-    run.save(model=..., optimizer=..., epoch=e + 1, step=step, encoder=encoder_spec(...), extra={...})
+    with run.stoppable():               # SIGTERM / Ctrl-C: the step in progress finishes, then checkpoint and exit
+        ... train a step ...
+        if run.due(boundary=end_of_epoch):      # --checkpoint-every seconds passed (0: epoch ends), or a signal
+            run.save(model=..., optimizer=..., epoch=e, step=step, encoder=encoder_spec(...), extra={...},
+                     complete=..., progress=...)
+            run.exit_if_stopped("...")
     run.write_metrics({...}); run.save_figure(fig, "clusters.png")
+
+Checkpoints are written on a time interval (``--checkpoint-every``, default 300 s, checked after every step; 0:
+at the end of every epoch), always at the end, and when SIGTERM or SIGINT (Ctrl-C) arrives: the step in progress
+finishes, the checkpoint is written (the position within the epoch included, so ``--resume`` continues exactly
+there) and the trainer exits with status 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C); a second
+signal stops at once, leaving the last checkpoint written. A crash (or SIGKILL) loses what was trained since the
+last checkpoint: at most about ``--checkpoint-every`` seconds and a step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -29,10 +45,17 @@ import numpy as np
 import torch
 
 from engine.errors import LookalikeError
+from engine.fileio import unwritable
 from engine.preprocess import Preprocess
 from train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 
 DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINT_EVERY = 300.0  # seconds between checkpoints (--checkpoint-every); 0: at the end of every epoch
+RUN_FILES = ("checkpoint.pt", "config.json", "metrics.json")  # what Run writes in every run folder
+
+
+class RunFolderError(LookalikeError):
+    """The run folder (--out) cannot hold the run's files."""
 
 
 def number(kind=int, *, low=None, high=None, low_open: bool = False, high_open: bool = False, why: str = ""):
@@ -69,11 +92,13 @@ def number(kind=int, *, low=None, high=None, low_open: bool = False, high_open: 
 
 def make_parser(prog: str, description: str, *, datasets: dict[str, str], default_data: str,
                 epochs: int, batch_size: int, default_out_help: str | None = None,
-                min_batch_size: int = 1, batch_size_why: str = "") -> argparse.ArgumentParser:
+                min_batch_size: int = 1, batch_size_why: str = "",
+                checkpoint_every: float = CHECKPOINT_EVERY) -> argparse.ArgumentParser:
     """The options every trainer takes; ``datasets`` maps each accepted name to a one-line description.
     ``default_out_help`` describes the run folder used without --out (default: ``runs/<last part of prog>``,
     what ``default_out`` gives for a trainer named like its module). Numeric options out of their range are
-    refused by argparse (``number``); ``min_batch_size`` (and ``batch_size_why``, the reason) bounds --batch-size."""
+    refused by argparse (``number``); ``min_batch_size`` (and ``batch_size_why``, the reason) bounds --batch-size;
+    ``checkpoint_every`` is the default of --checkpoint-every (seconds)."""
     out_help = default_out_help or str(default_out(prog.split(".")[-1]))
     listing = "\n".join(f"  {k:<10} {v}" for k, v in datasets.items())
     p = argparse.ArgumentParser(
@@ -101,7 +126,38 @@ def make_parser(prog: str, description: str, *, datasets: dict[str, str], defaul
     p.add_argument("--max-steps", type=number(int, low=1), default=None,
                    help="stop each epoch after this many steps (smoke tests)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--checkpoint-every", type=_seconds, default=checkpoint_every, metavar="SECONDS",
+                   help="write checkpoint.pt once this many seconds have passed since the last one (checked after "
+                        "every step), at the end, and on SIGTERM / Ctrl-C; 0: at the end of every epoch "
+                        f"(default: {checkpoint_every:g})")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return v
+
+
+def check_run_folder(out, files: tuple[str, ...] = ()) -> None:
+    """Before any work: refuse (``RunFolderError``) a run folder that is not, and cannot be made, a writable
+    folder, or in which the checkpoint, config.json, metrics.json or one of ``files`` (the trainer's pictures)
+    exists as something other than a file. Creates nothing."""
+    out = Path(out)
+    why = unwritable(out)
+    if why:
+        raise RunFolderError(f"--out {out}: the run folder cannot be written ({why}); expected a folder, or a path "
+                             f"where one can be made: give another --out")
+    for name in (*RUN_FILES, *files):
+        path = out / name
+        if path.exists() and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise RunFolderError(f"--out {out}: {path} is {kind}, where the run writes its {name} file; remove it "
+                                 f"or give another --out")
 
 
 def config_from_args(cls, args: argparse.Namespace, **overrides):
@@ -144,9 +200,9 @@ def default_out(name: str) -> Path:
 
 def cli_main(main):
     """Decorate a trainer's ``main``: the project's own errors (missing or damaged data, a truncated or foreign
-    checkpoint: ``LookalikeError``, ``CheckpointError``) print ``error: <message>`` on stderr and exit with
-    status 2, as the engine and export command lines do, instead of a traceback. Other exceptions (bugs)
-    keep their traceback."""
+    checkpoint, an unusable run folder: ``LookalikeError``, ``CheckpointError``) print ``error: <message>`` on
+    stderr and exit with status 2, as the engine and export command lines do, instead of a traceback. Other
+    exceptions (bugs) keep their traceback."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -172,12 +228,48 @@ def check_resume(out, name: str, config: dict, keys: tuple[str, ...], *, may_gro
         raise CheckpointError(f"{path} holds model {state.get('name')!r}, not {name!r}; use another --out")
     old = state.get("config", {})
     diff = [f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r}" for k in keys if old.get(k) != config.get(k)]
+    pos = (state.get("extra") or {}).get("position")
+    if pos and "batch_size" not in keys and pos.get("batch_size") != config.get("batch_size"):
+        diff.append(f"batch_size: checkpoint {pos.get('batch_size')!r}, now {config.get('batch_size')!r} (it stopped "
+                    f"{pos.get('steps')} steps into an epoch, whose rest needs the same batches)")
     for k in may_grow:
         if old.get(k) is None or config.get(k) is None or config[k] < old[k]:
             diff.append(f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r} (may only grow)")
     if diff:
         raise SystemExit(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
                          "); use another --out or the same settings")
+
+
+def epoch_progress(epochs_done: int, epochs: int, *, cut_short: int = 0, max_steps: int | None = None,
+                   position: dict | None = None) -> tuple[bool, str]:
+    """(complete, progress in words) of an epoch-based run: complete when all ``epochs`` are done, none of them
+    cut short by --max-steps (``cut_short`` counts those) and no epoch is under way (``position``, a checkpoint
+    written mid-epoch: ``{"steps": done, "of": planned}``)."""
+    words = f"{epochs_done} of {epochs} epochs"
+    if position:
+        words += f", {position['steps']} of {position['of']} steps into epoch {epochs_done + 1}"
+    if cut_short:
+        words += f"; {cut_short} epoch{'s' if cut_short > 1 else ''} cut short by --max-steps {max_steps}"
+    return epochs_done >= epochs and not position and not cut_short, words
+
+
+def resumed_position(state: dict | None, epoch: int) -> dict | None:
+    """The position within ``epoch`` saved by a checkpoint written mid-epoch (by the time interval or a stop
+    signal): ``{"epoch", "steps", "of", "batch_size", "total", "count", "seconds", ...}``; None when the checkpoint
+    was written at an epoch's end (or for a fresh run)."""
+    pos = ((state or {}).get("extra") or {}).get("position")
+    return pos if pos and int(pos["epoch"]) == epoch else None
+
+
+def cut_short_epochs(state: dict | None) -> int:
+    """Epochs of the resumed run that --max-steps cut short (0 for a fresh run). A version 1 checkpoint did not
+    count them: all its epochs count as cut short when it was trained with --max-steps."""
+    if state is None:
+        return 0
+    extra = state.get("extra") or {}
+    if "cut_short_epochs" in extra:
+        return int(extra["cut_short_epochs"])
+    return int(state.get("epoch", 0)) if (state.get("config") or {}).get("max_steps") is not None else 0
 
 
 def atomic_write_json(path, obj) -> None:
@@ -214,16 +306,26 @@ def encoder_spec(arch: str, kwargs: dict, module: torch.nn.Module, dim: int, pre
 
 
 class Run:
-    """A run folder: checkpoint.pt, config.json, metrics.json and pictures, all written atomically."""
+    """A run folder: checkpoint.pt, config.json, metrics.json and pictures, all written atomically.
 
-    def __init__(self, out, *, name: str, config: dict, resume: bool = False):
+    ``checkpoint_every``: seconds between checkpoints (``due``); 0 writes one at every boundary (epoch end).
+    Time spent writing checkpoints is counted and reported in metrics.json (``write_metrics``)."""
+
+    def __init__(self, out, *, name: str, config: dict, resume: bool = False,
+                 checkpoint_every: float = CHECKPOINT_EVERY):
+        check_run_folder(out)
         self.dir = Path(out)
         self.name = name
         self.config = dict(config)
         self.resume = resume
+        self.checkpoint_every = float(checkpoint_every)
         self.ckpt_path = self.dir / "checkpoint.pt"
         self.metrics_path = self.dir / "metrics.json"
         self.started = time.time()
+        self.checkpoint_seconds = 0.0  # spent writing checkpoints in this process
+        self.checkpoints_written = 0
+        self.stop_signal: int | None = None  # SIGTERM / SIGINT received inside ``stoppable``
+        self._last_save = time.monotonic()
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / "config.json", {"name": name, "config": self.config})
 
@@ -237,12 +339,15 @@ class Run:
         state = load_checkpoint(self.ckpt_path, map_location=map_location)
         if state.get("name") != self.name:
             raise CheckpointError(f"{self.ckpt_path} holds model {state.get('name')!r}, not {self.name!r}")
-        print(f"resuming {self.name} from {self.ckpt_path} (epoch {state.get('epoch')}, step {state.get('step')})",
-              file=sys.stderr)
+        where = state.get("progress") or f"epoch {state.get('epoch')}"
+        print(f"resuming {self.name} from {self.ckpt_path} ({where}, step {state.get('step')})", file=sys.stderr)
         return state
 
-    def save(self, *, model: torch.nn.Module, optimizer, epoch: int, step: int, encoder: dict,
-             extra: dict | None = None) -> str:
+    def save(self, *, model: torch.nn.Module, optimizer, epoch: int, step: int, encoder: dict, complete: bool,
+             progress: str, extra: dict | None = None) -> str:
+        """Write the checkpoint (see ``train.checkpoint``). ``complete``: the run did all its configured training;
+        ``progress``: how far it got, in words (export names it when it refuses an incomplete run)."""
+        t = time.perf_counter()
         payload = {
             "name": self.name,
             "encoder": encoder,
@@ -251,19 +356,77 @@ class Run:
             "config": self.config,
             "epoch": int(epoch),
             "step": int(step),
+            "complete": bool(complete),
+            "progress": str(progress),
             "extra": extra or {},
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
+            "numpy_rng": np.random.get_state(),  # its key array is stored as a tensor (to_plain)
             "python_rng": random.getstate(),
         }
-        return save_checkpoint(self.ckpt_path, payload)
+        digest = save_checkpoint(self.ckpt_path, payload)
+        self.checkpoint_seconds += time.perf_counter() - t
+        self.checkpoints_written += 1
+        self._last_save = time.monotonic()
+        return digest
+
+    def due(self, *, boundary: bool) -> bool:
+        """Whether to write a checkpoint now: a stop signal arrived, or ``checkpoint_every`` seconds passed since
+        the last one (with ``checkpoint_every`` 0: at a ``boundary``, an epoch's end)."""
+        if self.stop_signal is not None:
+            return True
+        if self.checkpoint_every <= 0:
+            return boundary
+        return time.monotonic() - self._last_save >= self.checkpoint_every
+
+    @contextlib.contextmanager
+    def stoppable(self):
+        """While training: SIGTERM and SIGINT set ``stop_signal`` instead of killing the process, so the step in
+        progress finishes and the trainer writes its checkpoint (``due`` is then True) and calls
+        ``exit_if_stopped``. A second signal stops at once (the last checkpoint written stays whole). A signal
+        that comes after the trainer's last check still stops the run when the block ends (whose last act must be
+        writing the final checkpoint). Outside the main thread (where Python cannot catch signals) this does
+        nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None:
+                print(f"{self.name}: {name} again: stopping at once; {self.ckpt_path} is the last checkpoint written",
+                      file=sys.stderr)
+                raise SystemExit(128 + signum)
+            self.stop_signal = signum
+            print(f"{self.name}: {name} received: finishing the step in progress, then writing the checkpoint "
+                  f"(send it again to stop at once)", file=sys.stderr)
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        self.exit_if_stopped("at the end of training")
+
+    def exit_if_stopped(self, where: str) -> None:
+        """After the checkpoint a stop signal asked for: say where the run stopped and exit with 128 + the signal
+        number (143 for SIGTERM, 130 for SIGINT)."""
+        if self.stop_signal is None:
+            return
+        name = signal.Signals(self.stop_signal).name
+        print(f"{self.name}: stopped by {name} {where}; checkpoint written to {self.ckpt_path}. Continue with the "
+              f"same command and --resume", file=sys.stderr)
+        raise SystemExit(128 + self.stop_signal)
 
     @staticmethod
     def restore_rng(state: dict) -> None:
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
         if "numpy_rng" in state:
-            np.random.set_state(state["numpy_rng"])
+            kind, key, *rest = state["numpy_rng"]
+            np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
         if "python_rng" in state:
             random.setstate(state["python_rng"])
 
@@ -279,9 +442,16 @@ class Run:
         return int(state["epoch"]), int(state["step"]), list(state["extra"].get("losses", []))
 
     def write_metrics(self, metrics: dict) -> None:
+        """metrics.json: ``metrics``, the run's wall time here (``seconds``, from the run folder's opening) and the
+        checkpoints' share of it (``checkpoints``: interval, how many were written, seconds spent, fraction)."""
         metrics = dict(metrics)
         metrics.setdefault("name", self.name)
-        metrics["seconds"] = round(time.time() - self.started, 2)
+        seconds = time.time() - self.started
+        metrics["seconds"] = round(seconds, 2)
+        metrics["checkpoints"] = {
+            "every_seconds": self.checkpoint_every, "written": self.checkpoints_written,
+            "seconds": round(self.checkpoint_seconds, 3),
+            "fraction": round(self.checkpoint_seconds / seconds, 4) if seconds > 0 else 0.0}
         atomic_write_json(self.metrics_path, metrics)
 
     def save_figure(self, fig, filename: str) -> Path:

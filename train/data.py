@@ -48,7 +48,6 @@ import pickle
 import re
 import sys
 import tarfile
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -23,7 +23,8 @@ last 2,000); other data sets train on everything and are evaluated leave-one-out
 gets 1-NN accuracy and k-means NMI of the embedding and, measured on the same images, of two label-free
 baselines (raw 32x32 pixels and an HSV colour histogram), and the time split between the encoder and the LA
 machinery (neighbours, cluster mates, bank update, k-means). The run folder (default ``runs/la``) also gets
-checkpoint.pt (every epoch, atomically, with the bank and cluster labels; ``--resume`` continues exactly),
+checkpoint.pt (every ``--checkpoint-every`` seconds, at the end and on SIGTERM / Ctrl-C, atomically, with the bank,
+cluster labels and the position within the epoch; ``--resume`` continues exactly),
 config.json and clusters.png (a row of thumbnails per cluster).
 """
 
@@ -43,8 +44,9 @@ from engine.memory_bank import MemoryBank
 from engine.preprocess import Preprocess
 from train import evaluate as ev
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
-                          number, pick_device, progress, seed_everything)
+from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
+                          default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
+                          resumed_position, seed_everything)
 from train.data import DATASETS, DataError, ImageSet, load_images
 from train.models.ae import BACKBONES, backbone_state_from_ae
 from train.models.la import LAEncoder, LocalAggregation
@@ -384,8 +386,8 @@ def _init_backbone(model: LAEncoder, cfg: LAConfig) -> Preprocess:
         state = backbone_state_from_ae(cfg.init_from, cfg.arch)
         path = Path(cfg.init_from)
         ckpt = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
-    except CheckpointError as e:
-        raise SystemExit(f"--init-from: {e}") from None
+    except CheckpointError as e:  # missing, damaged, another model, or holding more than tensors: error + exit 2
+        raise CheckpointError(f"--init-from: {e}") from None
     try:
         model.backbone.load_state_dict(state)
     except RuntimeError as e:
@@ -433,6 +435,11 @@ def initial_codes(model, images, pre: Preprocess, device, batch_size: int) -> np
     return np.concatenate(out).astype(np.float32)
 
 
+def _numpy(x):
+    """A checkpoint's array (a tensor since checkpoint format 2) as numpy; None stays None."""
+    return x.numpy() if isinstance(x, torch.Tensor) else (None if x is None else np.asarray(x))
+
+
 class _Clock:
     """Accumulates wall time per category (seconds)."""
 
@@ -470,6 +477,8 @@ def main(argv=None) -> dict:
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     t_start = time.time()
+    out = Path(args.out or default_out(NAME))
+    check_run_folder(out, ("clusters.png",))
 
     train_set, test_set = load_split(cfg, progress_bar=not args.no_progress)
     n = len(train_set)
@@ -479,10 +488,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--kmeans-k must be at most the number of training images ({n}), got {cfg.kmeans_k}")
     batch_size = min(cfg.batch_size, n)
 
-    out = Path(args.out or default_out(NAME))
     if args.resume:
         check_resume(out, NAME, asdict(cfg), RESUME_KEYS)
-    run = Run(out, name=NAME, config=asdict(cfg), resume=args.resume)
+    run = Run(out, name=NAME, config=asdict(cfg), resume=args.resume, checkpoint_every=args.checkpoint_every)
     state = run.resume_state()
     model = LAEncoder(backbone=cfg.arch, dim=cfg.dim, image_size=cfg.image_size, code_dim=cfg.code_dim,
                       pretrained=cfg.pretrained and state is None)
@@ -503,13 +511,15 @@ def main(argv=None) -> dict:
     start_epoch, step, losses, modes, epoch_times, evals = 0, 0, [], [], [], []
     evaluator = Evaluator(train_set, test_set)
     clock = _Clock()
+    cut_short = cut_short_epochs(state)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         extra = state["extra"]
-        objective.bank = bank = MemoryBank.from_state_dict(extra["bank"])
-        objective.cluster_labels = extra.get("cluster_labels")
+        objective.bank = bank = MemoryBank.from_state_dict({**extra["bank"],
+                                                            "vectors": _numpy(extra["bank"]["vectors"])})
+        objective.cluster_labels = _numpy(extra.get("cluster_labels"))
         losses, modes = list(extra.get("losses", [])), list(extra.get("modes", []))
         epoch_times = list(extra.get("epoch_seconds", []))
         evals = list(extra.get("eval_per_epoch", []))
@@ -525,57 +535,85 @@ def main(argv=None) -> dict:
     aug = dict(out_size=cfg.image_size, mean=pre.mean, std=pre.std, color=pre.color, crop_scale=cfg.crop_scale,
                jitter=cfg.jitter, hue=cfg.hue, grayscale=cfg.grayscale)
 
-    def save(epoch_done: int) -> None:
+    def save(epoch_done: int, position: dict | None = None) -> str:
+        complete, words = epoch_progress(epoch_done, cfg.epochs, cut_short=cut_short, max_steps=cfg.max_steps,
+                                         position=position)
+        t = time.perf_counter()
         encoder = encoder_spec(NAME, encoder_kwargs(cfg), model, cfg.dim, pre)  # shares the model's weights
-        run.save(model=model, optimizer=opt, epoch=epoch_done, step=step, encoder=encoder,
+        run.save(model=model, optimizer=opt, epoch=epoch_done, step=step, encoder=encoder, complete=complete,
+                 progress=words,
                  extra={"bank": bank.state_dict(), "cluster_labels": objective.cluster_labels, "losses": losses,
                         "modes": modes, "epoch_seconds": epoch_times, "time_split": clock.totals,
-                        "eval_per_epoch": evals})
-
-    for epoch in range(start_epoch, cfg.epochs):
-        te = time.perf_counter()
-        model.train()
-        mode = "ir" if epoch < cfg.warmup_epochs else "la"
-        if mode == "la" and ((epoch - cfg.warmup_epochs) % cfg.cluster_every == 0 or objective.cluster_labels is None):
-            t = time.perf_counter()
-            objective.recluster(cfg.kmeans_k, repeats=cfg.kmeans_repeats, iterations=cfg.kmeans_iterations,
-                                seed=cfg.seed * 1000 + epoch)
-            clock.add("cluster", time.perf_counter() - t)
-        gen = epoch_generator(cfg.seed, epoch)
-        idx_batches = batches(epoch_order(n, cfg.seed, epoch), batch_size, cfg.max_steps)
-        total, count = 0.0, 0
-        nb0, up0 = objective.timings["neighbours"], objective.timings["bank_update"]
-        bar = progress(idx_batches, desc=f"la epoch {epoch + 1}/{cfg.epochs} ({mode})", disable=args.no_progress)
-        for idx in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step, total_steps)
-            t = time.perf_counter()
-            xb = augment(views[idx], generator=gen, **aug).to(device)
-            clock.add("augment", time.perf_counter() - t)
-            loss, _ = train_step(model, objective, opt, xb, idx, mode=mode, clock=clock)
-            step += 1
-            total += loss * len(idx)
-            count += len(idx)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        clock.add("neighbours", objective.timings["neighbours"] - nb0)
-        clock.add("bank_update", objective.timings["bank_update"] - up0)
-        losses.append(total / max(count, 1))
-        modes.append(mode)
-        epoch_times.append(time.perf_counter() - te)
-        clock.add("epochs", epoch_times[-1])
-        print(f"la epoch {epoch + 1}/{cfg.epochs} ({mode}): loss {losses[-1]:.4f} ({epoch_times[-1]:.1f}s)",
-              file=sys.stderr)
-        if cfg.eval_every and evaluator.labelled and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-            evals.append({"epoch": epoch + 1, **evaluator.embedding(model, pre, device=device)})
-            print(f"la epoch {epoch + 1}: 1-NN {evals[-1]['knn1_accuracy']:.4f}, NMI {evals[-1]['kmeans_nmi']:.4f}",
-                  file=sys.stderr)
-        t = time.perf_counter()
-        save(epoch + 1)
+                        "eval_per_epoch": evals, "position": position, "cut_short_epochs": cut_short})
         clock.add("checkpoint", time.perf_counter() - t)
+        return words
 
+    with run.stoppable():
+        for epoch in range(start_epoch, cfg.epochs):
+            te = time.perf_counter()
+            model.train()
+            mode = "ir" if epoch < cfg.warmup_epochs else "la"
+            gen = epoch_generator(cfg.seed, epoch)
+            every = batches(epoch_order(n, cfg.seed, epoch), batch_size, None)
+            idx_batches = every[: cfg.max_steps] if cfg.max_steps is not None else every
+            pos = resumed_position(state, epoch)  # a checkpoint written mid-epoch: go on from there, with its
+            if pos:  # clusters (refit at the epoch's start), augmentation generator and running loss
+                done, total, count = int(pos["steps"]), pos["total"], int(pos["count"])
+                gen.set_state(pos["generator"])
+                te -= pos["seconds"]
+            else:
+                done, total, count = 0, 0.0, 0
+                if mode == "la" and ((epoch - cfg.warmup_epochs) % cfg.cluster_every == 0
+                                     or objective.cluster_labels is None):
+                    t = time.perf_counter()
+                    objective.recluster(cfg.kmeans_k, repeats=cfg.kmeans_repeats, iterations=cfg.kmeans_iterations,
+                                        seed=cfg.seed * 1000 + epoch)
+                    clock.add("cluster", time.perf_counter() - t)
+            nb0, up0 = objective.timings["neighbours"], objective.timings["bank_update"]
+            bar = progress(idx_batches[done:], desc=f"la epoch {epoch + 1}/{cfg.epochs} ({mode})",
+                           disable=args.no_progress)
+            for i, idx in enumerate(bar, done + 1):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, step, total_steps)
+                t = time.perf_counter()
+                xb = augment(views[idx], generator=gen, **aug).to(device)
+                clock.add("augment", time.perf_counter() - t)
+                loss, _ = train_step(model, objective, opt, xb, idx, mode=mode, clock=clock)
+                step += 1
+                total += loss * len(idx)
+                count += len(idx)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+                if run.due(boundary=False):
+                    clock.add("neighbours", objective.timings["neighbours"] - nb0)
+                    clock.add("bank_update", objective.timings["bank_update"] - up0)
+                    nb0, up0 = objective.timings["neighbours"], objective.timings["bank_update"]
+                    words = save(epoch, {"epoch": epoch, "steps": i, "of": len(idx_batches),
+                                         "batch_size": cfg.batch_size, "total": total, "count": count,
+                                         "seconds": time.perf_counter() - te, "generator": gen.get_state()})
+                    run.exit_if_stopped(f"after step {step} ({words})")
+            clock.add("neighbours", objective.timings["neighbours"] - nb0)
+            clock.add("bank_update", objective.timings["bank_update"] - up0)
+            losses.append(total / max(count, 1))
+            modes.append(mode)
+            cut_short += len(idx_batches) < len(every)
+            epoch_times.append(time.perf_counter() - te)
+            clock.add("epochs", epoch_times[-1])
+            print(f"la epoch {epoch + 1}/{cfg.epochs} ({mode}): loss {losses[-1]:.4f} ({epoch_times[-1]:.1f}s)",
+                  file=sys.stderr)
+            if cfg.eval_every and evaluator.labelled and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+                evals.append({"epoch": epoch + 1, **evaluator.embedding(model, pre, device=device)})
+                print(f"la epoch {epoch + 1}: 1-NN {evals[-1]['knn1_accuracy']:.4f}, "
+                      f"NMI {evals[-1]['kmeans_nmi']:.4f}", file=sys.stderr)
+            if run.due(boundary=True) or epoch + 1 == cfg.epochs:
+                words = save(epoch + 1)
+                run.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
+
+    complete, words = epoch_progress(max(start_epoch, cfg.epochs), cfg.epochs, cut_short=cut_short,
+                                     max_steps=cfg.max_steps)
     train_seconds = time.time() - t_start
     metrics = {"model": NAME, "data": cfg.data, "arch": cfg.arch, "n_train": n,
                "n_test": 0 if test_set is None else len(test_set), "epochs": cfg.epochs, "steps": step,
+               "complete": complete, "progress": words,
                "kmeans_k": cfg.kmeans_k, "background": min(cfg.background, n - 1),
                "loss_per_epoch": losses, "mode_per_epoch": modes, "epoch_seconds": [round(s, 2) for s in epoch_times],
                "time_split": time_split(clock.totals), "train_seconds": round(train_seconds, 1),

@@ -26,7 +26,9 @@ How steps, levels and epochs relate
 - ``--max-steps`` stops the whole run after that many steps (a smoke test, or to split a run): the checkpoint
   then holds the current level, its step, its optimizer and the per-level history, and ``--resume`` continues
   mid-level exactly where the run stopped (same frames, same updates for a fixed seed on the CPU).
-- checkpoint.pt is written at the end of every level, every pass (epoch) and at a stop; its ``epoch``
+- checkpoint.pt is written at the end of every level, every pass (epoch), at a stop and on SIGTERM / Ctrl-C (the
+  step in progress finishes, then exit status 143 / 130); with ``--checkpoint-every SECONDS`` instead once that
+  many seconds have passed since the last one (and at the end); its ``epoch``
   counter is the number of finished passes, ``extra`` holds ``level``, ``level_step``, ``history``, ``stream``.
   Resuming a finished run with a larger ``--levels`` trains the added levels on top of the trained ones; a
   resume with other data, data root, size, frame step, shuffle window, limit or seed (``RESUME_KEYS``), or
@@ -49,8 +51,8 @@ import numpy as np
 import torch
 
 from engine.preprocess import Preprocess
-from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
-                          number, pick_device, progress, seed_everything)
+from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, default_out, encoder_spec,
+                          make_parser, number, pick_device, progress, seed_everything)
 from train.models.mpnn import (MAPS, MPNNEncoder, max_abs_cosine_per_image, mean_max_abs_cosine, output_side,
                                pairwise_cosine_loss)
 
@@ -258,7 +260,8 @@ def _new_history(level: int) -> dict:
     return {"level": level, "loss": [], "max_cos": [], "steps": 0, "reached": False, "seconds": 0.0}
 
 
-def train(cfg: MPNNConfig, *, out, resume: bool = False, show_progress: bool = True) -> dict:
+def train(cfg: MPNNConfig, *, out, resume: bool = False, show_progress: bool = True,
+          checkpoint_every: float = 0.0) -> dict:
     for name, v, lo in (("levels", cfg.levels, 1), ("batch_size", cfg.batch_size, 1), ("window", cfg.window, 1),
                         ("epochs", cfg.epochs, 1), ("eval_limit", cfg.eval_limit, 1)):
         if v < lo:
@@ -277,16 +280,30 @@ def train(cfg: MPNNConfig, *, out, resume: bool = False, show_progress: bool = T
         raise ValueError(f"with size {cfg.size} and {cfg.levels} levels the last level's maps are {side}x{side} = "
                          f"{side * side} values; {MAPS} maps cannot be pairwise orthogonal in fewer than {MAPS} "
                          f"values: use fewer levels or a larger size")
+    check_run_folder(out, ("curves.png",))
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, out=out, resume=resume, show_progress=show_progress, device=device)
+        return _train(cfg, out=out, resume=resume, show_progress=show_progress, device=device,
+                      checkpoint_every=checkpoint_every)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(cfg: MPNNConfig, *, out, resume: bool, show_progress: bool, device: torch.device) -> dict:
+def _progress(cfg: MPNNConfig, level: int, level_step: int, budget: int,
+              stopped_by_max_steps: bool) -> tuple[bool, str]:
+    """(complete, progress in words): complete once every configured level has trained."""
+    words = f"{level} of {cfg.levels} levels trained"
+    if level < cfg.levels:
+        words += f", level {level + 1} at step {level_step} of at most {budget}"
+        if stopped_by_max_steps:
+            words += f" (stopped by --max-steps {cfg.max_steps})"
+    return level >= cfg.levels, words
+
+
+def _train(cfg: MPNNConfig, *, out, resume: bool, show_progress: bool, device: torch.device,
+           checkpoint_every: float) -> dict:
     seed_everything(cfg.seed)
     pre = build_preprocess(cfg.size)
     kwargs = {"levels": cfg.levels, "size": [cfg.size, cfg.size]}
@@ -295,7 +312,7 @@ def _train(cfg: MPNNConfig, *, out, resume: bool, show_progress: bool, device: t
 
     if resume:  # before Run rewrites config.json
         check_resume(out, NAME, asdict(cfg), RESUME_KEYS, may_grow=("levels",))
-    run = Run(out, name=NAME, config=asdict(cfg), resume=resume)
+    run = Run(out, name=NAME, config=asdict(cfg), resume=resume, checkpoint_every=checkpoint_every)
     state = run.resume_state()
     level, level_step, step, history, stream_state, opt_state = 0, 0, 0, [], None, None
     if state is not None:
@@ -312,78 +329,92 @@ def _train(cfg: MPNNConfig, *, out, resume: bool, show_progress: bool, device: t
     budget = _level_budget(cfg, stream)
     opt = None
 
-    def save() -> None:
-        run.save(model=net, optimizer=opt, epoch=stream.pass_index, step=step,
+    saved_at = None  # (level, level_step, step) of the last checkpoint written
+
+    def save() -> str:
+        nonlocal saved_at
+        complete, words = _progress(cfg, level, level_step, budget, stopped and cfg.max_steps is not None
+                                    and step >= cfg.max_steps)
+        run.save(model=net, optimizer=opt, epoch=stream.pass_index, step=step, complete=complete, progress=words,
                  encoder=encoder_spec(NAME, kwargs, encoder, encoder.dim, pre),
                  extra={"level": level, "level_step": level_step, "history": history, "stream": stream.state(),
                         "budget": budget})
+        saved_at = (level, level_step, step)
+        return words
 
     stopped = False
     try:
-        while level < cfg.levels:
-            if len(history) <= level:
-                history.append(_new_history(level + 1))
-            hist = history[level]
-            net.freeze(level)
-            t0 = time.time() - hist["seconds"]
-            if cfg.init == "pca" and "init" not in hist:  # once per level, also across a resume
-                sample = torch.from_numpy(pre.normalise(stream.batch(cfg.init_frames))).to(device)
-                with torch.no_grad():
-                    lam = net.levels[level].pca_init_(net.features(sample, upto=level))
-                hist["init"] = {"frames": len(sample), "top_eigenvalues": [round(float(v), 6) for v in lam[:4]]}
-            params = list(net.levels[level].parameters())
-            opt = torch.optim.Adam(params, lr=cfg.lr)
-            if opt_state is not None:
-                opt.load_state_dict(opt_state)
-                opt_state = None
-            bar = progress(total=budget, desc=f"mpnn level {level + 1}/{cfg.levels}", disable=not show_progress)
-            bar.update(level_step)
-            while not hist["reached"] and level_step < budget:
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    stopped = True
+        with run.stoppable():
+            while level < cfg.levels:
+                if len(history) <= level:
+                    history.append(_new_history(level + 1))
+                hist = history[level]
+                net.freeze(level)
+                t0 = time.time() - hist["seconds"]
+                if cfg.init == "pca" and "init" not in hist:  # once per level, also across a resume
+                    sample = torch.from_numpy(pre.normalise(stream.batch(cfg.init_frames))).to(device)
+                    with torch.no_grad():
+                        lam = net.levels[level].pca_init_(net.features(sample, upto=level))
+                    hist["init"] = {"frames": len(sample), "top_eigenvalues": [round(float(v), 6) for v in lam[:4]]}
+                params = list(net.levels[level].parameters())
+                opt = torch.optim.Adam(params, lr=cfg.lr)
+                if opt_state is not None:
+                    opt.load_state_dict(opt_state)
+                    opt_state = None
+                bar = progress(total=budget, desc=f"mpnn level {level + 1}/{cfg.levels}", disable=not show_progress)
+                bar.update(level_step)
+                while not hist["reached"] and level_step < budget:
+                    if cfg.max_steps is not None and step >= cfg.max_steps:
+                        stopped = True
+                        break
+                    pass_before = stream.pass_index  # before the batch: reading it is what may start a new pass
+                    frames = stream.batch(cfg.batch_size)
+                    if len(frames) == 0:
+                        stopped = True  # a camera stopped delivering
+                        break
+                    x = torch.from_numpy(pre.normalise(frames)).to(device)  # (B, 3, S, S)
+                    with torch.no_grad():
+                        h = net.features(x, upto=level)  # frozen levels
+                    f = net.levels[level](h)  # (B, 16, s, s)
+                    loss = pairwise_cosine_loss(f)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    mc = float(mean_max_abs_cosine(f.detach()))
+                    hist["loss"].append(float(loss.detach()))
+                    hist["max_cos"].append(mc)
+                    level_step += 1
+                    step += 1
+                    hist["steps"] = level_step
+                    hist["seconds"] = round(time.time() - t0, 3)
+                    win = _window_mean(hist["max_cos"], cfg.window)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{_window_mean(hist['loss'], cfg.window):.4f}", max_cos=f"{mc:.3f}",
+                                    mean_max_cos=f"{win:.3f}")
+                    if level_step >= cfg.window and win < cfg.threshold:
+                        hist["reached"] = True
+                    # a pass (epoch) ended mid-level: a boundary for --checkpoint-every 0; any step resumes exactly
+                    mid_level = not hist["reached"] and level_step < budget
+                    new_pass = stream.pass_index != pass_before
+                    if run.due(boundary=new_pass and mid_level) and (mid_level or run.stop_signal):
+                        words = save()
+                        run.exit_if_stopped(f"after step {step} ({words})")
+                bar.close()
+                hist["final_max_cos"] = _window_mean(hist["max_cos"], cfg.window)
+                hist["final_loss"] = _window_mean(hist["loss"], cfg.window)
+                if stopped:
                     break
-                pass_before = stream.pass_index  # before the batch: reading it is what may start a new pass
-                frames = stream.batch(cfg.batch_size)
-                if len(frames) == 0:
-                    stopped = True  # a camera stopped delivering
-                    break
-                x = torch.from_numpy(pre.normalise(frames)).to(device)  # (B, 3, S, S)
-                with torch.no_grad():
-                    h = net.features(x, upto=level)  # frozen levels
-                f = net.levels[level](h)  # (B, 16, s, s)
-                loss = pairwise_cosine_loss(f)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                mc = float(mean_max_abs_cosine(f.detach()))
-                hist["loss"].append(float(loss.detach()))
-                hist["max_cos"].append(mc)
-                level_step += 1
-                step += 1
-                hist["steps"] = level_step
-                hist["seconds"] = round(time.time() - t0, 3)
-                win = _window_mean(hist["max_cos"], cfg.window)
-                bar.update(1)
-                bar.set_postfix(loss=f"{_window_mean(hist['loss'], cfg.window):.4f}", max_cos=f"{mc:.3f}",
-                                mean_max_cos=f"{win:.3f}")
-                if level_step >= cfg.window and win < cfg.threshold:
-                    hist["reached"] = True
-                if stream.pass_index != pass_before and not hist["reached"] and level_step < budget:
-                    save()  # a pass (epoch) ended mid-level
-            bar.close()
-            hist["final_max_cos"] = _window_mean(hist["max_cos"], cfg.window)
-            hist["final_loss"] = _window_mean(hist["loss"], cfg.window)
-            if stopped:
-                break
-            print(f"mpnn level {level + 1}: {'reached' if hist['reached'] else 'did NOT reach'} mean max|cos| "
-                  f"{hist['final_max_cos']:.3f} (threshold {cfg.threshold}) in {level_step} steps, "
-                  f"{hist['seconds']:.1f} s", file=sys.stderr)
-            level += 1
-            level_step = 0
-            opt = None
-            save()  # a level ended
-        if stopped:
-            save()
+                print(f"mpnn level {level + 1}: {'reached' if hist['reached'] else 'did NOT reach'} mean max|cos| "
+                      f"{hist['final_max_cos']:.3f} (threshold {cfg.threshold}) in {level_step} steps, "
+                      f"{hist['seconds']:.1f} s", file=sys.stderr)
+                level += 1
+                level_step = 0
+                opt = None
+                if run.due(boundary=True) or level == cfg.levels:  # a level ended
+                    words = save()
+                    run.exit_if_stopped(f"after level {level} ({words})")
+            if stopped or saved_at != (level, level_step, step):
+                save()  # the end (or a stop) since the last checkpoint
         complete = not stopped
         net.freeze(cfg.levels)
         encoder.eval()
@@ -536,12 +567,16 @@ def build_parser():
 
     d = MPNNConfig()
     p = make_parser("train.mpnn", "Train MPNN (multi-perspective network) level by level; no labels needed.",
-                    datasets=DATASETS, default_data=d.data, epochs=d.epochs, batch_size=d.batch_size)
+                    datasets=DATASETS, default_data=d.data, epochs=d.epochs, batch_size=d.batch_size,
+                    checkpoint_every=0)
     helps = {
         "epochs": f"per-level step budget in passes over the data, used when --level-steps is not given; the data "
                   f"loops, so a pass never ends a level (default: {d.epochs})",
         "max_steps": "stop the whole run after this many steps; --resume continues mid-level (smoke tests)",
         "limit": "use at most this many images (for a video: frames spread evenly over the file, held in memory)",
+        "checkpoint_every": "write checkpoint.pt once this many seconds have passed since the last one (checked "
+                            "after every step), at the end, and on SIGTERM / Ctrl-C; 0: at the end of every pass and "
+                            "level. Its checkpoint is small (the levels' 5x5 filters), so the default is 0",
     }
     for action in p._actions:
         if action.dest in helps:
@@ -584,7 +619,8 @@ def main(argv=None) -> dict:
                      f"use fewer levels or a larger size")
     cfg = config_from_args(MPNNConfig, args)
     out = args.out or default_out(NAME)
-    m = train(cfg, out=out, resume=args.resume, show_progress=not args.no_progress)
+    m = train(cfg, out=out, resume=args.resume, show_progress=not args.no_progress,
+              checkpoint_every=args.checkpoint_every)
     for lv in m["per_level"]:
         final = "-" if lv["final_max_cos"] is None else f"{lv['final_max_cos']:.3f}"
         print(f"level {lv['level']}: {lv['steps']} steps, {'reached' if lv['reached'] else 'not reached'}, "

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from engine.preprocess import Preprocess
 from train import evaluate as ev
 from train.ae import batches, epoch_order, fitted_preprocess, load_split, preprocess_all, show
-from train.common import (Run, check_resume, cli_main, config_from_args, default_out, encoder_spec, make_parser,
-                          number, pick_device, progress, seed_everything)
+from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
+                          default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
+                          resumed_position, seed_everything)
 from train.data import DATASETS, DataError
 from train.models.ae import L2Normalized
 from train.models.siamese import DEFAULT_MARGIN, LOSSES, MININGS, SiameseNet, contrastive_loss, triplet_loss
@@ -103,6 +104,8 @@ def main(argv=None) -> dict:
     seed_everything(cfg.seed)
     t0, c0 = time.time(), time.process_time()
     margin = cfg.margin if cfg.margin is not None else DEFAULT_MARGIN.get(cfg.loss)
+    out = args.out or default_out(NAME)
+    check_run_folder(out, ("nearest_neighbours.png",))
 
     train_set, test_set = load_split(cfg.data, cfg.data_root, limit=cfg.limit, holdout=cfg.holdout,
                                      progress_bar=not args.no_progress)
@@ -114,11 +117,10 @@ def main(argv=None) -> dict:
         raise DataError(f"training pairs need two labels and a label seen twice; {len(y_train)} training images "
                         f"have {len(np.unique(y_train))} label(s){train_set.skipped_note()} (raise --limit)")
 
-    out = args.out or default_out(NAME)
     if args.resume:
         check_resume(out, NAME, asdict(cfg), ("data", "data_root", "image_size", "dim", "loss", "mining", "margin",
                                               "limit", "holdout", "seed", "batch_size"))
-    run = Run(out, name=NAME, config=asdict(cfg), resume=args.resume)
+    run = Run(out, name=NAME, config=asdict(cfg), resume=args.resume, checkpoint_every=args.checkpoint_every)
     state = run.resume_state()
     if state is not None:
         pre = Preprocess.from_dict(state["encoder"]["preprocess"])
@@ -134,49 +136,69 @@ def main(argv=None) -> dict:
     model = SiameseNet(image_size=cfg.image_size, dim=cfg.dim).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_epoch, step, losses = Run.restore(state, model, opt)
+    cut_short = cut_short_epochs(state)
     encoder = L2Normalized(model.tower)  # shares the parameters; what the registry rebuilds
     y_train_t = torch.from_numpy(y_train)
-    steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
-    if cfg.max_steps is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    full_steps = max(1, len(x_train) // cfg.batch_size)
+    steps_per_epoch = full_steps if cfg.max_steps is None else min(full_steps, cfg.max_steps)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        te = time.time()
-        if cfg.loss == "binary":
-            pi, pj, same = _pair_schedule(y_train, steps_per_epoch * cfg.batch_size, cfg.seed, epoch)
-            plan = [slice(s * cfg.batch_size, (s + 1) * cfg.batch_size) for s in range(steps_per_epoch)]
-        else:
-            plan = batches(epoch_order(len(x_train), cfg.seed, epoch), cfg.batch_size, None)[:steps_per_epoch]
-        total, count = 0.0, 0
-        bar = progress(plan, desc=f"{NAME} epoch {epoch + 1}/{cfg.epochs}", disable=args.no_progress)
-        for sel in bar:
-            if cfg.loss == "binary":
-                logits = model(x_train[pi[sel]].to(device), x_train[pj[sel]].to(device))
-                loss = F.binary_cross_entropy_with_logits(logits, same[sel].to(device))
-                nb = len(logits)
-            else:
-                emb = model.embed(x_train[sel].to(device))
-                lab = y_train_t[sel].to(device)
-                fn = contrastive_loss if cfg.loss == "contrastive" else triplet_loss
-                loss = fn(emb, lab, margin=margin, mining=cfg.mining)
-                nb = len(emb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            total += loss.item() * nb
-            count += nb
-            bar.set_postfix(loss=f"{total / count:.4f}")
-        losses.append(total / max(count, 1))
-        print(f"{NAME} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({time.time() - te:.1f}s)", file=sys.stderr)
-        run.save(model=model, optimizer=opt, epoch=epoch + 1, step=step,
+    def save(epochs_done: int, position: dict | None = None) -> str:
+        complete, words = epoch_progress(epochs_done, cfg.epochs, cut_short=cut_short, max_steps=cfg.max_steps,
+                                         position=position)
+        run.save(model=model, optimizer=opt, epoch=epochs_done, step=step, complete=complete, progress=words,
                  encoder=encoder_spec(NAME, {"image_size": cfg.image_size, "dim": cfg.dim}, encoder, cfg.dim, pre),
-                 extra={"losses": losses})
+                 extra={"losses": losses, "position": position, "cut_short_epochs": cut_short})
+        return words
 
+    with run.stoppable():
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            if cfg.loss == "binary":
+                pi, pj, same = _pair_schedule(y_train, steps_per_epoch * cfg.batch_size, cfg.seed, epoch)
+                plan = [slice(s * cfg.batch_size, (s + 1) * cfg.batch_size) for s in range(steps_per_epoch)]
+            else:
+                plan = batches(epoch_order(len(x_train), cfg.seed, epoch), cfg.batch_size, None)[:steps_per_epoch]
+            pos = resumed_position(state, epoch)  # a checkpoint written mid-epoch: go on from there
+            done, total, count = (int(pos["steps"]), pos["total"], int(pos["count"])) if pos else (0, 0.0, 0)
+            te = time.time() - (pos["seconds"] if pos else 0.0)
+            bar = progress(plan[done:], desc=f"{NAME} epoch {epoch + 1}/{cfg.epochs}", disable=args.no_progress)
+            for i, sel in enumerate(bar, done + 1):
+                if cfg.loss == "binary":
+                    logits = model(x_train[pi[sel]].to(device), x_train[pj[sel]].to(device))
+                    loss = F.binary_cross_entropy_with_logits(logits, same[sel].to(device))
+                    nb = len(logits)
+                else:
+                    emb = model.embed(x_train[sel].to(device))
+                    lab = y_train_t[sel].to(device)
+                    fn = contrastive_loss if cfg.loss == "contrastive" else triplet_loss
+                    loss = fn(emb, lab, margin=margin, mining=cfg.mining)
+                    nb = len(emb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                total += loss.item() * nb
+                count += nb
+                bar.set_postfix(loss=f"{total / count:.4f}")
+                if run.due(boundary=False):
+                    words = save(epoch, {"epoch": epoch, "steps": i, "of": len(plan), "batch_size": cfg.batch_size,
+                                         "total": total, "count": count, "seconds": time.time() - te})
+                    run.exit_if_stopped(f"after step {step} ({words})")
+            losses.append(total / max(count, 1))
+            cut_short += steps_per_epoch < full_steps
+            print(f"{NAME} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({time.time() - te:.1f}s)",
+                  file=sys.stderr)
+            if run.due(boundary=True) or epoch + 1 == cfg.epochs:
+                words = save(epoch + 1)
+                run.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
+
+    complete, words = epoch_progress(max(start_epoch, cfg.epochs), cfg.epochs, cut_short=cut_short,
+                                     max_steps=cfg.max_steps)
     metrics = {"model": NAME, "data": cfg.data, "loss": cfg.loss, "mining": cfg.mining if cfg.loss != "binary" else None,
                "margin": margin, "n_train": len(x_train), "n_test": len(x_test), "epochs": cfg.epochs, "steps": step,
-               "loss_per_epoch": losses, "preprocess": pre.to_dict(), "skipped_images": train_set.skipped}
+               "complete": complete, "progress": words,
+               "loss_per_epoch": losses, "preprocess": pre.to_dict(),
+               "skipped_images": train_set.skipped}
     metrics.update(evaluate(model, pre, x_train, x_test, train_set, test_set, cfg, device=device))
     metrics["train_seconds"] = round(time.time() - t0, 1)  # wall clock, loading and evaluation included
     metrics["cpu_seconds"] = round(time.process_time() - c0, 1)  # CPU time of all threads (load-independent)

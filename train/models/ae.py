@@ -16,6 +16,8 @@ and ``ae-conv`` wrap it with an L2 normalisation (the embedding the engine searc
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -50,13 +52,30 @@ def _check_images(x: torch.Tensor, min_side: int = 1) -> None:
 # VGG16-BN / SegNet
 
 
+@contextlib.contextmanager
+def _weights_only_loads():
+    """torch.hub loads torchvision's weights with ``torch.load(weights_only=False)``, and a file already in its
+    cache (which the warning below tells users to place by hand) is not checked against its hash: force
+    ``weights_only`` while it loads, so such a file cannot run code."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
 def _load_pretrained_vgg16bn() -> nn.Sequential | None:
     """torchvision's ImageNet vgg16_bn features, or None (with a warning) when the weights cannot be had."""
     import torchvision
 
     try:
-        vgg = torchvision.models.vgg16_bn(weights=torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
-    except Exception as e:  # no network, no cached file, damaged download ...
+        with _weights_only_loads():
+            vgg = torchvision.models.vgg16_bn(weights=torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
+    except Exception as e:  # no network, no cached file, damaged download, a file that holds more than weights ...
         print(
             f"WARNING: --pretrained: torchvision's ImageNet vgg16_bn weights cannot be had ({type(e).__name__}: {e}); "
             f"training continues from random initialisation. To use them, place vgg16_bn-6c64b313.pth in "

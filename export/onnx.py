@@ -25,8 +25,11 @@ cosine, overlap@10 of the neighbour lists) and written as ``<name>.fp16.onnx`` /
 
 - float16: ``onnxruntime.transformers.float16`` with float32 inputs and outputs and the final L2
   normalisation kept in float32;
-- int8: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8 activations),
-  calibrated on real images disjoint from the ones it is measured on; the normalisation stays float32.
+- int8: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights in the 7-bit range -64..64,
+  uint8 activations), calibrated on real images disjoint from the ones it is measured on; the normalisation stays
+  float32. The 7-bit weights make its answers the same on every x86 CPU (``_int8`` says why); each export checks
+  that onnxruntime's int8 kernels on the exporting CPU agree with the file's own arithmetic
+  (``verify.qdq_reference_session``) and records the agreement.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ EXPORTERS = ("auto", "torchscript", "dynamo")
 VARIANTS = ("fp16", "int8")
 SUFFIX = {"float32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}
 OVERLAP_K = 10
+# Least cosine between an int8 file's embeddings from onnxruntime's int8 kernels and from its unfused arithmetic
+# (verify.qdq_reference_session) on the same images: without saturation they differ only by the rounding of a
+# few requantized activations (measured 0.9998 or more on every model); saturating kernels gave 0.88-0.98.
+KERNEL_AGREEMENT = 0.999
 
 # How each model name is trained, for the hints in error messages.
 TRAINERS = {
@@ -521,8 +528,14 @@ def _int8(proto, x_calib: np.ndarray, *, where: str):
             pre_proto = onnx.load(str(pre))
             exclude = _normalisation_tail(pre_proto)[1]
             onnx.save(pre_proto, str(pre))
+            # reduce_range: weights in -64..64 (7 bits), activations keep 0..255. On x86 without VNNI (AVX2,
+            # AVX-512 before Cascade Lake) onnxruntime multiplies uint8 activations by int8 weights with
+            # VPMADDUBSW, which adds each pair of products into a saturating int16: 2 * 255 * 127 overflows it
+            # and the answers then depend on the CPU (mean cosine to float32 0.96-0.99 on AVX2 where VNNI gives
+            # 0.999). 2 * 255 * 64 = 32640 fits, so every CPU computes the file exactly; it keeps the uint8 x
+            # int8 kernels (uint8 weights would avoid the saturation too, but their kernels are 20-40% slower).
             quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude)
         return onnx.load(str(dst))
 
@@ -549,6 +562,13 @@ def _finish_variant(vproto, variant: str, name: str, out_dir: Path, x_eval: np.n
     if not np.isfinite(got).all():
         raise ExportError(f"{name}: the {variant} variant returns non-finite embeddings on real images "
                           f"(overflow); {name}{SUFFIX[variant]} not written")
+    kernels = None
+    if variant == "int8":  # onnxruntime's int8 kernels on this CPU against the file's own arithmetic
+        kernels = float(verify.row_cosines(got, verify.ort_embed(verify.qdq_reference_session(data), x_eval)).min())
+        if not kernels >= KERNEL_AGREEMENT:
+            raise ExportError(f"{name}: onnxruntime's int8 kernels on this CPU disagree with the int8 file's own "
+                              f"arithmetic: min cosine {kernels:.4f} < {KERNEL_AGREEMENT} on {len(x_eval)} real "
+                              f"images (saturating int16 sums?); {name}{SUFFIX[variant]} not written")
     norms = np.linalg.norm(got, axis=1, keepdims=True)
     got_unit = got / np.maximum(norms, 1e-12)  # what engine.Encoder returns
     diff = verify.max_abs_diff(got_unit, ref)
@@ -559,14 +579,19 @@ def _finish_variant(vproto, variant: str, name: str, out_dir: Path, x_eval: np.n
     atomic_write_bytes(path, data)
     log(f"{name}: wrote {path} ({len(data) / 1e6:.1f} MB); max |{variant} - float32| = {diff:.2e}, "
         f"mean cosine {cos.mean():.5f}, overlap@{k} with float32 = "
-        f"{'-' if overlap is None else f'{overlap:.3f}'} on {len(ref)} real images")
-    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "max_abs_diff_vs_float32": diff, "mean_cosine_vs_float32": float(cos.mean()),
-            "min_cosine_vs_float32": float(cos.min()), f"overlap@{k}_vs_float32": overlap,
-            "method": ("onnxruntime.transformers.float16, float32 inputs/outputs and normalisation"
-                       if variant == "fp16" else
-                       "onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, "
-                       "calibrated on real images disjoint from the ones measured; normalisation kept float32")}
+        f"{'-' if overlap is None else f'{overlap:.3f}'} on {len(ref)} real images"
+        + ("" if kernels is None else f"; this CPU's int8 kernels vs the file's arithmetic: min cosine {kernels:.5f}"))
+    entry = {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+             "max_abs_diff_vs_float32": diff, "mean_cosine_vs_float32": float(cos.mean()),
+             "min_cosine_vs_float32": float(cos.min()), f"overlap@{k}_vs_float32": overlap,
+             "method": ("onnxruntime.transformers.float16, float32 inputs/outputs and normalisation"
+                        if variant == "fp16" else
+                        "onnxruntime quantize_static, QDQ, per-channel int8 weights in -64..64 (reduce_range), "
+                        "uint8 activations, calibrated on real images disjoint from the ones measured; "
+                        "normalisation kept float32")}
+    if kernels is not None:
+        entry["min_cosine_kernels_vs_reference"] = kernels
+    return entry
 
 
 # -- several exports and the report ---------------------------------------------------------------------------

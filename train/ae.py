@@ -35,7 +35,8 @@ from train.common import (Run, check_resume, check_run_folder, cli_main, config_
                           default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
                           resumed_position, seed_everything)
 from train.data import DATASETS, ImageSet
-from train.models.ae import BACKBONES, L2Normalized, build_autoencoder
+from train.models.ae import build_autoencoder
+from train.models.layers import BACKBONES, L2Normalized
 from train.split import batches, epoch_order, load_split
 
 

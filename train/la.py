@@ -51,9 +51,10 @@ from train.common import (Run, check_resume, check_run_folder, cli_main, config_
                           default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
                           resumed_position, seed_everything)
 from train.data import DATASETS, ImageSet
-from train.models.ae import BACKBONES, backbone_state_from_ae
-from train.split import SHUFFLED_DATASETS, batches, epoch_order
+from train.models.ae import backbone_state_from_ae
 from train.models.la import LAEncoder, LocalAggregation
+from train.models.layers import BACKBONES
+from train.split import SHUFFLED_DATASETS, batches, epoch_order
 
 NAME = "la"
 

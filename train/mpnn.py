@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from engine.preprocess import Preprocess
+from train.augment import IMAGENET_MEAN, IMAGENET_STD
 from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, default_out, encoder_spec,
                           make_parser, number, pick_device, progress, seed_everything)
 from train.models.mpnn import (MAPS, MPNNEncoder, max_abs_cosine_per_image, mean_max_abs_cosine, output_side,
@@ -67,9 +68,6 @@ INITS = ("pca", "random")
 # Settings that shape the model or the stream the checkpoint's position (``extra["stream"]``) refers to: a resumed
 # run must keep them. ``levels`` may only grow (the added levels train on top of the trained ones).
 RESUME_KEYS = ("data", "data_root", "size", "frame_step", "shuffle_window", "limit", "seed")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from train.common import (Run, check_resume, check_run_folder, cli_main, config_
                           default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
                           resumed_position, seed_everything)
 from train.data import DATASETS, DataError
-from train.models.ae import L2Normalized
+from train.models.layers import L2Normalized
 from train.models.siamese import DEFAULT_MARGIN, LOSSES, MININGS, SiameseNet, contrastive_loss, triplet_loss
 from train.split import batches, epoch_order, load_split
 

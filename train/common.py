@@ -58,6 +58,11 @@ class RunFolderError(LookalikeError):
     """The run folder (--out) cannot hold the run's files."""
 
 
+class ConfigError(LookalikeError):
+    """Settings that cannot be used: with the run's checkpoint (``--resume``, ``--init-from``), with the data, or
+    on this machine. ``cli_main`` exits with the message (status 1), as it did before this class existed."""
+
+
 def number(kind=int, *, low=None, high=None, low_open: bool = False, high_open: bool = False, why: str = ""):
     """An argparse ``type``: a ``kind`` (int or float) in [low, high] (``low_open`` / ``high_open``: that end
     excluded; None: unbounded). A value out of range, or not a finite number, is refused by argparse itself:
@@ -176,7 +181,7 @@ def pick_device(choice: str = "auto") -> torch.device:
     if choice not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device auto or cpu")
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device auto or cpu")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
@@ -199,16 +204,19 @@ def default_out(name: str) -> Path:
 
 
 def cli_main(main):
-    """Decorate a trainer's ``main``: the project's own errors (missing or damaged data, a truncated or foreign
-    checkpoint, an unusable run folder: ``LookalikeError``, ``CheckpointError``) print ``error: <message>`` on
-    stderr and exit with status 2, as the engine and export command lines do, instead of a traceback. Other
-    exceptions (bugs) keep their traceback."""
+    """Decorate a trainer's ``main``: the one place where the project's errors become exit statuses. Missing or
+    damaged data, a truncated or foreign checkpoint, an unusable run folder (``LookalikeError``: ``DataError``,
+    ``CheckpointError``, ``RunFolderError`` ...) print ``error: <message>`` on stderr and exit with status 2, as
+    the engine and export command lines do, instead of a traceback; settings that cannot be used
+    (``ConfigError``) exit with their message (status 1). Other exceptions (bugs) keep their traceback."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
-        except (LookalikeError, CheckpointError) as e:
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
+        except LookalikeError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -218,8 +226,8 @@ def cli_main(main):
 def check_resume(out, name: str, config: dict, keys: tuple[str, ...], *, may_grow: tuple[str, ...] = ()) -> None:
     """Before the run folder is touched (``Run`` rewrites config.json): refuse to resume a checkpoint of
     another model (``CheckpointError``) or one trained with other model-, data- or state-shaping settings
-    (``keys`` must be equal, ``may_grow`` may only grow), naming every changed setting, saved and given;
-    epochs, learning rate and the like may change. No checkpoint yet: nothing to check."""
+    (``ConfigError``: ``keys`` must be equal, ``may_grow`` may only grow), naming every changed setting, saved and
+    given; epochs, learning rate and the like may change. No checkpoint yet: nothing to check."""
     path = Path(out) / "checkpoint.pt"
     if not path.is_file():
         return
@@ -236,7 +244,7 @@ def check_resume(out, name: str, config: dict, keys: tuple[str, ...], *, may_gro
         if old.get(k) is None or config.get(k) is None or config[k] < old[k]:
             diff.append(f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r} (may only grow)")
     if diff:
-        raise SystemExit(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
+        raise ConfigError(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
                          "); use another --out or the same settings")
 
 

@@ -47,7 +47,7 @@ from train import split
 from train.augment import (IMAGENET_MEAN, IMAGENET_STD, augment, epoch_generator, fitted_preprocess, resize_side,
                            resized_uint8)
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
+from train.common import (ConfigError, Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
                           default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
                           resumed_position, seed_everything)
 from train.data import DATASETS, ImageSet
@@ -257,12 +257,12 @@ def _init_backbone(model: LAEncoder, cfg: LAConfig) -> Preprocess:
     try:
         model.backbone.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(
+        raise ConfigError(
             f"--init-from {cfg.init_from}: its encoder does not fit this {cfg.arch} backbone at --image-size "
             f"{cfg.image_size} / --code-dim {cfg.code_dim} ({str(e).splitlines()[0]})") from None
     pre = Preprocess.from_dict(ckpt["encoder"]["preprocess"])
     if cfg.arch == "conv" and tuple(pre.size) != (cfg.image_size, cfg.image_size):
-        raise SystemExit(f"--init-from {cfg.init_from}: the autoencoder was trained at {pre.size}, "
+        raise ConfigError(f"--init-from {cfg.init_from}: the autoencoder was trained at {pre.size}, "
                          f"this run at {cfg.image_size}x{cfg.image_size}")
     print(f"la: backbone initialised from {ckpt['_path']}", file=sys.stderr)
     return pre
@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
     if cfg.kmeans_k is None:
         cfg.kmeans_k = default_kmeans_k(n)
     if cfg.kmeans_k > n:
-        raise SystemExit(f"--kmeans-k must be at most the number of training images ({n}), got {cfg.kmeans_k}")
+        raise ConfigError(f"--kmeans-k must be at most the number of training images ({n}), got {cfg.kmeans_k}")
     batch_size = min(cfg.batch_size, n)
 
     if args.resume:

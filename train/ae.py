@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from engine.preprocess import Preprocess
 from train import evaluate as ev
 from train.augment import IMAGENET_MEAN, IMAGENET_STD, fitted_preprocess, preprocess_all, show
-from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
-                          default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
-                          resumed_position, seed_everything)
+from train.common import (EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
+                          cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
+                          pick_device, progress, seed_everything)
 from train.data import DATASETS, ImageSet
 from train.models.ae import build_autoencoder
 from train.models.layers import BACKBONES, L2Normalized
@@ -186,35 +186,27 @@ def main(argv=None) -> dict:
             model.train()
             every = batches(epoch_order(len(x_train), cfg.seed, epoch), cfg.batch_size, None)
             idx_batches = every[: cfg.max_steps] if cfg.max_steps is not None else every
-            pos = resumed_position(state, epoch)  # a checkpoint written mid-epoch: go on from there
-            done, total, count = (int(pos["steps"]), pos["total"], int(pos["count"])) if pos else (0, 0.0, 0)
-            te = time.time() - (pos["seconds"] if pos else 0.0)
-            bar = progress(idx_batches[done:], desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+            tally = EpochTally(state, epoch)  # a checkpoint written mid-epoch: go on from there
+            bar = progress(idx_batches[tally.done:], desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
                            disable=args.no_progress)
-            for i, idx in enumerate(bar, done + 1):
+            for i, idx in enumerate(bar, tally.done + 1):
                 xb = x_train[idx].to(device)
                 loss = F.mse_loss(model(xb), xb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
-                total += loss.item() * len(idx)
-                count += len(idx)
-                bar.set_postfix(loss=f"{total / count:.4f}")
-                if run.due(boundary=False):
-                    words = save(epoch, {"epoch": epoch, "steps": i, "of": len(idx_batches),
-                                         "batch_size": cfg.batch_size, "total": total, "count": count,
-                                         "seconds": time.time() - te})
-                    run.exit_if_stopped(f"after step {step} ({words})")
-            losses.append(total / max(count, 1))
+                tally.add(loss.item(), len(idx))
+                bar.set_postfix(loss=f"{tally.mean:.4f}")
+                run.after_step(save, epoch=epoch, step=step,
+                               position=tally.position(i, len(idx_batches), cfg.batch_size))
+            losses.append(tally.mean)
             cut_short += len(idx_batches) < len(every)
             if epoch + 1 == cfg.epochs:
                 recalibrate_batchnorm(model, x_train, cfg.batch_size, device)
-            print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({time.time() - te:.1f}s)",
+            print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({tally.seconds():.1f}s)",
                   file=sys.stderr)
-            if run.due(boundary=True) or epoch + 1 == cfg.epochs:
-                words = save(epoch + 1)
-                run.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
+            run.after_epoch(save, epoch=epoch, epochs=cfg.epochs)
 
     complete, words = epoch_progress(max(start_epoch, cfg.epochs), cfg.epochs, cut_short=cut_short,
                                      max_steps=cfg.max_steps)

@@ -47,9 +47,9 @@ from train import split
 from train.augment import (IMAGENET_MEAN, IMAGENET_STD, augment, epoch_generator, fitted_preprocess, resize_side,
                            resized_uint8)
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.common import (ConfigError, Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
-                          default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
-                          resumed_position, seed_everything)
+from train.common import (ConfigError, EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
+                          cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
+                          pick_device, progress, seed_everything)
 from train.data import DATASETS, ImageSet
 from train.models.ae import backbone_state_from_ae
 from train.models.la import LAEncoder, LocalAggregation
@@ -416,29 +416,24 @@ def main(argv=None) -> dict:
 
     with run.stoppable():
         for epoch in range(start_epoch, cfg.epochs):
-            te = time.perf_counter()
+            tally = EpochTally(state, epoch, clock=time.perf_counter)  # or the rest of one a checkpoint stopped in
             model.train()
             mode = "ir" if epoch < cfg.warmup_epochs else "la"
             gen = epoch_generator(cfg.seed, epoch)
             every = batches(epoch_order(n, cfg.seed, epoch), batch_size, min_last=2)
             idx_batches = every[: cfg.max_steps] if cfg.max_steps is not None else every
-            pos = resumed_position(state, epoch)  # a checkpoint written mid-epoch: go on from there, with its
-            if pos:  # clusters (refit at the epoch's start), augmentation generator and running loss
-                done, total, count = int(pos["steps"]), pos["total"], int(pos["count"])
-                gen.set_state(pos["generator"])
-                te -= pos["seconds"]
-            else:
-                done, total, count = 0, 0.0, 0
-                if mode == "la" and ((epoch - cfg.warmup_epochs) % cfg.cluster_every == 0
-                                     or objective.cluster_labels is None):
-                    t = time.perf_counter()
-                    objective.recluster(cfg.kmeans_k, repeats=cfg.kmeans_repeats, iterations=cfg.kmeans_iterations,
-                                        seed=cfg.seed * 1000 + epoch)
-                    clock.add("cluster", time.perf_counter() - t)
+            if tally.resumed:  # it keeps its clusters (refit at the epoch's start) and augmentation generator
+                gen.set_state(tally.resumed["generator"])
+            elif mode == "la" and ((epoch - cfg.warmup_epochs) % cfg.cluster_every == 0
+                                   or objective.cluster_labels is None):
+                t = time.perf_counter()
+                objective.recluster(cfg.kmeans_k, repeats=cfg.kmeans_repeats, iterations=cfg.kmeans_iterations,
+                                    seed=cfg.seed * 1000 + epoch)
+                clock.add("cluster", time.perf_counter() - t)
             nb0, up0 = objective.timings["neighbours"], objective.timings["bank_update"]
-            bar = progress(idx_batches[done:], desc=f"la epoch {epoch + 1}/{cfg.epochs} ({mode})",
+            bar = progress(idx_batches[tally.done:], desc=f"la epoch {epoch + 1}/{cfg.epochs} ({mode})",
                            disable=args.no_progress)
-            for i, idx in enumerate(bar, done + 1):
+            for i, idx in enumerate(bar, tally.done + 1):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total_steps)
                 t = time.perf_counter()
@@ -446,23 +441,20 @@ def main(argv=None) -> dict:
                 clock.add("augment", time.perf_counter() - t)
                 loss, _ = train_step(model, objective, opt, xb, idx, mode=mode, clock=clock)
                 step += 1
-                total += loss * len(idx)
-                count += len(idx)
-                bar.set_postfix(loss=f"{total / count:.4f}")
+                tally.add(loss, len(idx))
+                bar.set_postfix(loss=f"{tally.mean:.4f}")
                 if run.due(boundary=False):
                     clock.add("neighbours", objective.timings["neighbours"] - nb0)
                     clock.add("bank_update", objective.timings["bank_update"] - up0)
                     nb0, up0 = objective.timings["neighbours"], objective.timings["bank_update"]
-                    words = save(epoch, {"epoch": epoch, "steps": i, "of": len(idx_batches),
-                                         "batch_size": cfg.batch_size, "total": total, "count": count,
-                                         "seconds": time.perf_counter() - te, "generator": gen.get_state()})
+                    words = save(epoch, tally.position(i, len(idx_batches), cfg.batch_size, generator=gen.get_state()))
                     run.exit_if_stopped(f"after step {step} ({words})")
             clock.add("neighbours", objective.timings["neighbours"] - nb0)
             clock.add("bank_update", objective.timings["bank_update"] - up0)
-            losses.append(total / max(count, 1))
+            losses.append(tally.mean)
             modes.append(mode)
             cut_short += len(idx_batches) < len(every)
-            epoch_times.append(time.perf_counter() - te)
+            epoch_times.append(tally.seconds())
             clock.add("epochs", epoch_times[-1])
             print(f"la epoch {epoch + 1}/{cfg.epochs} ({mode}): loss {losses[-1]:.4f} ({epoch_times[-1]:.1f}s)",
                   file=sys.stderr)
@@ -470,9 +462,7 @@ def main(argv=None) -> dict:
                 evals.append({"epoch": epoch + 1, **evaluator.embedding(model, pre, device=device)})
                 print(f"la epoch {epoch + 1}: 1-NN {evals[-1]['knn1_accuracy']:.4f}, "
                       f"NMI {evals[-1]['kmeans_nmi']:.4f}", file=sys.stderr)
-            if run.due(boundary=True) or epoch + 1 == cfg.epochs:
-                words = save(epoch + 1)
-                run.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
+            run.after_epoch(save, epoch=epoch, epochs=cfg.epochs)
 
     complete, words = epoch_progress(max(start_epoch, cfg.epochs), cfg.epochs, cut_short=cut_short,
                                      max_steps=cfg.max_steps)

@@ -46,7 +46,7 @@ import numpy as np
 
 from engine.encoder import (CPU, DIGEST_PLACEHOLDER, KEY_PRECISION, KEY_SHA256, ModelInfo, check_file_digest,
                             make_session, model_metadata)
-from engine.errors import ModelError
+from engine.errors import LookalikeError, ModelError
 from engine.fileio import unwritable
 from export import verify
 from train.checkpoint import CheckpointError, atomic_write_bytes
@@ -77,7 +77,7 @@ TRAINERS = {
 }
 
 
-class ExportError(Exception):
+class ExportError(LookalikeError):
     """An export could not be done or did not pass its checks; nothing was written for it."""
 
 

@@ -180,7 +180,7 @@ def test_run_progress_of_version_1_payloads():
 def test_pretrained_vgg_weights_placed_in_the_hub_cache_cannot_run_code(tmp_path, monkeypatch, capsys):
     # --pretrained's warning tells users to place vgg16_bn-6c64b313.pth in torch.hub's cache, which torch.hub
     # loads (without checking its hash) with weights_only=False unless told otherwise
-    from train.models.ae import _load_pretrained_vgg16bn
+    from train.models.layers import _load_pretrained_vgg16bn
 
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)

@@ -19,7 +19,6 @@ reconstructions.png (inputs above their reconstructions).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings
@@ -31,15 +30,15 @@ import torch.nn.functional as F
 
 from engine.preprocess import Preprocess
 from train import evaluate as ev
-from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
-                          default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
-                          resumed_position, seed_everything)
-from train.data import DATASETS, DataError, ImageSet, load_images
-from train.models.ae import BACKBONES, L2Normalized, build_autoencoder
+from train.augment import IMAGENET_MEAN, IMAGENET_STD, fitted_preprocess, preprocess_all, show
+from train.common import (EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
+                          cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
+                          pick_device, progress, seed_everything)
+from train.data import DATASETS, ImageSet
+from train.models.ae import build_autoencoder
+from train.models.layers import BACKBONES, L2Normalized
+from train.split import batches, epoch_order, load_split
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SHUFFLED_DATASETS = ("mnist", "cifar10")  # stored in a shuffled order: hold out the tail
 
 # Per-architecture defaults (the command line overrides each one).
 ARCH_DEFAULTS = {
@@ -70,70 +69,6 @@ class AEConfig:
     device: str = "auto"  # auto / cpu / cuda
 
 
-# --------------------------------------------------------------------------------------------------
-# helpers shared with train.siamese
-
-
-def load_split(data: str, root, *, limit: int | None, holdout: float, progress_bar: bool = False,
-               ) -> tuple[ImageSet, ImageSet]:
-    """Load ``data`` and split it into (train, held-out).
-
-    MNIST and CIFAR-10 are stored shuffled, so the tail is held out (the 10,000 MNIST / CIFAR-10 test images
-    give train = first 8,000, held-out = last 2,000); other data sets are often stored sorted by class, so
-    evenly spread items are held out. With ``limit``, about ``limit / (1 - holdout)`` images are loaded
-    (spread evenly over the data set) so that at most ``limit`` remain for training."""
-    load_limit = None if limit is None else int(math.ceil(limit / (1.0 - holdout)))
-    full = load_images(data, root, limit=load_limit, progress=progress_bar)
-    if len(full) < 2:
-        raise DataError(f"data set {data!r} gave {len(full)} image(s){full.skipped_note()}; training needs at least 2")
-    tr, te = ev.holdout_split(len(full), fraction=holdout, tail=data in SHUFFLED_DATASETS)
-    if limit is not None:
-        tr = tr[:limit]
-    if len(tr) < 2:  # batch norm needs two images in a training batch
-        raise DataError(f"data set {data!r} gave {len(tr)} training image(s) ({len(te)} held out)"
-                        f"{full.skipped_note()}; training needs at least 2 (raise --limit)")
-    return full.subset(tr), full.subset(te)
-
-
-def fitted_preprocess(images, *, size: int, grayscale: bool = False, sample: int = 2000, **kw) -> Preprocess:
-    """A Preprocess whose mean / std are the training images' own (per channel; one grey value when
-    ``grayscale``), measured after resizing on at most ``sample`` evenly spread images."""
-    base = Preprocess(size=(size, size), grayscale=grayscale, **kw)
-    n = len(images)
-    pick = np.unique((np.arange(min(n, sample)) * n) // max(1, min(n, sample)))
-    x = base([images[i] for i in pick]).astype(np.float64)  # (m, 3, s, s) in [0, 1]
-    if grayscale:
-        mean = (float(x.mean()),) * 3
-        std = (max(float(x.std()), 1e-3),) * 3
-    else:
-        mean = tuple(float(v) for v in x.mean(axis=(0, 2, 3)))
-        std = tuple(max(float(v), 1e-3) for v in x.std(axis=(0, 2, 3)))
-    return Preprocess(size=(size, size), grayscale=grayscale, mean=mean, std=std, **kw)
-
-
-def preprocess_all(pre: Preprocess, images, *, batch: int = 1024) -> torch.Tensor:
-    """All images through ``pre`` -> (n, 3, h, w) float32 tensor (batched to bound memory)."""
-    parts = [pre(images[s : s + batch]) for s in range(0, len(images), batch)]
-    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, 3, *pre.size), np.float32))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch: depends on (seed, epoch) only, so a resumed run repeats it."""
-    g = torch.Generator()
-    g.manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def batches(order: torch.Tensor, batch_size: int, max_steps: int | None) -> list[torch.Tensor]:
-    """Index batches of one epoch. A short last batch (under half a batch, or a single image) is dropped:
-    batch norm statistics of a couple of images are too noisy; the order changes each epoch, so no image
-    is left out for good."""
-    out = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    if len(out) > 1 and len(out[-1]) < max(2, batch_size // 2):
-        out = out[:-1]
-    return out[:max_steps] if max_steps is not None else out
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device) -> None:
     """Set every batch norm's running mean / variance to their average over ``x`` for the final weights
@@ -154,14 +89,6 @@ def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: i
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     model.train(was_training)
-
-
-def show(pre: Preprocess, x: np.ndarray) -> np.ndarray:
-    """Network input (n, 3, h, w) -> displayable (n, h, w, 3) in [0, 1] (undoes mean / std / BGR)."""
-    x = np.asarray(x, np.float32).transpose(0, 2, 3, 1)
-    if pre.color == "BGR":
-        x = x[..., ::-1]
-    return np.clip(x * np.asarray(pre.std, np.float32) + np.asarray(pre.mean, np.float32), 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,35 +186,27 @@ def main(argv=None) -> dict:
             model.train()
             every = batches(epoch_order(len(x_train), cfg.seed, epoch), cfg.batch_size, None)
             idx_batches = every[: cfg.max_steps] if cfg.max_steps is not None else every
-            pos = resumed_position(state, epoch)  # a checkpoint written mid-epoch: go on from there
-            done, total, count = (int(pos["steps"]), pos["total"], int(pos["count"])) if pos else (0, 0.0, 0)
-            te = time.time() - (pos["seconds"] if pos else 0.0)
-            bar = progress(idx_batches[done:], desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+            tally = EpochTally(state, epoch)  # a checkpoint written mid-epoch: go on from there
+            bar = progress(idx_batches[tally.done:], desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
                            disable=args.no_progress)
-            for i, idx in enumerate(bar, done + 1):
+            for i, idx in enumerate(bar, tally.done + 1):
                 xb = x_train[idx].to(device)
                 loss = F.mse_loss(model(xb), xb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
-                total += loss.item() * len(idx)
-                count += len(idx)
-                bar.set_postfix(loss=f"{total / count:.4f}")
-                if run.due(boundary=False):
-                    words = save(epoch, {"epoch": epoch, "steps": i, "of": len(idx_batches),
-                                         "batch_size": cfg.batch_size, "total": total, "count": count,
-                                         "seconds": time.time() - te})
-                    run.exit_if_stopped(f"after step {step} ({words})")
-            losses.append(total / max(count, 1))
+                tally.add(loss.item(), len(idx))
+                bar.set_postfix(loss=f"{tally.mean:.4f}")
+                run.after_step(save, epoch=epoch, step=step,
+                               position=tally.position(i, len(idx_batches), cfg.batch_size))
+            losses.append(tally.mean)
             cut_short += len(idx_batches) < len(every)
             if epoch + 1 == cfg.epochs:
                 recalibrate_batchnorm(model, x_train, cfg.batch_size, device)
-            print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({time.time() - te:.1f}s)",
+            print(f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({tally.seconds():.1f}s)",
                   file=sys.stderr)
-            if run.due(boundary=True) or epoch + 1 == cfg.epochs:
-                words = save(epoch + 1)
-                run.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
+            run.after_epoch(save, epoch=epoch, epochs=cfg.epochs)
 
     complete, words = epoch_progress(max(start_epoch, cfg.epochs), cfg.epochs, cut_short=cut_short,
                                      max_steps=cfg.max_steps)

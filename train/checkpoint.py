@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.errors import LookalikeError
 from engine.fileio import atomic_write, read_framed, write_framed
 
 MAGIC = b"LOOKALIKE-CHECKPOINT "
@@ -53,7 +54,7 @@ _V1_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scala
                      *sorted({type(np.dtype(c)) for c in "?bBhHiIlLqQefd"}, key=str)]
 
 
-class CheckpointError(Exception):
+class CheckpointError(LookalikeError):
     """A checkpoint is missing, damaged, from another format version, or holds what a checkpoint never holds."""
 
 

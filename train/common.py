@@ -1,8 +1,10 @@
 """What every trainer shares: the command line, device and seed, the run folder, checkpoints and resume.
 
-A trainer module (``train/mpnn.py`` ...) defines a config dataclass, builds its parser with
-``make_parser``, decorates its ``main`` with ``cli_main`` (the project's errors exit 2 with ``error: ...``),
-and drives a ``Run``::
+A trainer module (``train/mpnn.py`` ...) is its model, its loss and its config: it takes its data from
+``train.split`` (held-out split, epoch order, batches), its inputs from ``train.augment`` (preprocessing,
+augmentation) and its backbone from ``train.models.layers``; it defines a config dataclass, builds its parser with
+``make_parser``, decorates its ``main`` with ``cli_main`` (the project's errors exit 2 with ``error: ...``; a
+``ConfigError`` exits with its message) and drives a ``Run``::
 
     check_run_folder(out, ("clusters.png",))          # before any work: --out must be able to hold the run
     if args.resume:
@@ -15,6 +17,17 @@ and drives a ``Run``::
             run.save(model=..., optimizer=..., epoch=e, step=step, encoder=encoder_spec(...), extra={...},
                      complete=..., progress=...)
             run.exit_if_stopped("...")
+
+An epoch-based trainer (ae, siamese, la) writes its checkpoints through its own ``save(epochs_done, position=None)``
+(``run.save`` with its model, encoder and extra state; returns ``epoch_progress``'s words)::
+
+    with run.stoppable():
+        for epoch in range(start_epoch, cfg.epochs):
+            tally = EpochTally(state, epoch)    # the running loss; continues an epoch a checkpoint stopped in
+            for i, batch in enumerate(batches[tally.done:], tally.done + 1):
+                ... train a step ...; tally.add(loss, len(batch))
+                run.after_step(save, epoch=epoch, step=step, position=tally.position(i, len(batches), batch_size))
+            run.after_epoch(save, epoch=epoch, epochs=cfg.epochs)
     run.write_metrics({...}); run.save_figure(fig, "clusters.png")
 
 Checkpoints are written on a time interval (``--checkpoint-every``, default 300 s, checked after every step; 0:
@@ -56,6 +69,11 @@ RUN_FILES = ("checkpoint.pt", "config.json", "metrics.json")  # what Run writes 
 
 class RunFolderError(LookalikeError):
     """The run folder (--out) cannot hold the run's files."""
+
+
+class ConfigError(LookalikeError):
+    """Settings that cannot be used: with the run's checkpoint (``--resume``, ``--init-from``), with the data, or
+    on this machine. ``cli_main`` exits with the message (status 1), as it did before this class existed."""
 
 
 def number(kind=int, *, low=None, high=None, low_open: bool = False, high_open: bool = False, why: str = ""):
@@ -176,7 +194,7 @@ def pick_device(choice: str = "auto") -> torch.device:
     if choice not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device auto or cpu")
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; use --device auto or cpu")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
@@ -199,16 +217,19 @@ def default_out(name: str) -> Path:
 
 
 def cli_main(main):
-    """Decorate a trainer's ``main``: the project's own errors (missing or damaged data, a truncated or foreign
-    checkpoint, an unusable run folder: ``LookalikeError``, ``CheckpointError``) print ``error: <message>`` on
-    stderr and exit with status 2, as the engine and export command lines do, instead of a traceback. Other
-    exceptions (bugs) keep their traceback."""
+    """Decorate a trainer's ``main``: the one place where the project's errors become exit statuses. Missing or
+    damaged data, a truncated or foreign checkpoint, an unusable run folder (``LookalikeError``: ``DataError``,
+    ``CheckpointError``, ``RunFolderError`` ...) print ``error: <message>`` on stderr and exit with status 2, as
+    the engine and export command lines do, instead of a traceback; settings that cannot be used
+    (``ConfigError``) exit with their message (status 1). Other exceptions (bugs) keep their traceback."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
-        except (LookalikeError, CheckpointError) as e:
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
+        except LookalikeError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -218,8 +239,8 @@ def cli_main(main):
 def check_resume(out, name: str, config: dict, keys: tuple[str, ...], *, may_grow: tuple[str, ...] = ()) -> None:
     """Before the run folder is touched (``Run`` rewrites config.json): refuse to resume a checkpoint of
     another model (``CheckpointError``) or one trained with other model-, data- or state-shaping settings
-    (``keys`` must be equal, ``may_grow`` may only grow), naming every changed setting, saved and given;
-    epochs, learning rate and the like may change. No checkpoint yet: nothing to check."""
+    (``ConfigError``: ``keys`` must be equal, ``may_grow`` may only grow), naming every changed setting, saved and
+    given; epochs, learning rate and the like may change. No checkpoint yet: nothing to check."""
     path = Path(out) / "checkpoint.pt"
     if not path.is_file():
         return
@@ -236,7 +257,7 @@ def check_resume(out, name: str, config: dict, keys: tuple[str, ...], *, may_gro
         if old.get(k) is None or config.get(k) is None or config[k] < old[k]:
             diff.append(f"{k}: checkpoint {old.get(k)!r}, now {config.get(k)!r} (may only grow)")
     if diff:
-        raise SystemExit(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
+        raise ConfigError(f"--resume: {path} was trained with other settings (" + "; ".join(diff) +
                          "); use another --out or the same settings")
 
 
@@ -259,6 +280,37 @@ def resumed_position(state: dict | None, epoch: int) -> dict | None:
     was written at an epoch's end (or for a fresh run)."""
     pos = ((state or {}).get("extra") or {}).get("position")
     return pos if pos and int(pos["epoch"]) == epoch else None
+
+
+class EpochTally:
+    """One epoch's running loss and clock: fresh, or continued from a checkpoint written mid-epoch
+    (``resumed``, the saved position: its ``done`` steps are behind, their loss summed in ``total`` over ``count``
+    items, and its ``seconds`` counted). ``position`` is what a mid-epoch checkpoint saves for it."""
+
+    def __init__(self, state: dict | None, epoch: int, *, clock=time.time):
+        self.epoch, self.clock = epoch, clock
+        self.resumed = pos = resumed_position(state, epoch)
+        self.done, self.total, self.count = (int(pos["steps"]), pos["total"], int(pos["count"])) if pos else (0, 0.0, 0)
+        self.started = clock() - (pos["seconds"] if pos else 0.0)
+
+    def add(self, loss: float, n: int) -> None:
+        """A step's mean ``loss`` over its ``n`` items."""
+        self.total += loss * n
+        self.count += n
+
+    @property
+    def mean(self) -> float:
+        """The mean loss so far (0 before any step)."""
+        return self.total / max(self.count, 1)
+
+    def seconds(self) -> float:
+        return self.clock() - self.started
+
+    def position(self, steps: int, of: int, batch_size: int, **extra) -> dict:
+        """The position after ``steps`` of the epoch's ``of`` steps (see ``resumed_position``); ``extra``: what else
+        the trainer needs to continue there (LA: its augmentation generator)."""
+        return {"epoch": self.epoch, "steps": steps, "of": of, "batch_size": batch_size, "total": self.total,
+                "count": self.count, "seconds": self.seconds(), **extra}
 
 
 def cut_short_epochs(state: dict | None) -> int:
@@ -409,6 +461,21 @@ class Run:
             for s, h in previous.items():
                 signal.signal(s, h)
         self.exit_if_stopped("at the end of training")
+
+    def after_step(self, save, *, epoch: int, step: int, position: dict) -> None:
+        """After training step ``step`` of epoch ``epoch`` (0-based), at ``position`` within it (``EpochTally``):
+        when a checkpoint is ``due``, write it (``save(epoch, position)``, the trainer's, returns the run's progress
+        in words) and stop there if a signal asked for it."""
+        if self.due(boundary=False):
+            words = save(epoch, position)
+            self.exit_if_stopped(f"after step {step} ({words})")
+
+    def after_epoch(self, save, *, epoch: int, epochs: int) -> None:
+        """After epoch ``epoch`` (0-based) of ``epochs``: when a checkpoint is ``due`` or the run is over, write it
+        (``save(epoch + 1)``) and stop there if a signal asked for it."""
+        if self.due(boundary=True) or epoch + 1 == epochs:
+            words = save(epoch + 1)
+            self.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
 
     def exit_if_stopped(self, where: str) -> None:
         """After the checkpoint a stop signal asked for: say where the run stopped and exit with 128 + the signal

@@ -43,18 +43,20 @@ import torch
 from engine.memory_bank import MemoryBank
 from engine.preprocess import Preprocess
 from train import evaluate as ev
+from train import split
+from train.augment import (IMAGENET_MEAN, IMAGENET_STD, augment, epoch_generator, fitted_preprocess, resize_side,
+                           resized_uint8)
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
-                          default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
-                          resumed_position, seed_everything)
-from train.data import DATASETS, DataError, ImageSet, load_images
-from train.models.ae import BACKBONES, backbone_state_from_ae
+from train.common import (ConfigError, EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
+                          cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
+                          pick_device, progress, seed_everything)
+from train.data import DATASETS, ImageSet
+from train.models.ae import backbone_state_from_ae
 from train.models.la import LAEncoder, LocalAggregation
+from train.models.layers import BACKBONES
+from train.split import SHUFFLED_DATASETS, batches, epoch_order
 
 NAME = "la"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what (ImageNet-pretrained) VGG16-BN expects
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SHUFFLED_DATASETS = ("mnist", "cifar10")  # stored in a shuffled order: the last 20% are held out
 
 # Per-data-set defaults (the command line overrides each one), measured in /work/notes/quality_la.md.
 # Photos (fungi, the embedded photos, video frames, folders): few images, so many epochs at 64 px; mild colour
@@ -219,36 +221,8 @@ def parse_config(argv=None) -> tuple[LAConfig, argparse.Namespace]:
 def load_split(cfg: LAConfig, *, progress_bar: bool = False) -> tuple[ImageSet, ImageSet | None]:
     """(train, held-out) for ``cfg``: held-out is the tail of MNIST / CIFAR-10 (stored shuffled), evenly spread
     items of other data sets, or None with ``holdout == 0`` (evaluation is then leave-one-out on train)."""
-    h = float(cfg.holdout or 0.0)
-    load_limit = None if cfg.limit is None else int(math.ceil(cfg.limit / (1.0 - h)))
-    full = load_images(cfg.data, cfg.data_root, limit=load_limit, progress=progress_bar)
-    if h == 0.0:
-        train = full if cfg.limit is None else full.subset(slice(0, cfg.limit))
-        test = None
-    else:
-        tr, te = ev.holdout_split(len(full), fraction=h, tail=cfg.data in SHUFFLED_DATASETS)
-        train, test = full.subset(tr[: cfg.limit] if cfg.limit is not None else tr), full.subset(te)
-    if len(train) < 3:
-        raise DataError(f"data set {cfg.data!r} gave {len(train)} training image(s){full.skipped_note()}; "
-                        f"LA needs at least 3")
-    return train, test
-
-
-def fitted_preprocess(images, *, size: tuple[int, int], sample: int = 2000, **kw) -> Preprocess:
-    """A Preprocess whose per-channel mean / std are the training images' own, measured after resizing on at
-    most ``sample`` evenly spread images."""
-    base = Preprocess(size=size, **kw)
-    n = len(images)
-    pick = np.unique((np.arange(min(n, sample)) * n) // max(1, min(n, sample)))
-    x = base([images[i] for i in pick]).astype(np.float64)  # (m, 3, s, s) in [0, 1]
-    mean = tuple(float(v) for v in x.mean(axis=(0, 2, 3)))
-    std = tuple(max(float(v), 1e-3) for v in x.std(axis=(0, 2, 3)))
-    return Preprocess(size=size, mean=mean, std=std, **kw)
-
-
-def _resize_to(side: int, fraction: float) -> int:
-    """Shorter side to resize to so that a centre crop of ``side`` keeps ``fraction`` of it."""
-    return max(side, int(round(side / fraction)))
+    return split.load_split(cfg.data, cfg.data_root, limit=cfg.limit, holdout=cfg.holdout, progress_bar=progress_bar,
+                            min_train=3, who="LA")
 
 
 def make_preprocess(cfg: LAConfig, train_images, init_pre: Preprocess | None = None) -> Preprocess:
@@ -256,7 +230,7 @@ def make_preprocess(cfg: LAConfig, train_images, init_pre: Preprocess | None = N
     image_size, mean / std (ImageNet's for vgg16bn, the training images' own for conv, or the autoencoder's
     when starting from one)."""
     size = (cfg.image_size, cfg.image_size)
-    geometry = dict(size=size, resize_to=_resize_to(cfg.image_size, cfg.center_crop), extra={"model": NAME})
+    geometry = dict(size=size, resize_to=resize_side(cfg.image_size, cfg.center_crop), extra={"model": NAME})
     if init_pre is not None:
         return Preprocess(mean=init_pre.mean, std=init_pre.std, color=init_pre.color, **geometry)
     if cfg.arch == "vgg16bn":
@@ -264,116 +238,8 @@ def make_preprocess(cfg: LAConfig, train_images, init_pre: Preprocess | None = N
     return fitted_preprocess(train_images, **geometry)
 
 
-def resized_uint8(images, side: int, *, center_crop: float = 1.0, batch: int = 2048) -> torch.Tensor:
-    """Every image's centre square (the part the eval Preprocess keeps: ``center_crop`` of the shorter side)
-    at ``side`` x ``side`` -> (n, side, side, 3) uint8 tensor: what the augmentation crops from."""
-    pre = Preprocess(size=(side, side), resize_to=_resize_to(side, center_crop))
-    out = np.empty((len(images), side, side, 3), np.uint8)
-    for s in range(0, len(images), batch):
-        for j, im in enumerate(images[s : s + batch]):
-            out[s + j] = pre.resize_crop(im)
-    return torch.from_numpy(out)
-
-
-# --------------------------------------------------------------------------------------------------
-# augmentation (torch, batched)
-
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as OpenCV's RGB -> grey
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    return (_LUMA[0] * x[:, 0] + _LUMA[1] * x[:, 1] + _LUMA[2] * x[:, 2]).unsqueeze(1)  # (b, 1, h, w)
-
-
-def augment(images: torch.Tensor, *, out_size: int, mean, std, crop_scale: float = 0.3, jitter: float = 0.2,
-            hue: float = 0.0, grayscale: float = 0.0, color: str = "RGB",
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random views of ``images`` (b, H, W, 3) uint8 RGB -> (b, 3, out_size, out_size) float32 network input.
-
-    Per image: a random resized crop (area fraction in [crop_scale, 1], aspect ratio in [3/4, 4/3], bilinear,
-    one affine grid for the batch), a horizontal flip with probability 1/2, brightness, contrast and
-    saturation factors in [1 - jitter, 1 + jitter] (in random order), a hue rotation in [-hue, hue] turns (in
-    YIQ space), grey with probability ``grayscale``; then clipping to [0, 1] and ``(x - mean) / std``.
-    """
-    import torch.nn.functional as F
-
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
-        raise ValueError(
-            f"images must be a uint8 tensor of shape (b, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-    g = generator
-    b = images.shape[0]
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (b, 3, H, W)
-    area = torch.empty(b).uniform_(crop_scale, 1.0, generator=g)
-    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
-    w = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)  # crop width / image width
-    h = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
-    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)  # crop centre in [-1, 1] grid units
-    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (b, 3, s, s)
-    if jitter > 0:
-        factors = torch.empty(3, b, 1, 1, 1).uniform_(1 - jitter, 1 + jitter, generator=g)
-        for op in torch.randperm(3, generator=g).tolist():
-            f = factors[op]
-            if op == 0:  # brightness
-                x = (x * f).clamp_(0, 1)
-            elif op == 1:  # contrast, around the mean grey level
-                m = _grey(x).mean(dim=(2, 3), keepdim=True)
-                x = ((x - m) * f + m).clamp_(0, 1)
-            else:  # saturation, around each pixel's grey
-                gr = _grey(x)
-                x = ((x - gr) * f + gr).clamp_(0, 1)
-    if hue > 0:
-        a = torch.empty(b).uniform_(-hue, hue, generator=g) * (2 * math.pi)
-        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-        rot = torch.zeros(b, 3, 3)
-        rot[:, 0, 0] = 1
-        rot[:, 1, 1] = torch.cos(a)
-        rot[:, 1, 2] = -torch.sin(a)
-        rot[:, 2, 1] = torch.sin(a)
-        rot[:, 2, 2] = torch.cos(a)
-        m = torch.linalg.inv(yiq) @ rot @ yiq  # (b, 3, 3)
-        x = torch.einsum("bij,bjhw->bihw", m, x).clamp_(0, 1)
-    if grayscale > 0:
-        grey = (torch.rand(b, generator=g) < grayscale).float().view(b, 1, 1, 1)
-        x = x * (1 - grey) + _grey(x) * grey
-    x = (x - torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) / torch.tensor(
-        std, dtype=torch.float32).view(1, 3, 1, 1)
-    if color == "BGR":
-        x = x.flip(1)
-    return x.contiguous()
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Augmentation randomness of one epoch: depends on (seed, epoch) only, so a resumed run repeats it."""
-    g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + epoch + 7)
-    return g
-
-
 # --------------------------------------------------------------------------------------------------
 # training
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch: depends on (seed, epoch) only, so a resumed run repeats it."""
-    g = torch.Generator()
-    g.manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def batches(order: torch.Tensor, batch_size: int, max_steps: int | None) -> list[torch.Tensor]:
-    """Index batches of one epoch; a last batch of a single image is dropped (batch norm needs two)."""
-    out = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    if len(out) > 1 and len(out[-1]) < 2:
-        out = out[:-1]
-    return out[:max_steps] if max_steps is not None else out
 
 
 def lr_at(cfg: LAConfig, step: int, total_steps: int) -> float:
@@ -391,12 +257,12 @@ def _init_backbone(model: LAEncoder, cfg: LAConfig) -> Preprocess:
     try:
         model.backbone.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(
+        raise ConfigError(
             f"--init-from {cfg.init_from}: its encoder does not fit this {cfg.arch} backbone at --image-size "
             f"{cfg.image_size} / --code-dim {cfg.code_dim} ({str(e).splitlines()[0]})") from None
     pre = Preprocess.from_dict(ckpt["encoder"]["preprocess"])
     if cfg.arch == "conv" and tuple(pre.size) != (cfg.image_size, cfg.image_size):
-        raise SystemExit(f"--init-from {cfg.init_from}: the autoencoder was trained at {pre.size}, "
+        raise ConfigError(f"--init-from {cfg.init_from}: the autoencoder was trained at {pre.size}, "
                          f"this run at {cfg.image_size}x{cfg.image_size}")
     print(f"la: backbone initialised from {ckpt['_path']}", file=sys.stderr)
     return pre
@@ -485,7 +351,7 @@ def main(argv=None) -> dict:
     if cfg.kmeans_k is None:
         cfg.kmeans_k = default_kmeans_k(n)
     if cfg.kmeans_k > n:
-        raise SystemExit(f"--kmeans-k must be at most the number of training images ({n}), got {cfg.kmeans_k}")
+        raise ConfigError(f"--kmeans-k must be at most the number of training images ({n}), got {cfg.kmeans_k}")
     batch_size = min(cfg.batch_size, n)
 
     if args.resume:
@@ -530,7 +396,7 @@ def main(argv=None) -> dict:
         bank.fill(initial_codes(model, train_set.images, pre, device, max(batch_size, 2)))  # the encoder's codes
         clock.add("bank_init", time.perf_counter() - t)
 
-    steps_per_epoch = len(batches(torch.arange(n), batch_size, cfg.max_steps))
+    steps_per_epoch = len(batches(torch.arange(n), batch_size, cfg.max_steps, min_last=2))
     total_steps = steps_per_epoch * cfg.epochs
     aug = dict(out_size=cfg.image_size, mean=pre.mean, std=pre.std, color=pre.color, crop_scale=cfg.crop_scale,
                jitter=cfg.jitter, hue=cfg.hue, grayscale=cfg.grayscale)
@@ -550,29 +416,24 @@ def main(argv=None) -> dict:
 
     with run.stoppable():
         for epoch in range(start_epoch, cfg.epochs):
-            te = time.perf_counter()
+            tally = EpochTally(state, epoch, clock=time.perf_counter)  # or the rest of one a checkpoint stopped in
             model.train()
             mode = "ir" if epoch < cfg.warmup_epochs else "la"
             gen = epoch_generator(cfg.seed, epoch)
-            every = batches(epoch_order(n, cfg.seed, epoch), batch_size, None)
+            every = batches(epoch_order(n, cfg.seed, epoch), batch_size, min_last=2)
             idx_batches = every[: cfg.max_steps] if cfg.max_steps is not None else every
-            pos = resumed_position(state, epoch)  # a checkpoint written mid-epoch: go on from there, with its
-            if pos:  # clusters (refit at the epoch's start), augmentation generator and running loss
-                done, total, count = int(pos["steps"]), pos["total"], int(pos["count"])
-                gen.set_state(pos["generator"])
-                te -= pos["seconds"]
-            else:
-                done, total, count = 0, 0.0, 0
-                if mode == "la" and ((epoch - cfg.warmup_epochs) % cfg.cluster_every == 0
-                                     or objective.cluster_labels is None):
-                    t = time.perf_counter()
-                    objective.recluster(cfg.kmeans_k, repeats=cfg.kmeans_repeats, iterations=cfg.kmeans_iterations,
-                                        seed=cfg.seed * 1000 + epoch)
-                    clock.add("cluster", time.perf_counter() - t)
+            if tally.resumed:  # it keeps its clusters (refit at the epoch's start) and augmentation generator
+                gen.set_state(tally.resumed["generator"])
+            elif mode == "la" and ((epoch - cfg.warmup_epochs) % cfg.cluster_every == 0
+                                   or objective.cluster_labels is None):
+                t = time.perf_counter()
+                objective.recluster(cfg.kmeans_k, repeats=cfg.kmeans_repeats, iterations=cfg.kmeans_iterations,
+                                    seed=cfg.seed * 1000 + epoch)
+                clock.add("cluster", time.perf_counter() - t)
             nb0, up0 = objective.timings["neighbours"], objective.timings["bank_update"]
-            bar = progress(idx_batches[done:], desc=f"la epoch {epoch + 1}/{cfg.epochs} ({mode})",
+            bar = progress(idx_batches[tally.done:], desc=f"la epoch {epoch + 1}/{cfg.epochs} ({mode})",
                            disable=args.no_progress)
-            for i, idx in enumerate(bar, done + 1):
+            for i, idx in enumerate(bar, tally.done + 1):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total_steps)
                 t = time.perf_counter()
@@ -580,23 +441,20 @@ def main(argv=None) -> dict:
                 clock.add("augment", time.perf_counter() - t)
                 loss, _ = train_step(model, objective, opt, xb, idx, mode=mode, clock=clock)
                 step += 1
-                total += loss * len(idx)
-                count += len(idx)
-                bar.set_postfix(loss=f"{total / count:.4f}")
+                tally.add(loss, len(idx))
+                bar.set_postfix(loss=f"{tally.mean:.4f}")
                 if run.due(boundary=False):
                     clock.add("neighbours", objective.timings["neighbours"] - nb0)
                     clock.add("bank_update", objective.timings["bank_update"] - up0)
                     nb0, up0 = objective.timings["neighbours"], objective.timings["bank_update"]
-                    words = save(epoch, {"epoch": epoch, "steps": i, "of": len(idx_batches),
-                                         "batch_size": cfg.batch_size, "total": total, "count": count,
-                                         "seconds": time.perf_counter() - te, "generator": gen.get_state()})
+                    words = save(epoch, tally.position(i, len(idx_batches), cfg.batch_size, generator=gen.get_state()))
                     run.exit_if_stopped(f"after step {step} ({words})")
             clock.add("neighbours", objective.timings["neighbours"] - nb0)
             clock.add("bank_update", objective.timings["bank_update"] - up0)
-            losses.append(total / max(count, 1))
+            losses.append(tally.mean)
             modes.append(mode)
             cut_short += len(idx_batches) < len(every)
-            epoch_times.append(time.perf_counter() - te)
+            epoch_times.append(tally.seconds())
             clock.add("epochs", epoch_times[-1])
             print(f"la epoch {epoch + 1}/{cfg.epochs} ({mode}): loss {losses[-1]:.4f} ({epoch_times[-1]:.1f}s)",
                   file=sys.stderr)
@@ -604,9 +462,7 @@ def main(argv=None) -> dict:
                 evals.append({"epoch": epoch + 1, **evaluator.embedding(model, pre, device=device)})
                 print(f"la epoch {epoch + 1}: 1-NN {evals[-1]['knn1_accuracy']:.4f}, "
                       f"NMI {evals[-1]['kmeans_nmi']:.4f}", file=sys.stderr)
-            if run.due(boundary=True) or epoch + 1 == cfg.epochs:
-                words = save(epoch + 1)
-                run.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
+            run.after_epoch(save, epoch=epoch, epochs=cfg.epochs)
 
     complete, words = epoch_progress(max(start_epoch, cfg.epochs), cfg.epochs, cut_short=cut_short,
                                      max_steps=cfg.max_steps)

@@ -51,7 +51,8 @@ import numpy as np
 import torch
 
 from engine.preprocess import Preprocess
-from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, default_out, encoder_spec,
+from train.augment import IMAGENET_MEAN, IMAGENET_STD
+from train.common import (ConfigError, Run, check_resume, check_run_folder, cli_main, config_from_args, default_out, encoder_spec,
                           make_parser, number, pick_device, progress, seed_everything)
 from train.models.mpnn import (MAPS, MPNNEncoder, max_abs_cosine_per_image, mean_max_abs_cosine, output_side,
                                pairwise_cosine_loss)
@@ -67,9 +68,6 @@ INITS = ("pca", "random")
 # Settings that shape the model or the stream the checkpoint's position (``extra["stream"]``) refers to: a resumed
 # run must keep them. ``levels`` may only grow (the added levels train on top of the trained ones).
 RESUME_KEYS = ("data", "data_root", "size", "frame_step", "shuffle_window", "limit", "seed")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -252,7 +250,7 @@ def _level_budget(cfg: MPNNConfig, stream: FrameStream) -> int:
             raise ValueError(f"level_steps must be >= 1, got {cfg.level_steps}")
         return cfg.level_steps
     if stream.pass_length is None:
-        raise SystemExit(f"{stream.source} is a camera (no passes): give the per-level budget with --level-steps")
+        raise ConfigError(f"{stream.source} is a camera (no passes): give the per-level budget with --level-steps")
     return cfg.epochs * math.ceil(stream.pass_length / cfg.batch_size)
 
 

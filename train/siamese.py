@@ -28,13 +28,14 @@ import torch.nn.functional as F
 
 from engine.preprocess import Preprocess
 from train import evaluate as ev
-from train.ae import batches, epoch_order, fitted_preprocess, load_split, preprocess_all, show
-from train.common import (Run, check_resume, check_run_folder, cli_main, config_from_args, cut_short_epochs,
-                          default_out, encoder_spec, epoch_progress, make_parser, number, pick_device, progress,
-                          resumed_position, seed_everything)
+from train.augment import fitted_preprocess, preprocess_all, show
+from train.common import (EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
+                          cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
+                          pick_device, progress, seed_everything)
 from train.data import DATASETS, DataError
-from train.models.ae import L2Normalized
+from train.models.layers import L2Normalized
 from train.models.siamese import DEFAULT_MARGIN, LOSSES, MININGS, SiameseNet, contrastive_loss, triplet_loss
+from train.split import batches, epoch_order, load_split
 
 NAME = "siamese"
 # Labelled data sets only: pairs need labels ("folder" has labels when its images lie in class sub-folders).
@@ -158,11 +159,9 @@ def main(argv=None) -> dict:
                 plan = [slice(s * cfg.batch_size, (s + 1) * cfg.batch_size) for s in range(steps_per_epoch)]
             else:
                 plan = batches(epoch_order(len(x_train), cfg.seed, epoch), cfg.batch_size, None)[:steps_per_epoch]
-            pos = resumed_position(state, epoch)  # a checkpoint written mid-epoch: go on from there
-            done, total, count = (int(pos["steps"]), pos["total"], int(pos["count"])) if pos else (0, 0.0, 0)
-            te = time.time() - (pos["seconds"] if pos else 0.0)
-            bar = progress(plan[done:], desc=f"{NAME} epoch {epoch + 1}/{cfg.epochs}", disable=args.no_progress)
-            for i, sel in enumerate(bar, done + 1):
+            tally = EpochTally(state, epoch)  # a checkpoint written mid-epoch: go on from there
+            bar = progress(plan[tally.done:], desc=f"{NAME} epoch {epoch + 1}/{cfg.epochs}", disable=args.no_progress)
+            for i, sel in enumerate(bar, tally.done + 1):
                 if cfg.loss == "binary":
                     logits = model(x_train[pi[sel]].to(device), x_train[pj[sel]].to(device))
                     loss = F.binary_cross_entropy_with_logits(logits, same[sel].to(device))
@@ -177,20 +176,14 @@ def main(argv=None) -> dict:
                 loss.backward()
                 opt.step()
                 step += 1
-                total += loss.item() * nb
-                count += nb
-                bar.set_postfix(loss=f"{total / count:.4f}")
-                if run.due(boundary=False):
-                    words = save(epoch, {"epoch": epoch, "steps": i, "of": len(plan), "batch_size": cfg.batch_size,
-                                         "total": total, "count": count, "seconds": time.time() - te})
-                    run.exit_if_stopped(f"after step {step} ({words})")
-            losses.append(total / max(count, 1))
+                tally.add(loss.item(), nb)
+                bar.set_postfix(loss=f"{tally.mean:.4f}")
+                run.after_step(save, epoch=epoch, step=step, position=tally.position(i, len(plan), cfg.batch_size))
+            losses.append(tally.mean)
             cut_short += steps_per_epoch < full_steps
-            print(f"{NAME} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({time.time() - te:.1f}s)",
+            print(f"{NAME} epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.5f} ({tally.seconds():.1f}s)",
                   file=sys.stderr)
-            if run.due(boundary=True) or epoch + 1 == cfg.epochs:
-                words = save(epoch + 1)
-                run.exit_if_stopped(f"after epoch {epoch + 1} ({words})")
+            run.after_epoch(save, epoch=epoch, epochs=cfg.epochs)
 
     complete, words = epoch_progress(max(start_epoch, cfg.epochs), cfg.epochs, cut_short=cut_short,
                                      max_steps=cfg.max_steps)

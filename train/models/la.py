@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.models.ae import BACKBONES, build_backbone
+from train.models.layers import BACKBONES, build_backbone
 from train.registry import register_encoder
 
 MODES = ("la", "ir")

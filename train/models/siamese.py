@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.models.ae import L2Normalized
+from train.models.layers import L2Normalized
 from train.registry import register_encoder
 
 LOSSES = ("binary", "contrastive", "triplet")

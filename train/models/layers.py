@@ -1,0 +1,178 @@
+"""Building blocks several models share: the backbones (feature extractors) the autoencoder, LA and their
+encoders are built on, and the L2 normalisation that turns features into a search embedding.
+
+- ``vgg16bn``: torchvision's ``vgg16_bn().features`` (13 conv + batch norm + ReLU layers, 5 max-pools), its
+  (n, 512, h, w) output averaged over h and w -> (n, 512); ``encode(x, with_indices=True)`` also gives the
+  pools' argmax indices (for the SegNet decoder of ``train/models/ae.py``).
+- ``conv``: a small CIFAR conv encoder: 4 conv layers (3 of them stride 2) then a linear layer to a 1000-d code.
+
+``build_backbone(kind)`` gives the unnormalised feature extractor and its size; ``L2Normalized`` wraps one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKBONES = ("vgg16bn", "conv")
+
+
+class L2Normalized(nn.Module):
+    """Wraps a feature extractor: (n, 3, H, W) -> (n, dim) unit vectors."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(x), dim=1)
+
+
+def _check_images(x: torch.Tensor, min_side: int = 1) -> None:
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must be a tensor of shape (n, 3, H, W), got {tuple(x.shape)}")
+    if min(x.shape[2], x.shape[3]) < min_side:
+        raise ValueError(f"images must be at least {min_side}x{min_side} pixels, got {tuple(x.shape[2:])}")
+
+
+# --------------------------------------------------------------------------------------------------
+# VGG16-BN
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """torch.hub loads torchvision's weights with ``torch.load(weights_only=False)``, and a file already in its
+    cache (which the warning below tells users to place by hand) is not checked against its hash: force
+    ``weights_only`` while it loads, so such a file cannot run code."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def _load_pretrained_vgg16bn() -> nn.Sequential | None:
+    """torchvision's ImageNet vgg16_bn features, or None (with a warning) when the weights cannot be had."""
+    import torchvision
+
+    try:
+        with _weights_only_loads():
+            vgg = torchvision.models.vgg16_bn(weights=torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1)
+    except Exception as e:  # no network, no cached file, damaged download, a file that holds more than weights ...
+        print(
+            f"WARNING: --pretrained: torchvision's ImageNet vgg16_bn weights cannot be had ({type(e).__name__}: {e}); "
+            f"training continues from random initialisation. To use them, place vgg16_bn-6c64b313.pth in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}.",
+            file=sys.stderr,
+        )
+        return None
+    return vgg.features
+
+
+class VGG16BNBackbone(nn.Module):
+    """torchvision ``vgg16_bn().features`` (same parameter names, so ImageNet weights load as they are)."""
+
+    out_dim = 512
+    min_side = 32  # five 2x2 pools
+
+    def __init__(self, *, pretrained: bool = False):
+        super().__init__()
+        import torchvision
+
+        features = _load_pretrained_vgg16bn() if pretrained else None
+        if features is None:  # the features stack alone: building vgg16_bn() would also initialise its
+            # 120M-parameter classifier, only to throw it away
+            features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"], batch_norm=True)
+            for m in features.modules():  # torchvision VGG's own initialisation
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    nn.init.constant_(m.bias, 0)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.constant_(m.weight, 1)
+                    nn.init.constant_(m.bias, 0)
+        self.features = features
+
+    def encode(self, x: torch.Tensor, *, with_indices: bool = False):
+        """(n, 3, H, W) -> (n, 512, H/32, W/32) feature map; with indices also the pools' argmax indices
+        and input sizes (one per pool, encoder order) for the SegNet decoder."""
+        _check_images(x, self.min_side)
+        indices, sizes = [], []
+        for m in self.features:
+            if isinstance(m, nn.MaxPool2d):
+                if with_indices:
+                    sizes.append(x.shape[-2:])
+                    x, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                          ceil_mode=m.ceil_mode, return_indices=True)
+                    indices.append(idx)
+                else:
+                    x = m(x)
+            else:
+                x = m(x)
+        return (x, indices, sizes) if with_indices else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x).mean(dim=(2, 3))  # (n, 512)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small CIFAR conv encoder
+
+
+class ConvEncoder(nn.Module):
+    """(n, 3, s, s) -> (n, code_dim) code; s must be a multiple of 8 (32 for CIFAR).
+
+    The code passes a batch norm without affine parameters, so each code dimension is centred and scaled
+    to unit variance (over the training set, in eval mode): cosine similarity between codes is then a
+    correlation, not dominated by the shared mean code."""
+
+    def __init__(self, *, image_size: int = 32, code_dim: int = 1000, width: int = 16, code_norm: bool = True):
+        super().__init__()
+        if image_size % 8 or image_size < 8:
+            raise ValueError(f"conv autoencoder image_size must be a positive multiple of 8, got {image_size}")
+        self.image_size = int(image_size)
+        self.out_dim = int(code_dim)
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),                  # s
+            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(inplace=True),  # s/2
+            nn.Conv2d(2 * w, 4 * w, 4, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True),  # s/4
+            nn.Conv2d(4 * w, 8 * w, 4, stride=2, padding=1), nn.BatchNorm2d(8 * w), nn.ReLU(inplace=True),  # s/8
+        )
+        self.map_shape = (8 * w, image_size // 8, image_size // 8)
+        self.fc = nn.Linear(8 * w * (image_size // 8) ** 2, code_dim)
+        self.norm = nn.BatchNorm1d(code_dim, affine=False) if code_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x)
+        if tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"conv encoder expects (n, 3, {self.image_size}, {self.image_size}) images, got {tuple(x.shape)}")
+        return self.norm(self.fc(self.features(x).flatten(1)))  # (n, code_dim)
+
+
+def build_backbone(kind: str, *, pretrained: bool = False, image_size: int = 32,
+                   code_dim: int = 1000) -> tuple[nn.Module, int]:
+    """An unnormalised feature extractor (n, 3, H, W) -> (n, out_dim) and its out_dim.
+
+    ``vgg16bn``: vgg16_bn features averaged over height and width (512); ``pretrained`` asks for
+    torchvision's ImageNet weights (a warning, and random init, when they cannot be had).
+    ``conv``: the CIFAR conv encoder (``code_dim``, 1000 by default) for ``image_size`` square inputs.
+    """
+    if kind == "vgg16bn":
+        m = VGG16BNBackbone(pretrained=pretrained)
+        return m, m.out_dim
+    if kind == "conv":
+        if pretrained:
+            print("WARNING: there are no pretrained weights for the conv backbone; using random init", file=sys.stderr)
+        m = ConvEncoder(image_size=image_size, code_dim=code_dim)
+        return m, m.out_dim
+    raise ValueError(f"backbone kind must be one of {BACKBONES}, got {kind!r}")

@@ -15,7 +15,7 @@ construction. Rules (the numba kernels in ``engine.kernels.bank`` / ``kmeans`` d
   with every row); ``neighbours_of(rows, k, exclude_self=True)`` for bank rows. Both return ``(scores,
   indices)``: (m, k) float32 best first and (m, k) int64; ties keep the lower bank index first; slots beyond
   the available rows hold -inf / -1. A ``k`` beyond both the bank's rows and 1024 is answered as if it were
-  the larger of the two (``engine.kernels.topk.answer_columns``), so memory follows the bank, not ``k``.
+  the larger of the two (``engine.result_size.answer_columns``), so memory follows the bank, not ``k``.
 - ``cluster(n_clusters, repeats=..)``: spherical k-means (see ``engine.kernels.kmeans``), one label array per
   repeat; the centroids and objectives of the last call stay in ``centroids`` / ``clusterings``.
 
@@ -35,7 +35,7 @@ from engine.errors import IndexFileError, InputError
 from engine.fileio import read_framed, write_framed
 from engine.kernels import bank as K
 from engine.kernels.kmeans import KMeansResult, spherical_kmeans
-from engine.kernels.topk import ResultTooLarge, answer_columns
+from engine.result_size import ResultTooLarge, answer_columns
 
 MAGIC = b"LOOKALIKE-MEMORYBANK "
 FILE_VERSION = 2  # 2: the header (n, dim, mixing rate) is checksummed too

@@ -18,7 +18,7 @@ Contract
   the vector stored in the lower row comes first (rows follow insertion order until a ``remove`` moves the
   last row into the hole). With fewer than k vectors stored the answer is padded with id -1 and score
   -inf (an empty index answers padding only). ``k`` must be a positive int. The answer never has more
-  columns than ``max(len(index), 1024)`` (``engine.kernels.topk.answer_columns``): a ``k`` beyond both
+  columns than ``max(len(index), 1024)`` (``engine.result_size.answer_columns``): a ``k`` beyond both
   is answered as if it were that (every stored vector, then padding up to 1024 columns), so memory follows
   the index, not ``k``.
 - ids: int64 >= 0 (-1 marks a missing hit). ``add`` without ids numbers the new vectors from one past the
@@ -64,7 +64,8 @@ import numpy as np
 
 from engine.errors import IndexFileError, InputError, ModelError
 from engine.fileio import MAX_HEADER, atomic_write, read_payload
-from engine.kernels.topk import ResultTooLarge, answer_columns, topk_ip
+from engine.kernels.topk import topk_ip
+from engine.result_size import ResultTooLarge, answer_columns
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "

@@ -35,6 +35,7 @@ from engine.errors import ImageReadError, InputError, ModelError
 from engine.modelfile import ModelInfo, check_file_digest, check_signature
 from engine.onnxfile import refuse_external_data
 from engine.preprocess import Preprocess, read_image
+from engine.validate import is_int
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -93,7 +94,7 @@ def make_session(model: bytes, *, providers=None, threads: int | None = None, wh
     unknown = [p for p in names if p not in available]
     if unknown:
         raise InputError(f"execution providers {unknown} are not offered by this onnxruntime; available: {available}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise InputError(f"threads must be a positive int or None, got {threads!r}")
     accelerated = any(n != CPU for n in names)
     if accelerated:
@@ -167,7 +168,7 @@ class Encoder:
     """
 
     def __init__(self, path, *, providers=None, batch_size: int = 32, threads: int | None = None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         self.path = Path(path)
         if not self.path.is_file():

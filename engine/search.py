@@ -33,6 +33,7 @@ import numpy as np
 
 from engine.errors import ImageReadError, IndexFileError, InputError, LookalikeError, ModelError
 from engine.fileio import atomic_write, unwritable
+from engine.validate import is_int
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SIDECAR_SUFFIX = ".paths.json"
@@ -254,7 +255,7 @@ def _check_sidecar(side) -> None:
     paths, count = side.get("paths"), side.get("count")
     if not isinstance(paths, list):
         raise ValueError(f"'paths' must be a list of strings, got {_kind(paths, 'paths' in side)}")
-    if isinstance(count, bool) or not isinstance(count, int):
+    if not is_int(count):
         raise ValueError(f"'count' must be an int, got {_kind(count, 'count' in side)}")
     if len(paths) != count:
         raise ValueError(f"{len(paths)} paths for count {count}")

@@ -47,6 +47,7 @@ from engine.modelfile import (DIGEST_PLACEHOLDER, KEY_ARCH, KEY_DIM, KEY_NAME, K
                               check_file_digest, model_metadata)
 from engine.errors import ModelError
 from engine.fileio import unwritable
+from engine.validate import is_int
 from export import verify
 from train.checkpoint import CheckpointError, atomic_write_bytes
 from train.registry import MODEL_NAMES
@@ -140,7 +141,7 @@ def check_opset(opset, exporter: str) -> None:
     """Refuse (``ExportError``) an exporter or opset the installed onnx / torch cannot write."""
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+    if not is_int(opset):
         raise ExportError(f"opset must be an int, got {opset!r}")
     import onnx
     import torch

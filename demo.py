@@ -131,7 +131,7 @@ def export_all(out: Path) -> dict:
 
 def search_photos(out: Path) -> dict:
     from engine import Searcher
-    from engine.search import format_results, results_picture
+    from engine.search_cli import format_results, results_picture
     from train.data import photo_files
 
     t0 = step(f"search the embedded photos with models/{SEARCH_MODEL}.onnx")

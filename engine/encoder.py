@@ -15,11 +15,8 @@ A model exported from a run that stopped before the end of its training (``looka
 onnxruntime runs it on CUDA when it can (``CUDAExecutionProvider`` offered and a session really starts on it),
 else on the CPU; ``enc.providers`` says which are in use. No torch here.
 
-A damaged or edited file is refused on load: the metadata carries ``lookalike.sha256``, the sha256 of the
-serialised file with that value written as 64 ``0`` characters (``file_digest``). The exporter serialises the
-model with the placeholder, hashes the bytes and writes the digest in its place (same length: only those 64
-bytes change); ``Encoder`` puts the placeholder back over the digest's one occurrence in the file bytes, hashes
-and compares, so no ONNX parser is needed for the check.
+What the file must carry (metadata keys, format version, the ``lookalike.sha256`` seal, input and output) is
+``engine.modelfile``; a damaged or edited file is refused on load (``engine.modelfile.check_file_digest``).
 """
 
 from __future__ import annotations
@@ -27,41 +24,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from engine.errors import ImageReadError, InputError, ModelError
+from engine.modelfile import ModelInfo, check_file_digest, check_signature
 from engine.onnxfile import refuse_external_data
 from engine.preprocess import Preprocess, read_image
-
-# -- the metadata contract between export/ (which writes it) and the engine (which reads it) -----------------
-FORMAT_VERSION = 2  # bump when the metadata's meaning changes; older engines refuse newer files
-# (2: lookalike.sha256 added; files of version 1 carry no digest and are refused with a "re-export" message)
-PREFIX = "lookalike."
-KEY_FORMAT = PREFIX + "format_version"  # "2"
-KEY_NAME = PREFIX + "name"  # model name, e.g. "la"
-KEY_ARCH = PREFIX + "arch"  # registered architecture, e.g. "ae-vgg16bn"
-KEY_DIM = PREFIX + "dim"  # embedding size, e.g. "512"
-KEY_INPUT_SIZE = PREFIX + "input_size"  # JSON [height, width] of the network input
-KEY_PREPROCESS = PREFIX + "preprocess"  # Preprocess.to_json()
-KEY_CHECKPOINT_SHA256 = PREFIX + "checkpoint_sha256"  # sha256 of the source checkpoint's payload
-KEY_PRECISION = PREFIX + "precision"  # "float32", "float16" or "int8"
-KEY_KWARGS = PREFIX + "kwargs"  # JSON of the architecture's constructor arguments (informative)
-KEY_EXPORTER = PREFIX + "exporter"  # what wrote the file (informative)
-KEY_SHA256 = PREFIX + "sha256"  # sha256 of the serialised file with this value set to DIGEST_PLACEHOLDER
-# Optional (files written before they existed load as from a complete run):
-KEY_COMPLETE = PREFIX + "complete"  # "true" / "false": the source run did all its configured training
-KEY_PROGRESS = PREFIX + "progress"  # how far the source run got, in words (informative)
-REQUIRED_KEYS = (KEY_FORMAT, KEY_NAME, KEY_ARCH, KEY_DIM, KEY_INPUT_SIZE, KEY_PREPROCESS, KEY_CHECKPOINT_SHA256,
-                 KEY_PRECISION, KEY_SHA256)
-DIGEST_PLACEHOLDER = "0" * 64  # the value of KEY_SHA256 while the file is hashed
-PRECISIONS = ("float32", "float16", "int8")
+from engine.validate import is_int
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -73,129 +47,6 @@ _DECODE_WORKERS = max(1, min(8, os.cpu_count() or 1))  # threads decoding and re
 
 class IncompleteModelWarning(UserWarning):
     """An exported model comes from a training run that stopped before the end (``--max-steps``, a signal)."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The lookalike metadata of an exported model."""
-
-    name: str
-    arch: str
-    dim: int
-    input_size: tuple[int, int]
-    preprocess: Preprocess
-    checkpoint_sha256: str
-    precision: str
-    format_version: int
-    extra: dict  # every other metadata entry, as strings
-    complete: bool = True  # False: exported from a run that stopped before the end of its training
-    progress: str = ""  # how far that run got, in words
-
-    @classmethod
-    def from_metadata(cls, meta: dict, where: str) -> "ModelInfo":
-        # the format version first: a file of another version may lack keys this version requires
-        if KEY_FORMAT in meta:
-            try:
-                version = int(meta[KEY_FORMAT])
-            except ValueError:
-                raise ModelError(f"{where}: metadata {KEY_FORMAT} must be an int, got {meta[KEY_FORMAT]!r}") from None
-            if version != FORMAT_VERSION:
-                raise ModelError(f"{where} has lookalike model format version {version}; this engine reads version "
-                                 f"{FORMAT_VERSION}. Re-export it with this lookalike version.")
-        missing = [k for k in REQUIRED_KEYS if k not in meta]
-        if missing:
-            have = sorted(k for k in meta if k.startswith(PREFIX))
-            if KEY_FORMAT in meta:
-                raise ModelError(
-                    f"{where}: damaged lookalike metadata: format version {FORMAT_VERSION} requires {missing}, "
-                    f"absent (found {have}); re-export it with `python -m export NAME`")
-            raise ModelError(
-                f"{where} is an ONNX model but not a lookalike encoder: its metadata lacks {missing} "
-                f"(found {have or 'no lookalike keys'}); export it with `python -m export NAME`")
-        try:
-            dim = int(meta[KEY_DIM])
-            size = tuple(int(s) for s in json.loads(meta[KEY_INPUT_SIZE]))
-            preprocess = Preprocess.from_json(meta[KEY_PREPROCESS])
-        except (ValueError, TypeError, KeyError, InputError) as e:
-            raise ModelError(f"{where}: damaged lookalike metadata ({type(e).__name__}: {e})") from None
-        if dim < 1 or len(size) != 2 or size != preprocess.size:
-            raise ModelError(f"{where}: inconsistent metadata: dim={dim}, input_size={size}, "
-                             f"preprocess size={preprocess.size}")
-        if meta[KEY_PRECISION] not in PRECISIONS:
-            raise ModelError(f"{where}: metadata precision must be one of {PRECISIONS}, got {meta[KEY_PRECISION]!r}")
-        if not _is_sha256(meta[KEY_SHA256]):
-            raise ModelError(f"{where}: metadata {KEY_SHA256} must be 64 lowercase hex digits, "
-                             f"got {meta[KEY_SHA256]!r}")
-        complete = meta.get(KEY_COMPLETE, "true")
-        if complete not in ("true", "false"):
-            raise ModelError(f"{where}: metadata {KEY_COMPLETE} must be 'true' or 'false', got {complete!r}")
-        extra = {k: v for k, v in meta.items() if k not in REQUIRED_KEYS}
-        return cls(name=meta[KEY_NAME], arch=meta[KEY_ARCH], dim=dim, input_size=size, preprocess=preprocess,
-                   checkpoint_sha256=meta[KEY_CHECKPOINT_SHA256], precision=meta[KEY_PRECISION],
-                   format_version=version, extra=extra, complete=complete == "true",
-                   progress=meta.get(KEY_PROGRESS, ""))
-
-
-def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preprocess, checkpoint_sha256: str,
-                   precision: str = "float32", kwargs: dict | None = None, exporter: str = "",
-                   complete: bool = True, progress: str = "") -> dict[str, str]:
-    """The metadata entries (string -> string) an exported model carries; export/ writes exactly these.
-    ``complete`` / ``progress``: whether the source run did all its configured training, and how far it got."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    meta = {
-        KEY_FORMAT: str(FORMAT_VERSION),
-        KEY_NAME: str(info_name),
-        KEY_ARCH: str(arch),
-        KEY_DIM: str(int(dim)),
-        KEY_INPUT_SIZE: json.dumps(list(preprocess.size)),
-        KEY_PREPROCESS: preprocess.to_json(),
-        KEY_CHECKPOINT_SHA256: str(checkpoint_sha256),
-        KEY_PRECISION: precision,
-        KEY_KWARGS: json.dumps(kwargs or {}, sort_keys=True, default=str),
-        KEY_SHA256: DIGEST_PLACEHOLDER,  # the writer replaces it with file_digest() of the serialised model
-        KEY_COMPLETE: "true" if complete else "false",
-    }
-    if progress:
-        meta[KEY_PROGRESS] = str(progress)
-    if exporter:
-        meta[KEY_EXPORTER] = exporter
-    return meta
-
-
-def _is_sha256(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
-def file_digest(data: bytes, recorded: str) -> str:
-    """sha256 (hex) of the serialised model ``data`` whose metadata holds ``recorded`` as ``lookalike.sha256``:
-    the hash of ``data`` with that value's one occurrence replaced by ``DIGEST_PLACEHOLDER``.
-
-    Raises ``ModelError`` when ``recorded`` does not occur exactly once (then the file cannot be checked).
-    """
-    needle = recorded.encode("ascii")
-    count = data.count(needle)
-    if count != 1:
-        raise ModelError(f"expected the recorded {KEY_SHA256} {recorded} once in the file, found it {count} times")
-    return hashlib.sha256(data.replace(needle, DIGEST_PLACEHOLDER.encode("ascii"))).hexdigest()
-
-
-def check_file_digest(data: bytes, meta: dict, where: str) -> None:
-    """Refuse (``ModelError`` naming ``where``) a model file whose bytes are not what its exporter wrote."""
-    recorded = meta.get(KEY_SHA256)
-    if recorded is None:
-        raise ModelError(f"{where}: its metadata lacks {KEY_SHA256}, so it cannot be checked for damage; "
-                         f"re-export it with `python -m export NAME`")
-    if recorded == DIGEST_PLACEHOLDER or not _is_sha256(recorded):
-        raise ModelError(f"{where}: metadata {KEY_SHA256} must be the sha256 of the file, got {recorded!r} "
-                         f"(a file written by something other than `python -m export`?)")
-    try:
-        got = file_digest(data, recorded)
-    except ModelError as e:
-        raise ModelError(f"{where} is damaged or was edited after export: {e}; re-export it") from None
-    if got != recorded:
-        raise ModelError(f"{where} is damaged or was edited after export: its content sha256 is {got}, its "
-                         f"metadata {KEY_SHA256} expects {recorded}; re-export it with `python -m export NAME`")
 
 
 # -- onnxruntime sessions ------------------------------------------------------------------------------------
@@ -243,7 +94,7 @@ def make_session(model: bytes, *, providers=None, threads: int | None = None, wh
     unknown = [p for p in names if p not in available]
     if unknown:
         raise InputError(f"execution providers {unknown} are not offered by this onnxruntime; available: {available}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise InputError(f"threads must be a positive int or None, got {threads!r}")
     accelerated = any(n != CPU for n in names)
     if accelerated:
@@ -317,7 +168,7 @@ class Encoder:
     """
 
     def __init__(self, path, *, providers=None, batch_size: int = 32, threads: int | None = None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         self.path = Path(path)
         if not self.path.is_file():
@@ -335,23 +186,8 @@ class Encoder:
                           f"the finished run would give. Finish the run and export it again",
                           IncompleteModelWarning, stacklevel=2)
         self.batch_size = int(batch_size)
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) < 1:
-            raise ModelError(f"{self.path}: expected one input and one output, got {len(inputs)} and {len(outputs)}")
-        self.input_name = inputs[0].name
-        self.output_name = outputs[0].name
-        shape = list(inputs[0].shape)
-        h, w = self.info.input_size
-        fixed = [None if not isinstance(d, int) else d for d in shape]
-        if len(shape) != 4 or fixed[1:] != [3, h, w]:
-            raise ModelError(f"{self.path}: the network input must be (batch, 3, {h}, {w}) as its metadata says, "
-                             f"got {shape}")
-        out_shape = list(outputs[0].shape)
-        if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != self.info.dim):
-            raise ModelError(f"{self.path}: the output must be (batch, {self.info.dim}), got {out_shape}")
-        if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
-            raise ModelError(f"{self.path}: input and output must be float32 tensors, got {inputs[0].type} and "
-                             f"{outputs[0].type}")
+        self.input_name, self.output_name = check_signature(self.session.get_inputs(), self.session.get_outputs(),
+                                                            self.info, str(self.path))
 
     # -- what the model is -----------------------------------------------------------------------------------
     @property

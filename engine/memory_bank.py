@@ -15,7 +15,7 @@ construction. Rules (the numba kernels in ``engine.kernels.bank`` / ``kmeans`` d
   with every row); ``neighbours_of(rows, k, exclude_self=True)`` for bank rows. Both return ``(scores,
   indices)``: (m, k) float32 best first and (m, k) int64; ties keep the lower bank index first; slots beyond
   the available rows hold -inf / -1. A ``k`` beyond both the bank's rows and 1024 is answered as if it were
-  the larger of the two (``engine.kernels.topk.answer_columns``), so memory follows the bank, not ``k``.
+  the larger of the two (``engine.result_size.answer_columns``), so memory follows the bank, not ``k``.
 - ``cluster(n_clusters, repeats=..)``: spherical k-means (see ``engine.kernels.kmeans``), one label array per
   repeat; the centroids and objectives of the last call stay in ``centroids`` / ``clusterings``.
 
@@ -26,7 +26,6 @@ refuses a damaged file with ``IndexFileError`` naming the path.
 
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,8 @@ from engine.errors import IndexFileError, InputError
 from engine.fileio import read_framed, write_framed
 from engine.kernels import bank as K
 from engine.kernels.kmeans import KMeansResult, spherical_kmeans
-from engine.kernels.topk import ResultTooLarge, answer_columns
+from engine.result_size import ResultTooLarge, answer_columns
+from engine.validate import is_int, is_real, listed_rows
 
 MAGIC = b"LOOKALIKE-MEMORYBANK "
 FILE_VERSION = 2  # 2: the header (n, dim, mixing rate) is checksummed too
@@ -47,7 +47,7 @@ _FLOAT32 = np.dtype(np.float32)
 
 
 def _int_arg(value, name, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise InputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if value < low or (high is not None and value > high):
@@ -57,15 +57,14 @@ def _int_arg(value, name, low, high=None):
 
 
 def _mixing_rate(value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
+    if not is_real(value) or not (0.0 < float(value) <= 1.0):
         raise InputError(f"mixing_rate must be a number in (0, 1], got {value!r}")
     return float(value)
 
 
 def _rows_named(mask, what):
-    bad = np.flatnonzero(mask)
-    shown = ", ".join(str(int(i)) for i in bad[:10]) + (", ..." if bad.size > 10 else "")
-    return f"{what} rows [{shown}] ({bad.size} of {mask.size})"
+    shown, count = listed_rows(mask)
+    return f"{what} rows {shown} ({count} of {mask.size})"
 
 
 class MemoryBank:

@@ -43,6 +43,7 @@ import numpy as np
 from numba import njit
 
 from engine.errors import InputError
+from engine.validate import is_int
 
 MAX_PIXELS = 1 << 27  # images larger than this are refused (JPEGs: after the reduction below); see max_pixels()
 MAX_PIXELS_ENV = "LOOKALIKE_MAX_PIXELS"
@@ -186,9 +187,7 @@ def _positive_ints(values, count: int) -> bool:
         items = list(values)
     except TypeError:
         return False
-    return len(items) == count and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in items
-    )
+    return len(items) == count and all(is_int(v) and v >= 1 for v in items)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:

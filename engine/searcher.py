@@ -18,7 +18,7 @@ Contract
   the vector stored in the lower row comes first (rows follow insertion order until a ``remove`` moves the
   last row into the hole). With fewer than k vectors stored the answer is padded with id -1 and score
   -inf (an empty index answers padding only). ``k`` must be a positive int. The answer never has more
-  columns than ``max(len(index), 1024)`` (``engine.kernels.topk.answer_columns``): a ``k`` beyond both
+  columns than ``max(len(index), 1024)`` (``engine.result_size.answer_columns``): a ``k`` beyond both
   is answered as if it were that (every stored vector, then padding up to 1024 columns), so memory follows
   the index, not ``k``.
 - ids: int64 >= 0 (-1 marks a missing hit). ``add`` without ids numbers the new vectors from one past the
@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 import threading
 from pathlib import Path
 
@@ -64,7 +63,9 @@ import numpy as np
 
 from engine.errors import IndexFileError, InputError, ModelError
 from engine.fileio import MAX_HEADER, atomic_write, read_payload
-from engine.kernels.topk import ResultTooLarge, answer_columns, topk_ip
+from engine.kernels.topk import topk_ip
+from engine.result_size import ResultTooLarge, answer_columns
+from engine.validate import listed_rows, positive_int
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
@@ -130,10 +131,9 @@ class _RWLock:
         return self._Held(self.acquire_write, self.release_write)
 
 
-def _rows_named(mask: np.ndarray, limit: int = 10) -> str:
-    rows = np.flatnonzero(mask)
-    shown = ", ".join(str(int(r)) for r in rows[:limit])
-    return f"[{shown}{', ...' if rows.size > limit else ''}] ({rows.size} in all)"
+def _rows_named(mask: np.ndarray) -> str:
+    shown, count = listed_rows(mask)
+    return f"{shown} ({count} in all)"
 
 
 class Searcher:
@@ -531,21 +531,9 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _positive_int(value, name: str) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be a positive int, got {value!r}") from None
-    if v <= 0:
-        raise InputError(f"{name} must be a positive int, got {v}")
-    return v
-
-
 def _as_dim(dim) -> int:
-    return _positive_int(dim, "dim")
+    return positive_int(dim, "dim")
 
 
 def _as_k(k) -> int:
-    return _positive_int(k, "k")
+    return positive_int(k, "k")

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import InputError, VideoOpenError
+from engine.validate import is_int
 
 
 def camera_index(source) -> int | None:
     """The camera ``source`` names (an int, or a string of digits such as ``" 0"``), else None (a file path)."""
-    if isinstance(source, (int, np.integer)) and not isinstance(source, bool):
+    if is_int(source):
         return int(source)
     if isinstance(source, str) and source.strip().isdigit():
         return int(source.strip())

@@ -2,11 +2,12 @@
 
 ``export_run`` takes one checkpoint (``runs/<name>/checkpoint.pt``) and writes ``<out>/<name>.onnx``:
 
-1. ``train.registry.load_encoder`` rebuilds the encoder alone (decoders, heads and unpooling stay out);
+1. the checkpoint is read once: ``train.registry.encoder_from_checkpoint`` rebuilds the encoder alone (decoders,
+   heads and unpooling stay out), and its kwargs and completeness come from the same payload;
 2. ``torch.onnx.export`` (TorchScript exporter; the dynamo exporter when that one fails) with a dynamic batch
    axis, input ``images`` (n, 3, H, W) float32, output ``embeddings`` (n, dim) float32, opset 17 up to what
    the installed onnx and torch exporter write (``opset_limits``; the opset recorded is the one the file has);
-3. the metadata the engine needs (``engine.encoder.model_metadata``: name, arch, dim, input size, the
+3. the metadata the engine needs (``engine.modelfile.model_metadata``: name, arch, dim, input size, the
    ``Preprocess`` JSON, format version, sha256 of the source checkpoint, whether the run is complete and how far
    it got) goes into ``metadata_props``, and
    ``lookalike.sha256`` seals the file (``_seal``: the sha256 of its serialisation with that value as 64 zeros,
@@ -44,10 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.encoder import (CPU, DIGEST_PLACEHOLDER, KEY_PRECISION, KEY_SHA256, ModelInfo, check_file_digest,
-                            make_session, model_metadata)
+from engine.encoder import CPU, make_session
+from engine.modelfile import (DIGEST_PLACEHOLDER, KEY_ARCH, KEY_DIM, KEY_NAME, KEY_PRECISION, KEY_SHA256, ModelInfo,
+                              check_file_digest, model_metadata)
 from engine.errors import LookalikeError, ModelError
 from engine.fileio import unwritable
+from engine.validate import is_int
 from export import verify
 from train.checkpoint import CheckpointError, atomic_write_bytes
 from train.registry import MODEL_NAMES
@@ -145,7 +148,7 @@ def check_opset(opset, exporter: str) -> None:
     """Refuse (``ExportError``) an exporter or opset the installed onnx / torch cannot write."""
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+    if not is_int(opset):
         raise ExportError(f"opset must be an int, got {opset!r}")
     import onnx
     import torch
@@ -211,7 +214,7 @@ def _check_opset_written(proto, wanted: int, exporter: str) -> None:
 
 def _seal(proto) -> bytes:
     """``proto`` serialised with ``lookalike.sha256`` set to the sha256 of its serialisation with that value as
-    ``DIGEST_PLACEHOLDER`` (same length, so only those 64 bytes differ); ``engine.encoder.check_file_digest``
+    ``DIGEST_PLACEHOLDER`` (same length, so only those 64 bytes differ); ``engine.modelfile.check_file_digest``
     undoes the substitution on load and compares."""
     entry = next((p for p in proto.metadata_props if p.key == KEY_SHA256), None)
     if entry is None:
@@ -247,9 +250,9 @@ def _set_metadata(proto, meta: dict[str, str]) -> None:
     for k, v in keep + sorted(meta.items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    proto.doc_string = (f"lookalike image encoder {meta.get('lookalike.name')!r} ({meta.get('lookalike.arch')}): "
+    proto.doc_string = (f"lookalike image encoder {meta.get(KEY_NAME)!r} ({meta.get(KEY_ARCH)}): "
                         f"{INPUT_NAME} (n, 3, H, W) float32 preprocessed as lookalike.preprocess says -> "
-                        f"{OUTPUT_NAME} (n, {meta.get('lookalike.dim')}) L2-normalised float32")
+                        f"{OUTPUT_NAME} (n, {meta.get(KEY_DIM)}) L2-normalised float32")
 
 
 def _check(proto, what: str) -> None:
@@ -294,7 +297,8 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
     stays)."""
     import onnx
 
-    from train.registry import load_encoder
+    from train.checkpoint import load_checkpoint, run_progress
+    from train.registry import encoder_from_checkpoint
 
     variants = tuple(variants)
     bad = [v for v in variants if v not in VARIANTS]
@@ -304,8 +308,10 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
     check_out_dir(out_dir)
     started = time.time()
     checkpoint = Path(checkpoint)
-    try:
-        model, info = load_encoder(checkpoint)
+    path = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
+    try:  # read once: the encoder, its kwargs and how far the run got all come from this one payload
+        state = load_checkpoint(path)
+        model, info = encoder_from_checkpoint(state, path)
     except CheckpointError:
         raise
     except (RuntimeError, KeyError, TypeError, ValueError) as e:  # state dict / kwargs the code does not take
@@ -317,7 +323,8 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
                           f"folder's), got one of model {info.name!r} (arch {info.arch!r}); move it to a run folder "
                           f"named {info.name!r}, or export it under a name that is not a model name")
     name = name or info.name
-    kwargs, complete, progress = _checkpoint_facts(checkpoint)
+    kwargs = dict(state.get("encoder", {}).get("kwargs", {}))
+    complete, progress = run_progress(state)
     if not complete and not allow_incomplete:
         raise ExportError(_incomplete_message(checkpoint, info.name, progress))
     out_dir = Path(out_dir)
@@ -392,15 +399,6 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
         entry["errors"] = errors
     entry["seconds"] = round(time.time() - started, 2)
     return entry
-
-
-def _checkpoint_facts(checkpoint: Path) -> tuple[dict, bool, str]:
-    """(encoder kwargs, complete, progress in words) of a checkpoint file or run folder."""
-    from train.checkpoint import load_checkpoint, run_progress
-
-    state = load_checkpoint(checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint)
-    complete, progress = run_progress(state)
-    return dict(state.get("encoder", {}).get("kwargs", {})), complete, progress
 
 
 def _incomplete_message(checkpoint: Path, model: str, progress: str) -> str:

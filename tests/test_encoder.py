@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 from engine import Encoder
-from engine.encoder import FORMAT_VERSION
+from engine.modelfile import FORMAT_VERSION
 from engine.errors import ImageReadError, InputError, ModelError
 from engine.preprocess import read_image
 from train.registry import MODEL_NAMES

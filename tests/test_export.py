@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import Encoder
-from engine.encoder import FORMAT_VERSION, PREFIX
+from engine.modelfile import FORMAT_VERSION, PREFIX
 from engine.preprocess import Preprocess
 from export import verify
 from export.__main__ import main as export_main

@@ -17,8 +17,8 @@ import pytest
 
 from engine import Encoder, Searcher
 from engine.errors import ModelError
-from engine.search import main as search_main
-from engine.search import IMAGE_EXTS, sidecar_path
+from engine.search_cli import main as search_main
+from engine.search_cli import IMAGE_EXTS, sidecar_path
 from trained_models import ModelCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,7 +318,7 @@ def linked_folder(photos, root: Path) -> tuple[Path, list[str]]:
 
 
 def test_list_images_follows_links_but_lists_each_image_once(photos, tmp_path):
-    from engine.search import list_images
+    from engine.search_cli import list_images
 
     root, names = linked_folder(photos, tmp_path / "pictures")
     assert [p.relative_to(root).as_posix() for p in list_images(root)] == names
@@ -329,7 +329,7 @@ def test_crossing_links_finish(photos, tmp_path):
     (root / "a" / "to-b").symlink_to("../b")
     (root / "b" / "to-a").symlink_to("../a")
     (root / "a" / "up").symlink_to("..")
-    code = ("import sys; from engine.search import list_images; "
+    code = ("import sys; from engine.search_cli import list_images; "
             f"print('\\n'.join(p.relative_to(sys.argv[1]).as_posix() for p in list_images(sys.argv[1])))")
     r = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)

@@ -161,7 +161,7 @@ def test_a_jpeg_over_the_cap_is_decoded_reduced_unless_progressive(tiles, tmp_pa
 
 
 def test_index_skips_a_huge_png_naming_it_its_size_and_the_cap(huge_png, tiles, tmp_path, capsys, request):
-    from engine.search import main, sidecar_path
+    from engine.search_cli import main, sidecar_path
     from trained_models import ModelCache
 
     model = ModelCache(request.config.cache.mkdir("lookalike-tiny-models")).onnx("mpnn")

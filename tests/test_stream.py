@@ -395,10 +395,10 @@ def test_transition_products_run_on_one_blas_thread_and_give_the_plain_product()
     """The comparator's thumbnail products (``vectors.matmul``) run with BLAS at one thread (a multi-threaded call
     leaves OpenBLAS's helper spinning on the core the network's workers need) and equal ``a @ b``."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from engine.kernels import topk
     from engine.stream import vectors
+    from engine.threads import blas_controllable
 
-    if not topk.blas_controllable():
+    if not blas_controllable():
         pytest.skip("threadpoolctl finds no BLAS library to control")
     def counts():
         return [c.num_threads for c in threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.kernels import topk
+from engine.threads import blas_controllable
 import reference as ref
 
 # every way topk_ip can run: the fused numba pass; BLAS blocks in the calling thread (the default); BLAS
@@ -129,7 +130,7 @@ def test_every_method_gives_the_same_answer(threads):
 
 def test_blas_thread_count_comes_back_after_concurrent_searches():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    if not topk.blas_controllable():
+    if not blas_controllable():
         pytest.skip("threadpoolctl finds no BLAS library to control")
     rng = np.random.default_rng(2)
     x = unit(rng, 40000, 16)

@@ -69,7 +69,11 @@ def load_encoder(path) -> tuple[nn.Module, EncoderInfo]:
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoint.pt"
-    ckpt = load_checkpoint(p)
+    return encoder_from_checkpoint(load_checkpoint(p), p)
+
+
+def encoder_from_checkpoint(ckpt: dict, p: Path) -> tuple[nn.Module, EncoderInfo]:
+    """``load_encoder`` of a checkpoint already read (``train.checkpoint.load_checkpoint``) from the file ``p``."""
     enc = ckpt.get("encoder")
     if not isinstance(enc, dict) or not {"arch", "kwargs", "state_dict", "dim", "preprocess"} <= set(enc):
         raise CheckpointError(f"{p} has no usable 'encoder' entry (expected arch, kwargs, state_dict, dim, preprocess)")

@@ -25,7 +25,8 @@ centroids. Objective (``inertia``, lower is better): sum_i |x_i - c_{label_i}|^2
 The best restart (lowest inertia, earliest on ties) is returned. Same input and seed -> same result, whatever
 the thread count (with method="gemm": for the same BLAS build and thread count).
 
-Imports nothing else of the project; the caller validates (finite float32 (n, dim), 1 <= n_clusters <= n).
+Imports nothing else of the project but ``engine.threads``; the caller validates (finite float32 (n, dim),
+1 <= n_clusters <= n).
 """
 
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from engine.threads import blas_controllable, blas_single_thread, worker_pool
+
 from .bank import normalise_rows
-from .topk import blas_controllable, blas_single_thread, worker_pool
 
 # fastmath without the no-NaN / no-inf assumptions: kernels start maxima at -inf and minima at +inf.
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}

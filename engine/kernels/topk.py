@@ -7,8 +7,9 @@ caller (``engine.searcher``) validates and coerces; here inputs are trusted: ``q
 Order ("better than"): a higher score first; on equal scores, the lower row first. The answer is
 deterministic: the first k rows by (-score, row). Rows past ``n`` never appear; when ``k > n`` the
 answer is padded with row -1 and score -inf. Zero vectors score 0 like any other. Padding costs memory
-that follows ``k``, not the rows: the callers answer ``answer_columns(k, n)`` columns (k, but never more
-than ``max(n, PAD_COLUMNS)``), so a huge ``k`` costs no more than the stored rows or a small fixed width.
+that follows ``k``, not the rows: the callers answer ``engine.result_size.answer_columns(k, n)`` columns (k,
+but never more than ``max(n, PAD_COLUMNS)``), so a huge ``k`` costs no more than the stored rows or a small
+fixed width. Worker threads and the BLAS thread count come from ``engine.threads``.
 
 Result state: per query a binary min-heap of the k best candidates seen so far, worst at index 0, in two
 arrays ``best_scores`` (nq, k) float32 and ``best_rows`` (nq, k) int64 (``heap_init`` fills them with
@@ -41,13 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 from numba import njit, prange
+
+from engine.result_size import ResultTooLarge
+from engine.threads import blas_controllable, blas_single_thread, numba_parallel_guard, worker_pool
 
 # No "nnan"/"ninf": the padding is -inf and comparisons with it must stay exact.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -59,15 +60,6 @@ MIN_PART_ROWS = 8192  # fewest stored rows worth a part of their own
 SMALL_WORK = 1 << 24  # nq * n * d multiply-adds up to this (a few ms): one part, in the calling thread
 ONE_CALL_FLOATS = 1 << 22  # score buffer of that one part: up to 4M floats = 16 MiB
 _GROUP = 64  # scores tested per vectorised count in the merge scan (64: LLVM vectorises the loop)
-PAD_COLUMNS = 1024  # an answer is padded up to k columns, but not past max(n, PAD_COLUMNS)
-
-
-def answer_columns(k: int, n: int) -> int:
-    """How many columns a top-``k`` answer over ``n`` stored rows has: ``min(k, max(n, PAD_COLUMNS))``.
-
-    Up to ``PAD_COLUMNS`` (and up to ``n``) that is ``k`` itself, padding included; beyond, the columns past
-    the ``n`` rows would hold padding only, so they are left out and memory stays bounded by the rows."""
-    return min(k, max(n, PAD_COLUMNS))
 
 
 # -- heaps -------------------------------------------------------------------------------------
@@ -106,10 +98,6 @@ def _push(hs, hr, s, r):
     """Offer (s, r) to a full heap: it replaces the worst entry when it ranks above it."""
     if _better(s, r, hs[0], hr[0]):
         _sift_down(hs, hr, hs.shape[0], s, r)
-
-
-class ResultTooLarge(MemoryError):
-    """The (nq, k) result arrays asked for cannot be allocated (``k`` far beyond the stored rows)."""
 
 
 def heap_init(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,87 +248,6 @@ def fused_topk(queries, vectors, n, nchunks, best_scores, best_rows):
 
 # -- driver --------------------------------------------------------------------------------------
 
-_pools = {}  # threads -> ThreadPoolExecutor
-_pool_lock = threading.Lock()
-_workqueue_lock = threading.Lock()
-
-
-def _reset_after_fork():
-    global _pools, _blas_limiter, _blas_users
-    _pools, _blas_limiter, _blas_users = {}, None, 0
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)  # a child has no worker threads
-
-
-def worker_pool(threads: int) -> ThreadPoolExecutor:
-    """The process-wide pool of ``threads`` worker threads (created once; the k-means kernels share it)."""
-    with _pool_lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-topk")
-        return _pools[threads]
-
-
-def _parallel_guard():
-    """numba's "workqueue" threading layer aborts on concurrent parallel calls: serialise them there."""
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
-        return _workqueue_lock
-    return _workqueue_lock if layer == "workqueue" else contextlib.nullcontext()
-
-
-_blas_controller = None  # threadpoolctl controller of the loaded BLAS libraries, False if none
-_blas_lock = threading.Lock()
-_blas_limiter = None
-_blas_users = 0
-
-
-def _blas():
-    global _blas_controller
-    if _blas_controller is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            ctl = ThreadpoolController().select(user_api="blas")
-            _blas_controller = ctl if ctl.lib_controllers else False
-        except Exception:  # threadpoolctl missing or unable to read the libraries
-            _blas_controller = False
-    return _blas_controller
-
-
-def blas_controllable() -> bool:
-    """Whether the BLAS thread count can be set (threadpoolctl found numpy's BLAS)."""
-    return bool(_blas())
-
-
-@contextlib.contextmanager
-def blas_single_thread():
-    """BLAS at one thread per call while any caller is inside; the original count comes back after the last.
-    Does nothing when threadpoolctl cannot reach the BLAS (``blas_controllable()`` is False)."""
-    global _blas_limiter, _blas_users
-    if not _blas():
-        yield
-        return
-    with _blas_lock:
-        if _blas_users == 0:
-            _blas_limiter = _blas().limit(limits=1)
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                _blas_limiter.restore_original_limits()
-                _blas_limiter = None
-
-
-def default_threads() -> int:
-    """Cores numba would use (NUMBA_NUM_THREADS, default all cores): a natural ``threads`` for worker mode."""
-    return max(1, int(numba.config.NUMBA_NUM_THREADS))
-
-
 def _gemm_part(queries, vectors, lo, hi, k, rows):
     """Heaps of the stored rows ``lo .. hi-1``: BLAS scores block by block, merged as they come."""
     nq = queries.shape[0]
@@ -362,8 +269,8 @@ def topk_ip(queries, vectors, n, k, *, method="auto", threads=None, parts=None, 
     """Exact top-k by inner product of ``queries`` (nq, d) against ``vectors[:n]``; see the module notes.
 
     Returns ``(scores (nq, k) float32, rows (nq, k) int64)``, best first, padded with -inf / -1 (a ``k``
-    whose result arrays cannot be allocated raises ``ResultTooLarge``, a MemoryError; callers bound ``k``
-    with ``answer_columns``, which keeps the padding small).
+    whose result arrays cannot be allocated raises ``engine.result_size.ResultTooLarge``, a MemoryError; callers
+    bound ``k`` with ``answer_columns``, which keeps the padding small).
     ``method``: "auto" (= "gemm"), "gemm" or "fused"; for "gemm": ``threads`` None or 1 searches in the
     calling thread with BLAS's own threads, N >= 2 uses N worker threads over ``parts`` parts of the rows
     (default: 2 per worker, at least ``MIN_PART_ROWS`` rows each) with single-threaded BLAS;
@@ -389,7 +296,7 @@ def topk_ip(queries, vectors, n, k, *, method="auto", threads=None, parts=None, 
     if method == "fused":
         best_scores, best_rows = heap_init(nq, k)
         nchunks = max(1, min(8 * numba.get_num_threads(), n // 4096))
-        with _parallel_guard(), numba.parallel_chunksize(1):
+        with numba_parallel_guard(), numba.parallel_chunksize(1):
             fused_topk(queries, vectors, n, nchunks, best_scores, best_rows)
     else:
         rows = block_rows or max(GEMM_MIN_BLOCK, GEMM_BUFFER_FLOATS // min(nq, GEMM_MAX_QUERIES))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.kernels.topk import blas_single_thread
+from engine.threads import blas_single_thread
 
 
 def cos(a: np.ndarray, b: np.ndarray) -> float:

@@ -75,8 +75,8 @@ import numpy as np
 
 from engine.errors import IndexFileError, InputError
 from engine.fileio import MAX_HEADER, atomic_write, read_payload
-from engine.kernels.ivf import (argmax_labels, copy_lists, group_by_list, merge_gathered, place_rows, scan_grouped,
-                                top_lists)
+from engine.kernels.ivf import (argmax_labels, copy_lists, group_by_list, merge_gathered, place_rows,
+                                prepare_rows, scan_grouped, top_lists)
 from engine.kernels.kmeans import spherical_kmeans
 from engine.kernels.topk import (ResultTooLarge, answer_columns, blas_controllable, blas_single_thread,
                                  default_threads, heap_init, heap_sort, merge_heaps, worker_pool)
@@ -204,7 +204,11 @@ class IVFSearcher:
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self._dim:
             raise InputError(f"{what} must have shape (n, {self._dim}), got {x.shape}")
-        given = x
+        if x.dtype in (np.float32, np.float64):  # one pass in numba (the numpy steps below cost ~20 us a search)
+            out = np.empty(x.shape, dtype=np.float32)
+            if prepare_rows(x, self._metric == "cosine", out) < 0:
+                return out
+        given = x  # float16, or a row to refuse: the numpy steps, which name every offending row
         with np.errstate(over="ignore"):
             x = np.ascontiguousarray(x, dtype=np.float32)
         bad = ~np.isfinite(x).all(axis=1)
@@ -427,12 +431,8 @@ class IVFSearcher:
         that probe it. The lists are cut into runs of about equal work, one per worker thread, each worker
         with its own heaps (merged into ``hs, hr`` at the end)."""
         nq = q.shape[0]
-        sizes = self._sizes
-        offsets, qidx = group_by_list(probes, sizes.shape[0])
-        todo = np.flatnonzero(np.diff(offsets))
-        cost = np.diff(offsets)[todo] * sizes[todo]
-        work = int(cost.sum()) * self._dim
-        threads = self._threads if work >= SMALL_WORK else 1
+        offsets, qidx, todo, cost = group_by_list(probes, self._sizes)
+        threads = self._threads if int(cost.sum()) * self._dim >= SMALL_WORK else 1
         blas = self._method == "blas"
         part = self._part_blas if blas else self._part_numba
         if threads == 1 or todo.shape[0] < 2 or (blas and not blas_controllable()):

@@ -186,6 +186,35 @@ def test_bad_construction_is_refused(kwargs, match):
         IVFSearcher(8, **kwargs)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "ip"])
+def test_vectors_are_stored_as_the_exact_searcher_stores_them(metric):
+    """float16/32/64 input, tiny and huge float64 rows, zero rows: the stored rows are the Searcher's (the fast
+    coercion path agrees with the numpy one to float32 rounding)."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((60, 9)) * 10.0 ** rng.integers(-3, 3, size=(60, 1))
+    x[3] = 0
+    if metric == "cosine":
+        x[4] *= 1e-200  # squares underflow float64: scaled first
+        x[5] *= 1e17  # squares beyond float32, fine in float64
+    small = x.copy()
+    small[4:6] = x[6:8]  # float16 holds neither the tiny nor the huge row
+    inputs = [x, x.astype(np.float32), small.astype(np.float16), np.asfortranarray(x)]
+    for given in inputs:
+        s, exact = IVFSearcher(9, metric=metric, nlist=4), Searcher(9, metric=metric)
+        ids = s.add(given)
+        exact.add(given)
+        np.testing.assert_allclose(s.get(ids), exact.get(ids), rtol=2e-7, atol=1e-30)
+        q = given[:7]
+        np.testing.assert_allclose(s.search(q, 5)[0], exact.search(q, 5)[0], rtol=1e-5, atol=1e-5)
+    if metric == "ip":
+        big = np.ones((3, 9))
+        big[1] = 2e19  # squared norm beyond float32's range
+        with pytest.raises(InputError, match=r"squared norm beyond float32's range .* in rows \[1\] \(1 in all\)"):
+            IVFSearcher(9, metric="ip").add(big)
+    with pytest.raises(InputError, match=r"vectors contain NaN or inf \(after casting to float32\) in rows \[0, 2\]"):
+        IVFSearcher(9, metric=metric).add(np.array([[1e39] * 9, [1.0] * 9, [np.inf] * 9]))
+
+
 def test_bad_input_is_refused_and_changes_nothing():
     s = trained(data(0, 200, 8), nlist=4)
     with pytest.raises(InputError, match="training needs at least nlist = 4 vectors, got 3"):

@@ -130,8 +130,9 @@ def argmax_labels(scores, m, labels, out0):
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
 def scan_grouped(queries, qidx, offsets, lists, vectors, ids, starts, sizes, hs, hr):
     """For each list in ``lists``, score its rows against the queries ``qidx[offsets[l] : offsets[l + 1]]``
-    that probe it and merge into their heaps: the list's rows are read once, four at a time, and stay in
-    cache while every query of the group is scored against them."""
+    that probe it and merge into their heaps. The list is read once: four rows at a time, against two queries
+    at a time (eight dot products sharing each load), so the rows stay in cache while every query of the group
+    is scored. Arrays are indexed in two dimensions in the loops (no row views: measured 1.5x faster)."""
     d = queries.shape[1]
     for li in range(lists.shape[0]):
         lst = lists[li]
@@ -140,42 +141,71 @@ def scan_grouped(queries, qidx, offsets, lists, vectors, ids, starts, sizes, hs,
         i = starts[lst]
         hi = i + sizes[lst]
         while i + 4 <= hi:
-            x0 = vectors[i]
-            x1 = vectors[i + 1]
-            x2 = vectors[i + 2]
-            x3 = vectors[i + 3]
-            for g in range(g0, g1):
-                qi = qidx[g]
-                q = queries[qi]
+            g = g0
+            while g + 2 <= g1:
+                qa = qidx[g]
+                qb = qidx[g + 1]
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
+                u0 = np.float32(0.0)
+                u1 = np.float32(0.0)
+                u2 = np.float32(0.0)
+                u3 = np.float32(0.0)
+                for t in range(d):
+                    at = queries[qa, t]
+                    bt = queries[qb, t]
+                    v0 = vectors[i, t]
+                    v1 = vectors[i + 1, t]
+                    v2 = vectors[i + 2, t]
+                    v3 = vectors[i + 3, t]
+                    s0 += at * v0
+                    s1 += at * v1
+                    s2 += at * v2
+                    s3 += at * v3
+                    u0 += bt * v0
+                    u1 += bt * v1
+                    u2 += bt * v2
+                    u3 += bt * v3
+                if max(max(s0, s1), max(s2, s3)) >= hs[qa, 0]:
+                    _offer4(hs[qa], hr[qa], s0, s1, s2, s3, ids, i)
+                if max(max(u0, u1), max(u2, u3)) >= hs[qb, 0]:
+                    _offer4(hs[qb], hr[qb], u0, u1, u2, u3, ids, i)
+                g += 2
+            if g < g1:
+                qa = qidx[g]
                 s0 = np.float32(0.0)
                 s1 = np.float32(0.0)
                 s2 = np.float32(0.0)
                 s3 = np.float32(0.0)
                 for t in range(d):
-                    a = q[t]
-                    s0 += a * x0[t]
-                    s1 += a * x1[t]
-                    s2 += a * x2[t]
-                    s3 += a * x3[t]
-                bs = hs[qi]
-                if max(max(s0, s1), max(s2, s3)) >= bs[0]:
-                    br = hr[qi]
-                    _offer(bs, br, s0, ids[i])
-                    _offer(bs, br, s1, ids[i + 1])
-                    _offer(bs, br, s2, ids[i + 2])
-                    _offer(bs, br, s3, ids[i + 3])
+                    at = queries[qa, t]
+                    s0 += at * vectors[i, t]
+                    s1 += at * vectors[i + 1, t]
+                    s2 += at * vectors[i + 2, t]
+                    s3 += at * vectors[i + 3, t]
+                if max(max(s0, s1), max(s2, s3)) >= hs[qa, 0]:
+                    _offer4(hs[qa], hr[qa], s0, s1, s2, s3, ids, i)
             i += 4
         while i < hi:
-            x0 = vectors[i]
             for g in range(g0, g1):
-                qi = qidx[g]
-                q = queries[qi]
+                qa = qidx[g]
                 s0 = np.float32(0.0)
                 for t in range(d):
-                    s0 += q[t] * x0[t]
-                if s0 >= hs[qi, 0]:
-                    _offer(hs[qi], hr[qi], s0, ids[i])
+                    s0 += queries[qa, t] * vectors[i, t]
+                if s0 >= hs[qa, 0]:
+                    _offer(hs[qa], hr[qa], s0, ids[i])
             i += 1
+
+
+@njit(cache=True, inline="always")
+def _offer4(bs, br, s0, s1, s2, s3, ids, i):
+    """Offer the scores of rows i .. i+3 to one query's heap."""
+    _offer(bs, br, s0, ids[i])
+    _offer(bs, br, s1, ids[i + 1])
+    _offer(bs, br, s2, ids[i + 2])
+    _offer(bs, br, s3, ids[i + 3])
 
 
 @njit(cache=True, nogil=True)
@@ -201,17 +231,22 @@ def top_lists(cs, sizes, nprobe, probes):
 
 
 @njit(cache=True, nogil=True)
-def group_by_list(probes, nlists):
+def group_by_list(probes, sizes):
     """The (query, list) pairs of ``probes`` (nq, p; -1: none) grouped by list: ``qidx[offsets[l] :
-    offsets[l + 1]]`` are the queries that probe list ``l``, in increasing order."""
+    offsets[l + 1]]`` are the queries that probe list ``l``, in increasing order; ``todo`` the lists probed
+    that hold vectors, in increasing order, and ``cost`` for each, its size times its queries."""
     nq, p = probes.shape
+    nlists = sizes.shape[0]
     offsets = np.zeros(nlists + 1, dtype=np.int64)
     for i in range(nq):
         for j in range(p):
             lst = probes[i, j]
             if lst >= 0:
                 offsets[lst + 1] += 1
+    ntodo = 0
     for lst in range(nlists):
+        if offsets[lst + 1] > 0 and sizes[lst] > 0:
+            ntodo += 1
         offsets[lst + 1] += offsets[lst]
     fill = offsets[:-1].copy()
     qidx = np.empty(offsets[nlists], dtype=np.int64)
@@ -221,4 +256,57 @@ def group_by_list(probes, nlists):
             if lst >= 0:
                 qidx[fill[lst]] = i
                 fill[lst] += 1
-    return offsets, qidx
+    todo = np.empty(ntodo, dtype=np.int64)
+    cost = np.empty(ntodo, dtype=np.int64)
+    t = 0
+    for lst in range(nlists):
+        m = offsets[lst + 1] - offsets[lst]
+        if m > 0 and sizes[lst] > 0:
+            todo[t] = lst
+            cost[t] = m * sizes[lst]
+            t += 1
+    return offsets, qidx, todo, cost
+
+
+_SMALL_NORM = 1e-140  # below this a row's squared values may have underflowed float64 (as engine.searcher)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+@njit(cache=True, nogil=True)
+def prepare_rows(x, cosine, out):
+    """``out`` = the rows of ``x`` (float32 or float64) as float32; with ``cosine`` each row divided by its L2
+    norm first, in float64 from the values given (a row whose squares could underflow is scaled by its largest
+    magnitude first; a zero row stays zero). Returns -1, or the first row the caller must refuse (and then
+    re-examines to name them all): one holding NaN or inf once cast to float32, or, without ``cosine``, one
+    whose squared norm (of the float32 values, in float64) exceeds float32's range."""
+    n, d = x.shape
+    for i in range(n):
+        sq = 0.0
+        peak = 0.0
+        for t in range(d):
+            v32 = np.float32(x[i, t])
+            if not np.isfinite(v32):
+                return i
+            v = np.float64(x[i, t]) if cosine else np.float64(v32)
+            sq += v * v
+            peak = max(peak, abs(v))
+        if not cosine:
+            if sq > _F32_MAX:
+                return i
+            for t in range(d):
+                out[i, t] = np.float32(x[i, t])
+            continue
+        scale = 1.0
+        norm = np.sqrt(sq)
+        if norm < _SMALL_NORM and peak > 0.0:
+            scale = peak
+            sq = 0.0
+            for t in range(d):
+                v = np.float64(x[i, t]) / scale
+                sq += v * v
+            norm = np.sqrt(sq)
+        if norm == 0.0:
+            norm = 1.0
+        for t in range(d):
+            out[i, t] = np.float32(np.float64(x[i, t]) / scale / norm)
+    return -1

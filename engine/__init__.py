@@ -9,6 +9,7 @@ from importlib import import_module
 
 _PUBLIC = {
     "Searcher": "engine.searcher",
+    "IVFSearcher": "engine.ivf",
     "MemoryBank": "engine.memory_bank",
     "Encoder": "engine.encoder",
     "StreamComparator": "engine.stream",

@@ -1,0 +1,658 @@
+"""Approximate similarity search with an inverted-file index: ``IVFSearcher``.
+
+    s = IVFSearcher(128, nlist=1024)              # cosine; IVFSearcher(128, metric="ip") for inner product
+    ids = s.add(vectors)                          # trains itself once it holds 32 * nlist vectors
+    scores, ids = s.search(queries, k=10)         # probes s.nprobe lists per query (default 16)
+    scores, ids = s.search(queries, 10, nprobe=64)  # more lists: higher recall, slower
+    s.save("index.lkv"); s = IVFSearcher.load("index.lkv")
+
+Contract (that of ``engine.searcher.Searcher``, except that answers are approximate once trained)
+- Coarse quantiser: ``nlist`` unit centroids from the project's spherical k-means
+  (``engine.kernels.kmeans.spherical_kmeans``, ``KMEANS_ITERATIONS`` iterations, k-means++ seeded by
+  ``seed``) over a sample of at most ``train_size`` vectors (default ``TRAIN_PER_LIST * nlist``), L2-normalised
+  first (also under ``metric="ip"``). Every stored vector belongs to the list of its centroid of highest inner
+  product (lowest list on ties); a query probes the ``nprobe`` lists whose centroids score highest against it,
+  and its answer is the exact top-k of the vectors in those lists. ``nprobe`` is the recall/speed knob:
+  ``search(..., nprobe=p)`` for one search, the ``nprobe`` attribute for the default; ``nprobe >= nlist``
+  scans every list, which is exact search.
+- Training: ``train(sample)`` (any number of vectors >= ``nlist``; a random subset of ``train_size`` of them
+  is used when there are more) at any time, which also moves the vectors already stored to their new lists;
+  else the index trains itself, on a sample of what it holds, at the ``add`` that brings it to
+  ``TRAIN_MIN_PER_LIST * nlist`` vectors. Until trained, the vectors sit in one list that every search scans:
+  answers are exact.
+- Inputs, ids, ``add`` / ``remove`` / ``get``, the padding and the answer's width are as for ``Searcher``
+  (cosine: rows L2-normalised in float64 and stored as float32; NaN / inf / non-float refused with
+  ``InputError``; ``k'`` = ``min(k, max(len(index), 1024))`` columns, padded with id -1 and score -inf).
+  ``search(queries, k)`` returns ``(scores (nq, k') float32, ids (nq, k') int64)``, best first; on equal
+  scores the lower id comes first (whatever the order the vectors sit in). With fewer than k vectors in the
+  probed lists the answer is padded too.
+- Thread-safe: searches run concurrently with each other; ``add`` / ``remove`` / ``train`` wait for them and
+  run alone (the readers-writer lock of ``Searcher``), so every answer reflects one consistent state. The
+  k-means of an explicit ``train(sample)`` runs before taking the lock (searches go on meanwhile); that of
+  the automatic training runs inside ``add``.
+
+Storage: the vectors sorted by list into one contiguous (capacity, dim) float32 array, list ``l`` at rows
+``starts[l] .. starts[l] + sizes[l] - 1`` with free slack after it (``SLACK`` of its size, at least
+``MIN_SLACK`` rows), and their ids in an int64 array at the same rows. ``add`` appends into the slack;
+when a list has no room left, every list is copied to a new array with fresh slack (the copies amortise
+like a growing array's). ``remove`` moves the list's last row into the hole.
+
+Search: the coarse scores are one BLAS product (queries x centroids); then
+- up to ``GROUPED_MIN_QUERIES - 1`` queries: a numba kernel scans, per query, its probed lists in order of
+  centroid score (four stored rows per pass over the query, one heap per query); work is split over
+  ``threads`` worker threads by query, or for fewer queries than threads by probed list (heaps merged after);
+- more queries: the (query, list) pairs are grouped by list, and each probed list is scored against all the
+  queries that probe it by one BLAS product (contiguous list rows, gathered queries), merged into the
+  queries' heaps by numba; the lists are split over the worker threads (BLAS at one thread each meanwhile),
+  each with its own heaps, merged at the end.
+Small searches (below ``SMALL_WORK`` multiply-adds) stay in the calling thread. Memory beyond the index:
+the heaps, the coarse scores (nq, nlist), the probe table and a ``SCORE_BUFFER_FLOATS`` buffer per worker.
+
+File format (``save`` / ``load``), version 1: one header line ``LOOKALIKE-IVF {json}\\n``, then the payload:
+the centroids (nlist x dim float32; absent while untrained), the list offsets (lists + 1, int64: list ``l``
+is rows ``offsets[l] .. offsets[l+1]-1``; one list while untrained), the ids (count int64) and the vectors
+(count x dim float32), all little-endian, the vectors and ids sorted by list. The header holds
+``format_version``, ``dim``, ``metric``, ``count``, ``next_id``, ``nlist``, ``nprobe``, ``train_size``,
+``seed``, ``trained`` and ``sha256``, the digest of the header's other fields (canonical JSON) followed by the
+payload. Written atomically (``engine.fileio.atomic_write``). ``load`` reads the header line first and the
+payload only when the file's size is the one the header gives, checks the digest, and refuses with
+``IndexFileError`` naming the path, even under a correct digest, what ``add`` / ``train`` could never have
+written: offsets that do not rise from 0 to count, a negative or repeated id, a ``next_id`` not above every
+id, NaN or inf, a cosine vector neither unit nor zero, an ip vector whose squared norm exceeds float32's
+range, a centroid neither unit nor zero. (Whether each vector sits in its centroid's list is not checked:
+a misplaced vector costs recall, never a wrong score; ``nprobe >= nlist`` still finds it.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import IndexFileError, InputError
+from engine.fileio import MAX_HEADER, atomic_write, read_payload
+from engine.kernels.ivf import (argmax_labels, copy_lists, group_by_list, merge_gathered, place_rows,
+                                prepare_rows, scan_grouped, top_lists)
+from engine.kernels.kmeans import spherical_kmeans
+from engine.kernels.topk import (ResultTooLarge, answer_columns, blas_controllable, blas_single_thread,
+                                 default_threads, heap_init, heap_sort, merge_heaps, worker_pool)
+from engine.searcher import (METRICS, _F32_MAX, _MAX_ID, _RWLock, _contents_problem, _normalised,
+                             _positive_int, _rows_named, _sq_norms)
+
+MAGIC = b"LOOKALIKE-IVF "
+FORMAT_VERSION = 1
+TRAIN_MIN_PER_LIST = 32  # the index trains itself once it holds this many vectors per list
+TRAIN_PER_LIST = 64  # default k-means sample: this many vectors per list
+KMEANS_ITERATIONS = 20
+SLACK = 0.125  # free rows left after each list when the layout is rebuilt, as a fraction of its size ...
+MIN_SLACK = 8  # ... and at least this many
+SMALL_WORK = 1 << 21  # multiply-adds below which a search stays in the calling thread
+SCORE_BUFFER_FLOATS = 1 << 18  # per worker in grouped search: 1 MiB of scores, stays in cache
+QUERY_TILE = 512  # queries per BLAS product in grouped search
+MIN_BLOCK = 64  # fewest stored rows per BLAS product
+ASSIGN_BUFFER_FLOATS = 1 << 20  # coarse scores per block when assigning vectors to lists
+PARALLEL_ASSIGN_ROWS = 16384  # vectors assigned in worker threads from this many
+_CENTROID_TOL = 1e-5  # a stored centroid is unit (within float32 rounding of a float64-normalised row) or zero
+
+
+class IVFSearcher:
+    """Approximate top-k search through an inverted-file index; see the module docstring."""
+
+    def __init__(self, dim, *, metric="cosine", nlist=1024, nprobe=16, train_size=None, seed=0, threads=None):
+        self._dim = _positive_int(dim, "dim")
+        if not isinstance(metric, str) or metric.lower() not in METRICS:
+            raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
+        self._metric = metric.lower()
+        self._nlist = _positive_int(nlist, "nlist")
+        self._nprobe = _positive_int(nprobe, "nprobe")
+        self._train_size = TRAIN_PER_LIST * self._nlist if train_size is None else _positive_int(
+            train_size, "train_size")
+        if self._train_size < self._nlist:
+            raise InputError(f"train_size must be at least nlist ({self._nlist}), got {self._train_size}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InputError(f"seed must be an int >= 0, got {seed!r}")
+        self._seed = int(seed)
+        self._threads = default_threads() if threads is None else _positive_int(threads, "threads")
+        self._centroids = None  # (nlist, dim) float32 unit rows once trained
+        self._method = "numba"  # how lists are scored: "numba" (scan_grouped) or "blas" (measured slower)
+        self._lock = _RWLock()
+        self._set_layout(np.zeros(1, np.int64), *_empty_storage(0, self._dim))
+        self._row = {}  # id -> row
+        self._n = 0
+        self._next_id = 0
+
+    def _set_layout(self, sizes, vectors, ids, starts=None):
+        self._sizes = sizes  # (lists,) rows in use per list
+        self._vectors = vectors  # (capacity, dim)
+        self._ids = ids  # (capacity,)
+        self._starts = np.array([0, vectors.shape[0]], np.int64) if starts is None else starts  # (lists + 1,)
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    @property
+    def nlist(self) -> int:
+        return self._nlist
+
+    @property
+    def nprobe(self) -> int:
+        """Lists probed per query by default (``search(..., nprobe=p)`` overrides it for one search)."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value):
+        self._nprobe = _positive_int(value, "nprobe")
+
+    @property
+    def is_trained(self) -> bool:
+        return self._centroids is not None
+
+    @property
+    def centroids(self):
+        """The (nlist, dim) float32 centroids (a copy), or None while untrained."""
+        c = self._centroids
+        return None if c is None else c.copy()
+
+    @property
+    def list_sizes(self) -> np.ndarray:
+        """Vectors per list (a copy): nlist entries once trained, one before."""
+        with self._lock.read():
+            return self._sizes.copy()
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The stored ids, list by list (a copy)."""
+        with self._lock.read():
+            return self._ids[self._used_rows()].copy()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, id_) -> bool:
+        return id_ in self._row
+
+    def __repr__(self) -> str:
+        state = "trained" if self.is_trained else "untrained"
+        return (f"IVFSearcher(dim={self._dim}, metric={self._metric!r}, nlist={self._nlist}, "
+                f"nprobe={self._nprobe}, count={self._n}, {state})")
+
+    def _used_rows(self) -> np.ndarray:
+        """The rows in use, list by list, in row order."""
+        caps = np.diff(self._starts)
+        offset = np.arange(self._starts[-1]) - np.repeat(self._starts[:-1], caps)
+        return np.flatnonzero(offset < np.repeat(self._sizes, caps))
+
+    # -- input coercion ----------------------------------------------------------------------------
+    def _coerce(self, x, what: str, *, allow_1d: bool) -> np.ndarray:
+        """(n, dim) C-contiguous float32, finite, normalised for cosine; 1-D of length dim -> (1, dim)."""
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise InputError(f"{what} must be a real floating-point array (float16/32/64), got dtype {x.dtype}")
+        if x.ndim == 1 and allow_1d:
+            if x.shape[0] != self._dim:
+                raise InputError(f"one query must have shape ({self._dim},), got {x.shape}")
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self._dim:
+            raise InputError(f"{what} must have shape (n, {self._dim}), got {x.shape}")
+        if x.dtype in (np.float32, np.float64):  # one pass in numba (the numpy steps below cost ~20 us a search)
+            out = np.empty(x.shape, dtype=np.float32)
+            if prepare_rows(x, self._metric == "cosine", out) < 0:
+                return out
+        given = x  # float16, or a row to refuse: the numpy steps, which name every offending row
+        with np.errstate(over="ignore"):
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise InputError(f"{what} contain NaN or inf (after casting to float32) in rows {_rows_named(bad)}")
+        if self._metric == "cosine":
+            x = _normalised(given)
+        else:
+            big = _sq_norms(x) > _F32_MAX
+            if big.any():
+                raise InputError(f"{what} have a squared norm beyond float32's range (scores would overflow) in "
+                                 f"rows {_rows_named(big)}")
+        return x
+
+    @staticmethod
+    def _coerce_ids(ids, what="ids") -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr[None]
+        if arr.ndim != 1:
+            raise InputError(f"{what} must be a 1-D array of ints, got shape {arr.shape}")
+        if arr.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if arr.dtype.kind not in "iu":
+            raise InputError(f"{what} must be integers, got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.max() > _MAX_ID:
+            raise InputError(f"{what} must fit in int64, got {int(arr.max())}")
+        return arr.astype(np.int64)
+
+    # -- training --------------------------------------------------------------------------------
+    def train(self, sample) -> None:
+        """Fit the ``nlist`` centroids to ``sample`` (m >= nlist, dim) and move the stored vectors to their
+        lists. Runs the k-means before taking the lock; nothing changes when it raises."""
+        x = self._coerce(sample, "training vectors", allow_1d=False)
+        if x.shape[0] < self._nlist:
+            raise InputError(f"training needs at least nlist = {self._nlist} vectors, got {x.shape[0]}")
+        centroids = self._kmeans(x)
+        with self._lock.write():
+            stored = self._used_rows()
+            vectors, ids = self._vectors[stored], self._ids[stored]
+            self._centroids = centroids
+            self._build(vectors, ids)
+
+    def _kmeans(self, x: np.ndarray) -> np.ndarray:
+        """Unit centroids (nlist, dim) of (a ``train_size`` subset of) the coerced vectors ``x``."""
+        if x.shape[0] > self._train_size:
+            rng = np.random.default_rng(self._seed)
+            x = x[np.sort(rng.choice(x.shape[0], size=self._train_size, replace=False))]
+        if self._metric == "ip":
+            x = _normalised(x)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return spherical_kmeans(x, self._nlist, iterations=KMEANS_ITERATIONS, seed=self._seed).centroids
+
+    def _assign(self, x: np.ndarray) -> np.ndarray:
+        """The list of each row of ``x`` (m,) int64: its centroid of highest inner product."""
+        m = x.shape[0]
+        labels = np.zeros(m, dtype=np.int64)
+        if self._centroids is None or m == 0:
+            return labels
+        ct = np.ascontiguousarray(self._centroids.T)
+        block = max(MIN_BLOCK, ASSIGN_BUFFER_FLOATS // self._nlist)
+
+        def part(lo, hi):
+            buf = np.empty((min(block, hi - lo), self._nlist), dtype=np.float32)
+            for r0 in range(lo, hi, block):
+                r1 = min(hi, r0 + block)
+                out = buf[: r1 - r0]
+                np.matmul(x[r0:r1], ct, out=out)
+                argmax_labels(out, r1 - r0, labels, r0)
+
+        parts = self._threads if m >= PARALLEL_ASSIGN_ROWS and blas_controllable() else 1
+        if parts == 1:
+            part(0, m)
+        else:
+            step = math.ceil(m / parts)
+            with blas_single_thread():
+                futures = [worker_pool(parts).submit(part, lo, min(m, lo + step)) for lo in range(0, m, step)]
+                for f in futures:
+                    f.result()
+        return labels
+
+    # -- layout ----------------------------------------------------------------------------------
+    def _build(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Lay out these vectors and ids afresh (assigned to the current centroids); caller holds the lock."""
+        labels = self._assign(vectors)
+        lists = self._nlist if self._centroids is not None else 1
+        sizes = np.bincount(labels, minlength=lists).astype(np.int64)
+        starts = _starts_for(sizes)
+        new_vectors, new_ids = _empty_storage(int(starts[-1]), self._dim)
+        self._set_layout(np.zeros(lists, np.int64), new_vectors, new_ids, starts)
+        rows = np.empty(ids.shape[0], dtype=np.int64)
+        place_rows(vectors, ids, labels, self._vectors, self._ids, self._starts, self._sizes, rows)
+        self._row = dict(zip(ids.tolist(), rows.tolist()))
+
+    def _make_room(self, extra: np.ndarray) -> None:
+        """Ensure list ``l`` can take ``extra[l]`` more rows; relays every list out when one cannot."""
+        needed = self._sizes + extra
+        if (needed <= np.diff(self._starts)).all():
+            return
+        starts = _starts_for(needed)
+        vectors, ids = _empty_storage(int(starts[-1]), self._dim)
+        copy_lists(self._vectors, self._ids, self._starts, self._sizes, vectors, ids, starts)
+        self._set_layout(self._sizes, vectors, ids, starts)
+        rows = self._used_rows()
+        self._row = dict(zip(self._ids[rows].tolist(), rows.tolist()))
+
+    # -- mutation --------------------------------------------------------------------------------
+    def add(self, vectors, ids=None) -> np.ndarray:
+        """Store ``vectors`` (n, dim); returns their ids (int64). Nothing is stored when it raises."""
+        x = self._coerce(vectors, "vectors", allow_1d=False)
+        m = x.shape[0]
+        with self._lock.write():
+            new_ids = self._new_ids(m, ids)
+            if m == 0:
+                return new_ids
+            if self._centroids is None and self._n + m >= TRAIN_MIN_PER_LIST * self._nlist:
+                stored = self._used_rows()
+                everything = np.concatenate([self._vectors[stored], x])
+                all_ids = np.concatenate([self._ids[stored], new_ids])
+                self._centroids = self._kmeans(everything)
+                self._build(everything, all_ids)
+            else:
+                labels = self._assign(x)
+                self._make_room(np.bincount(labels, minlength=self._sizes.shape[0]))
+                rows = np.empty(m, dtype=np.int64)
+                place_rows(x, new_ids, labels, self._vectors, self._ids, self._starts, self._sizes, rows)
+                self._row.update(zip(new_ids.tolist(), rows.tolist()))
+            self._n += m
+            self._next_id = max(self._next_id, int(new_ids.max()) + 1)
+            return new_ids.copy()
+
+    def _new_ids(self, m: int, ids) -> np.ndarray:
+        """The ids of ``m`` new vectors: ``ids`` checked, or the next automatic ones; caller holds the lock."""
+        if ids is None:
+            if self._next_id + m - 1 > _MAX_ID:
+                raise InputError(
+                    f"no automatic ids left for {m} vectors: the next would be {self._next_id}, past int64's "
+                    f"{_MAX_ID} (an id that high was given); give ids explicitly")
+            return np.arange(self._next_id, self._next_id + m, dtype=np.int64)
+        new_ids = self._coerce_ids(ids)
+        if new_ids.shape[0] != m:
+            raise InputError(f"got {m} vectors but {new_ids.shape[0]} ids")
+        if m and new_ids.min() < 0:
+            raise InputError(f"ids must be >= 0 (-1 marks a missing hit), got {int(new_ids.min())}")
+        uniq, counts = np.unique(new_ids, return_counts=True)
+        if (counts > 1).any():
+            raise InputError(f"id {int(uniq[counts > 1][0])} is given more than once")
+        present = [i for i in new_ids.tolist() if i in self._row]
+        if present:
+            more = f" (and {len(present) - 1} more)" if len(present) > 1 else ""
+            raise InputError(f"id {present[0]} is already in the index{more}")
+        return new_ids
+
+    def remove(self, ids) -> int:
+        """Remove the vectors with these ids; returns how many were removed (unknown ids are ignored)."""
+        todo = self._coerce_ids(ids)
+        removed = 0
+        with self._lock.write():
+            starts, sizes = self._starts, self._sizes
+            for id_ in todo.tolist():
+                row = self._row.pop(id_, None)
+                if row is None:
+                    continue
+                lst = int(np.searchsorted(starts, row, side="right")) - 1
+                last = int(starts[lst] + sizes[lst]) - 1
+                if row != last:  # move the list's last row into the hole
+                    moved = int(self._ids[last])
+                    self._vectors[row] = self._vectors[last]
+                    self._ids[row] = moved
+                    self._row[moved] = row
+                sizes[lst] -= 1
+                removed += 1
+            self._n -= removed
+        return removed
+
+    def get(self, ids) -> np.ndarray:
+        """The stored vectors of ``ids``, (m, dim) float32 (normalised for cosine); unknown id -> KeyError."""
+        want = self._coerce_ids(ids)
+        with self._lock.read():
+            rows = np.empty(want.shape[0], dtype=np.int64)
+            for i, id_ in enumerate(want.tolist()):
+                try:
+                    rows[i] = self._row[id_]
+                except KeyError:
+                    raise KeyError(f"id {id_} is not in the index") from None
+            return self._vectors[rows]
+
+    # -- search ----------------------------------------------------------------------------------
+    def search(self, queries, k: int, *, nprobe=None):
+        """Top-k of each query among the vectors of its ``nprobe`` (default ``self.nprobe``) best lists:
+        ``(scores (nq, k') float32, ids (nq, k') int64)``, best first; see the module docstring."""
+        k = _positive_int(k, "k")
+        nprobe = self._nprobe if nprobe is None else _positive_int(nprobe, "nprobe")
+        q = self._coerce(queries, "queries", allow_1d=True)
+        with self._lock.read():
+            n = self._n
+            cols = answer_columns(k, n)
+            try:
+                hs, hr = heap_init(q.shape[0], cols)
+            except ResultTooLarge as e:
+                raise InputError(f"k = {k} is too large: {e} (the index holds {n} vectors)") from None
+            if n and q.shape[0]:
+                self._scan(q, self._probes(q, nprobe), hs, hr)
+        heap_sort(hs, hr)
+        return hs, hr
+
+    def _probes(self, q: np.ndarray, nprobe: int) -> np.ndarray:
+        """(nq, p) int64: each query's non-empty lists to scan, best centroid first (-1: none)."""
+        if self._centroids is None:
+            return np.zeros((q.shape[0], 1), dtype=np.int64)
+        nprobe = min(nprobe, self._nlist)
+        probes = np.empty((q.shape[0], nprobe), dtype=np.int64)
+        top_lists(q @ self._centroids.T, self._sizes, nprobe, probes)
+        return probes
+
+    def _scan(self, q, probes, hs, hr) -> None:
+        """Merge the vectors of each query's probed lists into its heap; caller holds the read lock.
+
+        The (query, list) pairs are grouped by list; each list is read once and scored against the queries
+        that probe it. The lists are cut into runs of about equal work, one per worker thread, each worker
+        with its own heaps (merged into ``hs, hr`` at the end)."""
+        nq = q.shape[0]
+        offsets, qidx, todo, cost = group_by_list(probes, self._sizes)
+        threads = self._threads if int(cost.sum()) * self._dim >= SMALL_WORK else 1
+        blas = self._method == "blas"
+        part = self._part_blas if blas else self._part_numba
+        if threads == 1 or todo.shape[0] < 2 or (blas and not blas_controllable()):
+            part(q, todo, qidx, offsets, hs, hr)
+            return
+        cuts = _balanced_cuts(cost, threads)
+        parts = [todo[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        heaps = [(hs, hr)] + [heap_init(nq, hs.shape[1]) for _ in parts[1:]]
+        pool = worker_pool(threads)
+        with blas_single_thread() if blas else contextlib.nullcontext():
+            futures = [pool.submit(part, q, lists, qidx, offsets, s, r) for lists, (s, r) in zip(parts, heaps)]
+            for f in futures:
+                f.result()
+        for s, r in heaps[1:]:
+            merge_heaps(s, r, hs, hr)
+
+    def _part_numba(self, q, lists, qidx, offsets, hs, hr) -> None:
+        scan_grouped(q, qidx, offsets, lists, self._vectors, self._ids, self._starts, self._sizes, hs, hr)
+
+    def _part_blas(self, q, lists, qidx, offsets, hs, hr) -> None:
+        """As ``_part_numba``, with each list's scores from one BLAS product against its gathered queries."""
+        vectors, ids, starts, sizes = self._vectors, self._ids, self._starts, self._sizes
+        tile = min(QUERY_TILE, int(np.diff(offsets)[lists].max()))
+        qbuf = np.empty((tile, self._dim), dtype=np.float32)
+        sbuf = np.empty(max(SCORE_BUFFER_FLOATS, tile * MIN_BLOCK), dtype=np.float32)
+        for lst in lists.tolist():
+            lo = int(starts[lst])
+            hi = lo + int(sizes[lst])
+            group = qidx[offsets[lst] : offsets[lst + 1]]
+            for g0 in range(0, group.shape[0], tile):
+                g = group[g0 : g0 + tile]
+                m = g.shape[0]
+                qb = np.take(q, g, axis=0, out=qbuf[:m])
+                block = max(MIN_BLOCK, sbuf.shape[0] // m)
+                for r0 in range(lo, hi, block):
+                    r1 = min(hi, r0 + block)
+                    out = sbuf[: m * (r1 - r0)].reshape(m, r1 - r0)
+                    np.matmul(qb, vectors[r0:r1].T, out=out)
+                    merge_gathered(out, m, r1 - r0, g, ids[r0:r1], hs, hr)
+
+    # -- files -----------------------------------------------------------------------------------
+    def _header(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "dim": self._dim,
+            "metric": self._metric,
+            "count": self._n,
+            "next_id": self._next_id,
+            "nlist": self._nlist,
+            "nprobe": self._nprobe,
+            "train_size": self._train_size,
+            "seed": self._seed,
+            "trained": self._centroids is not None,
+        }
+
+    def save(self, path) -> None:
+        """Write the index to ``path`` atomically (see the module docstring for the format)."""
+        path = Path(path)
+        with self._lock.read():
+            rows = self._used_rows()
+            centroids = np.zeros((0, self._dim), "<f4") if self._centroids is None else self._centroids
+            arrays = (np.ascontiguousarray(centroids, dtype="<f4"),
+                      np.concatenate([[0], np.cumsum(self._sizes)]).astype("<i8"),
+                      np.ascontiguousarray(self._ids[rows], dtype="<i8"),
+                      np.ascontiguousarray(self._vectors[rows], dtype="<f4"))
+            header = self._header()
+        digest = _digest(header, arrays)
+        line = MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n"
+        atomic_write(path, line, *(memoryview(a.reshape(-1)).cast("B") for a in arrays))
+
+    @classmethod
+    def load(cls, path, *, threads=None) -> "IVFSearcher":
+        """Read an index written by ``save``; damaged files raise ``IndexFileError`` naming the path."""
+        path = Path(path)
+        header, digest, body = _read_file(path)
+        dim, count, nlist, trained = header["dim"], header["count"], header["nlist"], header["trained"]
+        lists = nlist if trained else 1
+        sizes = (nlist * dim if trained else 0, lists + 1, count, count * dim)
+        ends = np.cumsum([0, sizes[0] * 4, sizes[1] * 8, sizes[2] * 8, sizes[3] * 4])
+        centroids = np.frombuffer(body, "<f4", sizes[0], int(ends[0])).reshape(-1, dim)
+        offsets = np.frombuffer(body, "<i8", sizes[1], int(ends[1]))
+        ids = np.frombuffer(body, "<i8", sizes[2], int(ends[2]))
+        vectors = np.frombuffer(body, "<f4", sizes[3], int(ends[3])).reshape(count, dim)
+        if _digest(header, (centroids, offsets, ids, vectors)) != digest:
+            raise IndexFileError(f"{path}: checksum mismatch, the index file was altered or damaged")
+        problem = _layout_problem(offsets, count) or _contents_problem(ids, vectors, header["metric"],
+                                                                       header["next_id"])
+        if problem is None and trained:
+            problem = _centroid_problem(centroids)
+        if problem:
+            raise IndexFileError(f"{path}: damaged index: {problem}")
+        s = cls(dim, metric=header["metric"], nlist=nlist, nprobe=header["nprobe"],
+                train_size=header["train_size"], seed=header["seed"], threads=threads)
+        if trained:
+            s._centroids = centroids.astype(np.float32)
+        sizes = np.diff(offsets).astype(np.int64)
+        starts = _starts_for(sizes)
+        new_vectors, new_ids = _empty_storage(int(starts[-1]), dim)
+        s._set_layout(sizes, new_vectors, new_ids, starts)
+        rows = s._used_rows()  # the file's rows, list by list, in the new layout (with slack)
+        new_vectors[rows] = vectors
+        new_ids[rows] = ids
+        s._row = dict(zip(ids.tolist(), rows.tolist()))
+        s._n = count
+        s._next_id = header["next_id"]
+        return s
+
+
+def _empty_storage(rows: int, dim: int):
+    return np.empty((rows, dim), dtype=np.float32), np.full(rows, -1, dtype=np.int64)
+
+
+def _starts_for(sizes: np.ndarray) -> np.ndarray:
+    """Starts (lists + 1,) of a layout holding ``sizes`` rows per list plus slack."""
+    caps = sizes + np.maximum(MIN_SLACK, (sizes * SLACK).astype(np.int64))
+    starts = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
+    np.cumsum(caps, out=starts[1:])
+    return starts
+
+
+def _balanced_cuts(cost: np.ndarray, parts: int) -> list[int]:
+    """Cut points 0 = c0 <= c1 <= ... <= c_parts = len(cost) splitting ``cost`` into contiguous runs of
+    about equal sums."""
+    total = np.cumsum(cost, dtype=np.float64)
+    if total.shape[0] == 0 or total[-1] <= 0:
+        return [0] * parts + [int(cost.shape[0])]
+    marks = total[-1] * np.arange(1, parts) / parts
+    return [0, *np.searchsorted(total, marks, side="left").tolist(), int(cost.shape[0])]
+
+
+def _digest(header: dict, arrays) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for a in arrays:
+        h.update(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B"))
+    return h.hexdigest()
+
+
+def _layout_problem(offsets: np.ndarray, count: int) -> str | None:
+    """Why ``offsets`` (lists + 1,) cannot delimit lists of ``count`` rows, or None."""
+    sizes = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != count or (sizes < 0).any():
+        bad = np.flatnonzero(sizes < 0)
+        where = f" (list {int(bad[0])} would hold {int(sizes[bad[0]])} vectors)" if bad.size else ""
+        return (f"list offsets must rise from 0 to count {count}, got {int(offsets[0])} .. {int(offsets[-1])}"
+                f"{where}")
+    return None
+
+
+def _centroid_problem(centroids: np.ndarray) -> str | None:
+    sq = _sq_norms(centroids)
+    off = ~np.isfinite(sq) | ((np.abs(np.sqrt(sq) - 1.0) > _CENTROID_TOL) & (sq != 0))
+    if off.any():
+        return f"centroids must be finite unit (or zero) vectors, but rows {_rows_named(off)} are not"
+    return None
+
+
+def _read_file(path: Path) -> tuple[dict, str, bytes]:
+    """(header without its sha256, that sha256, payload), the header's fields checked, the payload read only
+    when its size is the one the header gives."""
+    try:
+        with open(path, "rb") as f:
+            line = f.read(len(MAGIC))
+            if line == MAGIC:
+                line += f.readline(MAX_HEADER)
+            if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+                raise IndexFileError(
+                    f"{path} is not a lookalike IVF index file (no '{MAGIC.decode().strip()}' header line)")
+            header = _header_fields(path, line[len(MAGIC) :])
+            count, dim, nlist = header["count"], header["dim"], header["nlist"]
+            lists = nlist if header["trained"] else 1
+            expected = (nlist * dim * 4 if header["trained"] else 0) + (lists + 1) * 8 + count * (8 + dim * 4)
+            body = read_payload(f, expected, lambda found: IndexFileError(
+                f"{path}: truncated or damaged index: payload is {found} bytes, header says {expected}"))
+    except IndexFileError:
+        raise
+    except OSError as e:
+        raise IndexFileError(f"cannot read index file {path}: {e.strerror or e}") from e
+    digest = header.pop("sha256")
+    return header, digest, body
+
+
+_FIELDS = ("sha256", "dim", "metric", "count", "next_id", "nlist", "nprobe", "train_size", "seed", "trained")
+
+
+def _header_fields(path: Path, text: bytes) -> dict:
+    try:
+        header = json.loads(text)
+        if not isinstance(header, dict):
+            raise ValueError(f"expected a JSON object, got {type(header).__name__}")
+        version = header["format_version"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise IndexFileError(f"{path}: damaged index header ({e})") from e
+    if version != FORMAT_VERSION:
+        raise IndexFileError(f"{path}: IVF index format version {version!r}; this build reads version "
+                             f"{FORMAT_VERSION}")
+    missing = [key for key in _FIELDS if key not in header]
+    if missing:
+        raise IndexFileError(f"{path}: damaged index header (no {', '.join(missing)})")
+
+    def bad(field, expected):
+        return IndexFileError(f"{path}: damaged index header ({field}={header[field]!r}, expected {expected})")
+
+    for field in ("dim", "nlist", "nprobe", "train_size"):
+        if not (_is_int(header[field]) and header[field] > 0):
+            raise bad(field, "a positive int")
+    for field in ("count", "seed"):
+        if not (_is_int(header[field]) and header[field] >= 0):
+            raise bad(field, "an int >= 0")
+    if not (_is_int(header["next_id"]) and 0 <= header["next_id"] <= _MAX_ID + 1):
+        raise bad("next_id", "an int in [0, 2**63]")
+    if header["metric"] not in METRICS:
+        raise bad("metric", f"one of {METRICS}")
+    if type(header["trained"]) is not bool:
+        raise bad("trained", "true or false")
+    if header["train_size"] < header["nlist"]:
+        raise bad("train_size", f"at least nlist = {header['nlist']}")
+    if not isinstance(header["sha256"], str):
+        raise bad("sha256", "a hex string")
+    return header
+
+
+def _is_int(value) -> bool:
+    return type(value) is int

@@ -24,6 +24,8 @@ class InputBuffer:
         self.scale = (np.float32(1.0 / 255.0) / std)[:, None, None]  # as Preprocess.normalise
         self.shift = (-np.asarray(preprocess.mean, np.float32) / std)[:, None, None]
         self.bgr = preprocess.color == "BGR"
+        if self.bgr:  # output channel c is source channel 2 - c, with that channel's mean and std
+            self.scale, self.shift = self.scale[::-1].copy(), self.shift[::-1].copy()
         self.shape = (3, *preprocess.size)
         self.batch_size = int(batch_size)
         self._local = threading.local()

@@ -156,7 +156,12 @@ def test_bikes_every_cut_within_two_frames_and_nothing_else(shared_data, encoder
     assert shots[1].start_time == pytest.approx(transitions[0].first / 25.0)
 
 
-def test_dissolve_and_fade_are_gradual(encoder):
+# The test clips: real shots joined, or a real shot with something done to it (each also in the gate's test).
+
+
+def _dissolve_fade_clip() -> tuple[list, int, int, int]:
+    """A street corner dissolves into a man in a car, who fades out to black and in to taxis: (clip, n, d_first,
+    f_first)."""
     a = _shot("bikes", 137, 187)  # a real shot: a street corner
     b = _shot("carphone_pristine", 0, 50)  # another: a man in a car
     c = _shot("bikes", 76, 126)  # a third: taxis
@@ -166,8 +171,44 @@ def test_dissolve_and_fade_are_gradual(encoder):
     fade_out = [_blend(b[-n + i], black, (i + 1) / (n + 1)) for i in range(n)]
     fade_in = [_blend(black, c[i], (i + 1) / (n + 1)) for i in range(n)]
     clip = [*a[:-n], *dissolve, *b[n:-n], *fade_out, *[black] * hold, *fade_in, *c[n:]]
-    d_first = len(a) - n
-    f_first = len(a) + len(b) - 2 * n
+    return clip, n, len(a) - n, len(a) + len(b) - 2 * n
+
+
+def _long_black_clip() -> tuple[list, int, int, int]:
+    """A fade out, 2 s of black (longer than max_gradual), a fade in: (clip, n, hold, len(a))."""
+    a, c = _shot("bikes", 137, 167), _shot("carphone_pristine", 0, 30)
+    n, hold = 8, 50
+    black = np.zeros_like(a[0])
+    clip = [*a[:-n], *[_blend(a[-n + i], black, (i + 1) / (n + 1)) for i in range(n)], *[black] * hold,
+            *[_blend(black, c[i], (i + 1) / (n + 1)) for i in range(n)], *c[n:]]
+    return clip, n, hold, len(a)
+
+
+def _flash_clip() -> np.ndarray:
+    clip = _shot("bikes", 137, 187).copy()  # one real shot
+    for k in (20, 21, 22):  # three frames brightened, like a camera flash
+        clip[k] = np.clip(clip[k].astype(np.float32) * 1.6 + 70, 0, 255).astype(np.uint8)
+    return clip
+
+
+def _pan_clip() -> list:
+    wide = _read(_sample("bigbuckbunny"), (960, 540))[60:110]  # real frames, twice the clip's size
+    w, h, travel = 480, 270, 12  # hold, slide 480 px in 12 frames (40 px a frame), hold
+    clip = []
+    for i, f in enumerate(wide):
+        x = round(min(max(i - 19, 0), travel) / travel * (f.shape[1] - w))
+        clip.append(np.ascontiguousarray(f[135 : 135 + h, x : x + w]))
+    return clip
+
+
+def _recurring_pieces() -> list:
+    return [_shot("bikes", 137, 162), _shot("carphone_pristine", 0, 30), _shot("bikes", 76, 106),
+            _shot("bikes", 162, 187)]  # the street corner, a car, taxis, the street corner again
+
+
+def test_dissolve_and_fade_are_gradual(encoder):
+    clip, n, d_first, f_first = _dissolve_fade_clip()
+    hold = 3
     f_last = f_first + 2 * n + hold - 1
     transitions, shots, _ = _events(encoder, clip)
     assert [t.type for t in transitions] == ["gradual", "gradual"], transitions
@@ -178,23 +219,17 @@ def test_dissolve_and_fade_are_gradual(encoder):
 
 
 def test_a_long_black_stretch_is_a_shot_between_a_fade_out_and_a_fade_in(encoder):
-    a, c = _shot("bikes", 137, 167), _shot("carphone_pristine", 0, 30)
-    n, hold = 8, 50  # 2 s of black: longer than max_gradual (40 frames)
-    black = np.zeros_like(a[0])
-    clip = [*a[:-n], *[_blend(a[-n + i], black, (i + 1) / (n + 1)) for i in range(n)], *[black] * hold,
-            *[_blend(black, c[i], (i + 1) / (n + 1)) for i in range(n)], *c[n:]]
+    clip, n, hold, la = _long_black_clip()  # 2 s of black: longer than max_gradual (40 frames)
     transitions, shots, _ = _events(encoder, clip)
-    out_first, in_last = len(a) - n, len(a) + hold + n - 1
+    out_first, in_last = la - n, la + hold + n - 1
     assert [(t.type, t.fade) for t in transitions] == [("gradual", True), ("gradual", True)], transitions
-    assert _overlaps(transitions[0], out_first, len(a) - 1) and transitions[0].last < len(a) + 2
-    assert _overlaps(transitions[1], len(a) + hold, in_last) and transitions[1].first > len(a) + hold - 3
-    assert len(shots) == 3 and shots[1].start <= len(a) + 1 and shots[1].end >= len(a) + hold - 2  # the black
+    assert _overlaps(transitions[0], out_first, la - 1) and transitions[0].last < la + 2
+    assert _overlaps(transitions[1], la + hold, in_last) and transitions[1].first > la + hold - 3
+    assert len(shots) == 3 and shots[1].start <= la + 1 and shots[1].end >= la + hold - 2  # the black
 
 
 def test_flash_inside_a_shot_is_not_a_transition(encoder):
-    clip = _shot("bikes", 137, 187).copy()  # one real shot
-    for k in (20, 21, 22):  # three frames brightened, like a camera flash
-        clip[k] = np.clip(clip[k].astype(np.float32) * 1.6 + 70, 0, 255).astype(np.uint8)
+    clip = _flash_clip()
     transitions, shots, scores = _events(encoder, clip)
     assert transitions == []
     assert [(s.start, s.end) for s in shots] == [(0, len(clip) - 1)]
@@ -202,12 +237,7 @@ def test_flash_inside_a_shot_is_not_a_transition(encoder):
 
 
 def test_fast_pan_across_a_real_wide_frame_is_not_a_transition(encoder):
-    wide = _read(_sample("bigbuckbunny"), (960, 540))[60:110]  # real frames, twice the clip's size
-    w, h, travel = 480, 270, 12  # hold, slide 480 px in 12 frames (40 px a frame), hold
-    clip = []
-    for i, f in enumerate(wide):
-        x = round(min(max(i - 19, 0), travel) / travel * (f.shape[1] - w))
-        clip.append(np.ascontiguousarray(f[135 : 135 + h, x : x + w]))
+    clip = _pan_clip()
     assert not np.array_equal(clip[0], clip[-1])
     transitions, shots, _ = _events(encoder, clip)
     assert transitions == [], [(t.type, t.first, t.last) for t in transitions]
@@ -215,14 +245,96 @@ def test_fast_pan_across_a_real_wide_frame_is_not_a_transition(encoder):
 
 
 def test_a_shot_shown_again_recurs_with_the_earlier_one(encoder):
-    pieces = [_shot("bikes", 137, 162), _shot("carphone_pristine", 0, 30), _shot("bikes", 76, 106),
-              _shot("bikes", 162, 187)]  # the street corner, a car, taxis, the street corner again
+    pieces = _recurring_pieces()
     clip = [f for p in pieces for f in p]
     transitions, shots, _ = _events(encoder, clip)
     starts = np.cumsum([0] + [len(p) for p in pieces])[:-1]
     assert [t.first for t in transitions] == list(starts[1:]) and all(t.type == "cut" for t in transitions)
     assert [s.recurs_with for s in shots] == [None, None, None, 0]
     assert shots[3].recurrence_score >= StreamComparator(encoder).recur_threshold
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the gate: the network runs only on the frames that can change the answer (issue 15)
+
+
+def _spans(events) -> list[tuple]:
+    """What the gate must not change: every transition's kind and frames, every shot's frames and recurrence."""
+    return [(e.kind, e.type, e.first, e.last, e.fade) if isinstance(e, Transition) else
+            (e.kind, e.start, e.end, e.recurs_with) for e in events]
+
+
+def _recurring_clip() -> list:
+    return [f for p in _recurring_pieces() for f in p]
+
+
+def _dissolve_fade_frames() -> list:
+    return _dissolve_fade_clip()[0]
+
+
+def _long_black_frames() -> list:
+    return _long_black_clip()[0]
+
+
+GATE_VIDEOS = ("bikes.mp4", "bigbuckbunny", "carphone_pristine", "carphone_distorted")
+GATE_CLIPS = {"dissolve_fade": _dissolve_fade_frames, "long_black": _long_black_frames, "flash": _flash_clip,
+              "pan": _pan_clip, "recurring": _recurring_clip}
+
+
+@pytest.mark.parametrize("name", [*GATE_VIDEOS, *GATE_CLIPS])
+def test_the_gate_finds_exactly_what_embedding_every_frame_finds(name, encoder, shared_data):
+    """The oracle is the full computation (``every_frame``): with the gate, the same transitions (kinds and
+    frames) and the same shots (frames, recurrences) come out, on every test video and clip. Videos go through
+    ``run`` (decode thread, two workers), clips frame by frame."""
+    got = {}
+    for every in (True, False):
+        comp = StreamComparator(encoder, every_frame=every)
+        if name in GATE_VIDEOS:
+            path = shared_data / "video" / name if name == "bikes.mp4" else _sample(name)
+            events = list(comp.run(path, workers=2))
+        else:
+            events = [e for i, f in enumerate(GATE_CLIPS[name]()) for e in comp.process_frame(f, i / 25)]
+            events += comp.flush()
+        got[every] = (_spans(events), comp.stats["frames"], comp.stats["frames_embedded"])
+    (full, n, n_full), (gated, n_gated, embedded) = got[True], got[False]
+    assert gated == full
+    assert any(s[0] == "transition" for s in full) or name in ("bigbuckbunny", "carphone_pristine",
+                                                               "carphone_distorted", "flash", "pan")
+    assert n == n_gated and n_full == n and 0 < embedded <= n
+    if name == "bigbuckbunny":  # one still shot: the key frames and little more
+        assert embedded <= n // 2, (embedded, n)
+
+
+def test_the_gate_embeds_around_a_short_insert_between_two_key_frames(encoder):
+    """Six frames of another shot inside a still one, between two key frames whose embeddings agree: the
+    thumbnail test sees the step and has the frames around it embedded, so the cut into the insert is found
+    as with every frame embedded (the cut back comes within min_gap, and is dropped in both). Without that
+    test the key frames alone miss it."""
+    still = _shot("bigbuckbunny", 0, 50)
+    clip = [*still[:17], *_shot("carphone_pristine", 0, 6), *still[23:]]  # key frames 16 and 24 show the still
+    runs = {}
+    for label, opts in (("every", {"every_frame": True}), ("gate", {}), ("keys only", {"gate_step_ratio": 1e9})):
+        transitions, shots, scores = _events(encoder, clip, **opts)
+        runs[label] = ([(t.type, t.first, t.last) for t in transitions], [(s.start, s.end) for s in shots],
+                       {s.index for s in scores if s.embedded})
+    assert runs["gate"][:2] == runs["every"][:2] == ([("cut", 17, 17)], [(0, 16), (17, 49)])
+    embedded = runs["gate"][2]
+    assert set(range(17 - 8, 23 + 8)) <= embedded  # the insert and the frames the tests read around it
+    assert not embedded & {1, 2, 3, 4, 5, 6, 7, 41, 42, 43}  # far from it, only key frames
+    assert runs["keys only"][0] == [] and runs["keys only"][2] == {0, 8, 16, 24, 32, 40, 48, 49}
+
+
+def test_prepared_crops_are_normalised_as_preprocess_does_bit_for_bit():
+    from engine.preprocess import Preprocess
+    from engine.stream.batch import InputBuffer
+
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    for color in ("RGB", "BGR"):
+        pre = Preprocess(size=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), color=color)
+        buf = InputBuffer(pre, batch_size=2)
+        for batch in (crops[:2], crops[2:], crops):  # the buffer is reused, and grows for a larger batch
+            np.testing.assert_array_equal(buf.fill(batch), pre.normalise(np.stack(batch)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,6 +421,8 @@ def test_bad_frames_and_options_are_refused_clearly(encoder):
         detect("nope.mp4", encoder)
     with pytest.raises(InputError, match="top_dims must be a positive int or None, got 'a'"):
         StreamComparator(encoder, top_dims="a")
+    with pytest.raises(InputError, match="every_frame must be True or False, got 1"):
+        StreamComparator(encoder, every_frame=1)
 
 
 def test_a_refused_frame_changes_nothing(encoder):
@@ -356,7 +470,9 @@ def test_cli_writes_report_timeline_and_annotated_video(encoder, mpnn_model, tmp
     out = tmp_path / "out"
     assert main([str(video), "--model", str(mpnn_model), "--out", str(out), "--annotate"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["frames"] == 60 and report["fps"] > 0
+    assert report["frames"] == 60 and report["fps"] > 0 and 0 < report["frames_embedded"] <= 60
+    assert set(report["stage_seconds"]) == {"decode", "preprocess", "gate", "network", "compare", "write"}
+    assert report["options"]["every_frame"] is False
     assert [(t["type"], t["first"]) for t in report["transitions"]] in ([("cut", k)] for k in (28, 29, 30, 31, 32))
     assert [(s["start"], s["end"]) for s in report["shots"]] == [(0, report["transitions"][0]["first"] - 1),
                                                                 (report["transitions"][0]["first"], 59)]
@@ -365,6 +481,11 @@ def test_cli_writes_report_timeline_and_annotated_video(encoder, mpnn_model, tmp
     annotated = _read(out / "annotated.mp4")
     assert annotated.shape == (60, SIZE[1], SIZE[0], 3)
     assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+    # --every-frame: the network on every frame, the same transitions
+    assert main([str(video), "--model", str(mpnn_model), "--out", str(out / "every"), "--every-frame"]) == 0
+    every = json.loads((out / "every" / "report.json").read_text())
+    assert every["frames_embedded"] == every["frames"] == 60 and every["options"]["every_frame"] is True
+    assert every["transitions"] == report["transitions"] and every["shots"] == report["shots"]
 
 
 def test_cli_show_without_a_display_fails_clearly(mpnn_model, tmp_path):

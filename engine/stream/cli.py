@@ -20,8 +20,10 @@ from engine.stream.report import build_report, timeline_png
 
 EPILOG = """\
 what it writes in OUT:
-  report.json     frames, frames per second processed (decode + embed + compare, end to end), seconds per
-                  stage, the options, every transition {type: cut|gradual, first, last, score, times} and every
+  report.json     frames (decoded) and frames_embedded (through the network: the gate skips the network
+                  where nothing can change the answer; --every-frame embeds all), frames per second
+                  processed (decode + embed + compare, end to end), seconds per stage (decode, preprocess,
+                  gate, network, compare, write; summed over threads, which overlap), the options, every transition {type: cut|gradual, first, last, score, times} and every
                   shot {index, start, end, recurs_with: an earlier shot showing the same scene, or null};
                   frames_expected (the count the container lists) and decode_ended_early (true when the
                   decoder stopped before it: a truncated or damaged file, also warned about on stderr)
@@ -91,13 +93,17 @@ def main(argv=None) -> int:
         if args.annotate or args.show else None
     scores = {"index": [], "similarity": [], "anchor": [], "outlier": []}
 
+    write = [0.0]  # seconds drawing and writing (annotated video, window, report, timeline)
+
     def on_score(s: FrameScore) -> None:
         scores["index"].append(s.index)
         scores["similarity"].append(round(s.similarity, 6))
         scores["anchor"].append(round(s.anchor_similarity, 6))
         scores["outlier"].append(s.outlier)
         if overlay is not None:
+            t = time.perf_counter()
             overlay.on_score(s)
+            write[0] += time.perf_counter() - t
 
     try:
         comp = StreamComparator(encoder, on_score=on_score, **from_flags(args))
@@ -114,7 +120,9 @@ def main(argv=None) -> int:
             source = overlay.feed(frames) if overlay is not None else frames
             for ev in comp.run(source, fps=rate, prefetch=8 if overlay is not None else 32, workers=args.workers):
                 if overlay is not None:
+                    t = time.perf_counter()
                     overlay.on_event(ev)
+                    write[0] += time.perf_counter() - t
                 (transitions if isinstance(ev, Transition) else shots).append(ev)
                 if isinstance(ev, Transition):
                     what = f"{ev.type} {ev.first}" + (f"-{ev.last}" if ev.last != ev.first else "")
@@ -125,17 +133,23 @@ def main(argv=None) -> int:
         return 2
     finally:
         if overlay is not None:
+            t = time.perf_counter()
             overlay.close(ok)
+            write[0] += time.perf_counter() - t
     seconds = time.perf_counter() - t0
+    t = time.perf_counter()
+    n = int(comp.stats.get("frames", 0))
+    title = (f"{Path(str(args.source)).name}: {len(transitions)} transitions, {len(shots)} shots, "
+             f"{n} frames at {round(n / seconds, 2) if seconds > 0 else None} frames/s ({encoder.name})")
+    png = timeline_png(scores, transitions, shots, title)
+    atomic_write(out / "timeline.png", png)
+    write[0] += time.perf_counter() - t
     report = build_report(source=args.source, model=args.model, encoder=encoder, comparator=comp, reader=reader,
                           seconds=seconds, video_fps=rate, workers=args.workers, threads=threads,
-                          transitions=transitions, shots=shots)
+                          transitions=transitions, shots=shots, write_seconds=write[0])
     atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    n = report["frames"]
-    title = (f"{Path(str(args.source)).name}: {len(transitions)} transitions, {len(shots)} shots, "
-             f"{n} frames at {report['fps']} frames/s ({encoder.name})")
-    atomic_write(out / "timeline.png", timeline_png(scores, transitions, shots, title))
     cuts = sum(t.type == "cut" for t in transitions)
-    print(f"{n} frames in {seconds:.1f} s ({report['fps']} frames/s): {cuts} cuts, {len(transitions) - cuts} gradual, "
+    print(f"{n} frames in {seconds:.1f} s ({report['fps']} frames/s, {report['frames_embedded']} embedded): "
+          f"{cuts} cuts, {len(transitions) - cuts} gradual, "
           f"{len(shots)} shots, {sum(s.recurs_with is not None for s in shots)} recurring; {out}/report.json")
     return 0

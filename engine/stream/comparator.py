@@ -15,11 +15,13 @@ from dataclasses import replace
 import numpy as np
 
 from engine.errors import InputError
+from engine.stream.batch import InputBuffer
 from engine.stream.cuts import CutTest
 from engine.stream.dissolves import DissolveDetector
 from engine.stream.events import Event, FrameScore, Shot, Transition
 from engine.stream.fades import FadeDetector
 from engine.stream.frames import FrameHistory, PreparedFrame
+from engine.stream.gate import Gate, Slot
 from engine.stream.options import OPTION_NAMES, StreamOptions
 from engine.stream.pipeline import events_of
 from engine.stream.vectors import cos, matmul, pool, pool_edges
@@ -59,6 +61,7 @@ class StreamComparator:
         self.capacity = max(o.window, self.reach + self.lookahead + o.batch_size + 2)
         self._prep = getattr(encoder, "preprocess", None)
         self._fast = self._prep is not None and hasattr(encoder, "encode_preprocessed")
+        self._inputs = InputBuffer(self._prep, o.batch_size) if self._fast else None
         self._history = FrameHistory(self.capacity, self.dim, o.signature_dim, o.thumb_size, window=o.window,
                                      top_dims=o.top_dims, refresh=o.refresh)
         self._cuts = CutTest(self._history, o, self.capacity)
@@ -66,7 +69,7 @@ class StreamComparator:
         self._dissolves = DissolveDetector(self._history, o)
         self._shot_sigs = np.zeros((o.max_shots, o.signature_dim), np.float32)
         self._shot_ids = np.full(o.max_shots, -1, np.int64)
-        self._pending: list[PreparedFrame] = []  # prepared frames waiting for their batch (at most batch_size)
+        self._gate = Gate(o)  # which frames go through the network; holds the prepared frames until ingested
         self.reset()
 
     def __getattr__(self, name: str):
@@ -84,7 +87,7 @@ class StreamComparator:
         self._dissolves.reset()
         self._shot_ids[:] = -1
         self._shot_count = 0
-        self._pending.clear()
+        self._gate.reset()
         self._frames_in = 0
         self._cursor1 = 0  # next frame to test for a cut / flash
         self._cursor = 0  # next frame to decide for good
@@ -96,20 +99,25 @@ class StreamComparator:
         self._sig_total = np.zeros(self.options.signature_dim, np.float64)  # every decided frame: the stream's mean
         self._sig_frames = 0
         self._last = None  # the last transition emitted
-        self.stats = {"frames": 0, "prepare_seconds": 0.0, "embed_seconds": 0.0, "compare_seconds": 0.0}
+        # frames in, frames through the network, and the seconds spent per stage (summed over threads: the
+        # stages overlap in ``run``, where decode and preprocess run on their own thread and the network on
+        # the workers)
+        self.stats = {"frames": 0, "frames_embedded": 0, "decode_seconds": 0.0, "preprocess_seconds": 0.0,
+                      "gate_seconds": 0.0, "network_seconds": 0.0, "compare_seconds": 0.0}
 
     @property
     def latency(self) -> int:
-        """Frames an event may wait after its frame arrived through ``process_frame``: the batch plus the
-        lookahead (``run`` with several workers adds a batch per worker)."""
-        return self.options.batch_size + self.lookahead
+        """Frames an event may wait after its frame arrived through ``process_frame``: the batch, the gate's
+        look-back (0 with ``every_frame``) and the lookahead (``run`` with several workers adds a batch per
+        worker)."""
+        return self.options.batch_size + self._gate.delay + self.lookahead
 
     def buffer_sizes(self) -> dict:
         """What each internal buffer holds now and its cap: ``{name: (held, cap)}`` (the memory bound)."""
         h = self._history
         return {
             "frames_held": (min(h.end, self.capacity), self.capacity),
-            "pending_frames": (len(self._pending), self.options.batch_size),
+            "pending_frames": (len(self._gate.held), self._gate.cap),  # prepared, not yet ingested (the gate)
             "undecided_frames": (h.end - self._cursor, self.capacity),
             "shot_signatures": (int((self._shot_ids >= 0).sum()), self.options.max_shots),
             "cut_marks": (len(self._cuts.marks), self.capacity),
@@ -120,7 +128,7 @@ class StreamComparator:
         """Add one uint8 RGB (H, W, 3) frame (``t``: its timestamp in seconds, optional); return new events."""
         t0 = time.perf_counter()
         item = self.prepare(frame)
-        self.stats["prepare_seconds"] += time.perf_counter() - t0
+        self.stats["preprocess_seconds"] += time.perf_counter() - t0
         return self.process_prepared(item, t)
 
     def prepare(self, frame: np.ndarray) -> PreparedFrame:
@@ -135,18 +143,21 @@ class StreamComparator:
         small = a if self._prep is None else self._prep.resize_crop(a)  # the network's view, uint8
         ts = self.options.thumb_size
         thumb = cv2.resize(small, (ts, ts), interpolation=cv2.INTER_AREA).astype(np.float32)
-        net = self._prep.normalise(small[None])[0] if self._fast else small
-        return PreparedFrame(net, float(thumb.mean()), thumb)
+        return PreparedFrame(small, float(thumb.mean()), thumb)  # normalised when embedded (batch.InputBuffer)
 
     def process_prepared(self, item: PreparedFrame, t: float | None = None) -> list[Event]:
         """Add a frame that went through ``prepare``."""
-        batch = self._queue(item, t)
-        return [] if batch is None else self._accept(batch, *self._encode(batch))
+        self._admit(item, t)
+        self._pump()
+        return self._drain()
 
     def flush(self) -> list[Event]:
         """The end of the stream: embed what is buffered, decide the last frames, close the last shot; reset."""
-        batch = self._take_pending()
-        events = self._accept(batch, *self._encode(batch)) if batch else []
+        t0 = time.perf_counter()
+        self._gate.end()
+        self.stats["gate_seconds"] += time.perf_counter() - t0
+        self._pump()
+        events = self._drain()
         t0 = time.perf_counter()
         events += self._advance(final=True)
         if self._history.end > 0:
@@ -173,9 +184,9 @@ class StreamComparator:
         return events_of(self, source, max_frames=max_frames, fps=fps, prefetch=prefetch, workers=workers)
 
     # -- embedding (``pipeline.events_of`` drives these too) -----------------------------------------------
-    def _queue(self, item: PreparedFrame, t: float | None) -> list[PreparedFrame] | None:
-        """Buffer a prepared frame with its timestamp; the batch once it is full (taken out), else None.
-        Checks ``item`` and ``t`` first, so a refused frame changes nothing."""
+    def _admit(self, item: PreparedFrame, t: float | None) -> None:
+        """Hand a prepared frame with its timestamp to the gate. Checks ``item`` and ``t`` first, so a refused
+        frame changes nothing."""
         if not isinstance(item, PreparedFrame):
             got = f"a {len(item)}-tuple" if isinstance(item, tuple) else type(item).__name__
             raise InputError(f"process_prepared takes what prepare(frame) returned (a PreparedFrame), got {got}")
@@ -183,43 +194,76 @@ class StreamComparator:
             if isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating)) or not np.isfinite(t):
                 raise InputError(f"a frame's timestamp t must be a finite number of seconds or None, got {t!r}")
             t = float(t)
-        self._pending.append(PreparedFrame(item.net, item.luma, item.thumb, t))
-        self._frames_in += 1
-        return self._take_pending() if len(self._pending) >= self.options.batch_size else None
-
-    def _take_pending(self) -> list[PreparedFrame]:
-        batch = self._pending
-        self._pending = []
-        return batch
-
-    def _encode(self, batch: list[PreparedFrame]) -> tuple[np.ndarray, float]:
-        """Embed prepared frames (thread-safe: no comparator state touched); returns (embeddings, seconds)."""
         t0 = time.perf_counter()
-        nets = [f.net for f in batch]
-        x = self.encoder.encode_preprocessed(np.stack(nets)) if self._fast else self.encoder.encode(nets)
+        self._gate.push(PreparedFrame(item.net, item.luma, item.thumb, t))
+        self._frames_in += 1
+        self.stats["frames"] = self._frames_in
+        self.stats["gate_seconds"] += time.perf_counter() - t0
+
+    def _take(self) -> list[list[Slot]]:
+        """The batches the gate wants embedded now."""
+        t0 = time.perf_counter()
+        batches = self._gate.take(self.options.batch_size)
+        self.stats["gate_seconds"] += time.perf_counter() - t0
+        return batches
+
+    def _encode(self, batch: list[Slot]) -> tuple[np.ndarray, float, float]:
+        """Embed a batch (thread-safe: no comparator state touched); returns (embeddings, seconds normalising,
+        seconds in the network)."""
+        t0 = time.perf_counter()
+        nets = [s.frame.net for s in batch]
+        if self._fast:
+            x = self._inputs.fill(nets)
+            t1 = time.perf_counter()
+            x = self.encoder.encode_preprocessed(x)
+        else:
+            t1 = t0
+            x = self.encoder.encode(nets)
         x = np.asarray(x, dtype=np.float32)
         if x.shape != (len(batch), self.dim):
             raise InputError(f"the encoder returned shape {x.shape}, expected ({len(batch)}, {self.dim})")
-        return x, time.perf_counter() - t0
+        return x, t1 - t0, time.perf_counter() - t1
 
-    def _accept(self, batch: list[PreparedFrame], x: np.ndarray, embed_seconds: float) -> list[Event]:
-        """Take a batch's embeddings in, in frame order, and make every decision they allow."""
-        self.stats["embed_seconds"] += embed_seconds
+    def _put(self, batch: list[Slot], x: np.ndarray, prep_seconds: float, net_seconds: float) -> None:
+        """A batch's embeddings back to the gate."""
+        self.stats["preprocess_seconds"] += prep_seconds
+        self.stats["network_seconds"] += net_seconds
+        self.stats["frames_embedded"] += len(batch)
+        t0 = time.perf_counter()
+        self._gate.put(batch, x)
+        self.stats["gate_seconds"] += time.perf_counter() - t0
+
+    def _pump(self) -> None:
+        """Embed, on this thread, every batch the gate asks for, until it asks for none."""
+        while True:
+            batches = self._take()
+            if not batches:
+                return
+            for batch in batches:
+                self._put(batch, *self._encode(batch))
+
+    def _drain(self) -> list[Event]:
+        """Ingest what the gate releases, in frame order, and make every decision it allows."""
+        t0 = time.perf_counter()
+        ready = self._gate.release()
         t1 = time.perf_counter()
-        for row, sig, frame in zip(x, pool(x, self._edges), batch):
-            self._ingest(row, sig, frame)
+        self.stats["gate_seconds"] += t1 - t0
+        if not ready:
+            return []
+        x = np.stack([e for _, e, _ in ready])
+        for (frame, _, real), row, sig in zip(ready, x, pool(x, self._edges)):
+            self._ingest(row, sig, frame, real)
         events = self._advance(final=False)
         self.stats["compare_seconds"] += time.perf_counter() - t1
-        self.stats["frames"] = self._frames_in
         return events
 
-    def _ingest(self, x: np.ndarray, sig: np.ndarray, frame: PreparedFrame) -> None:
+    def _ingest(self, x: np.ndarray, sig: np.ndarray, frame: PreparedFrame, embedded: bool = True) -> None:
         h = self._history
         gone = h.end - self.capacity  # the frame overwritten now: it can only belong to the current shot
         if gone >= 0 and gone >= self._shot_start and not h.outlier[gone]:
             self._shot_sum += h.sig[gone]
             self._shot_n += 1
-        i = h.append(x, sig, frame)
+        i = h.append(x, sig, frame, embedded)
         if i == self._shot_start:
             self._shot_start_time = frame.time
         if self._anchor is None:
@@ -270,7 +314,7 @@ class StreamComparator:
             self._sig_frames += 1
         if self.on_score is not None:
             self.on_score(FrameScore(index=k, time=h.time_at(k), similarity=1.0 - c_k, anchor_similarity=a,
-                                     gradual=g, outlier=outlier))
+                                     gradual=g, outlier=outlier, embedded=bool(h.embedded[k])))
         return events
 
     # -- shots ---------------------------------------------------------------------------------------------

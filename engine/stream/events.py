@@ -53,3 +53,4 @@ class FrameScore:
     anchor_similarity: float  # cosine with the current anchor (the published demo's curve)
     gradual: float  # dissimilarity of the mean embeddings of the windows before and after this frame
     outlier: bool  # ignored as part of a flash / occlusion
+    embedded: bool = True  # False: the gate skipped the network on it and interpolated its embedding

@@ -17,7 +17,8 @@ from engine.stream.vectors import cos
 class PreparedFrame:
     """One frame as ``StreamComparator.prepare`` leaves it: the network's input and what the transition tests keep."""
 
-    net: np.ndarray  # the network's input: normalised (3, S, S) float32 where the encoder takes it, else uint8 RGB
+    net: np.ndarray  # the network's view, uint8 RGB: resized and cropped to its input where the encoder takes
+    # preprocessed input (normalised only if the gate embeds it: batch.InputBuffer), else the frame itself
     luma: float  # mean brightness of the thumbnail, 0..255 (fades)
     thumb: np.ndarray  # (thumb_size, thumb_size, 3) float32 colour thumbnail (cuts, dissolves vs motion)
     time: float | None = None  # timestamp in seconds, set when the frame is queued
@@ -68,7 +69,8 @@ class Ring:
 
 class FrameHistory:
     """The last ``capacity`` frames: embedding, shot signature, thumbnail, brightness, timestamp, dissimilarity
-    with the frame before (``c``) and whether the cut test set it aside as a flash (``outlier``).
+    with the frame before (``c``), whether the cut test set it aside as a flash (``outlier``) and whether the
+    network embedded it (``embedded``; the gate interpolated the others).
 
     Similarities are measured on the ``top_dims`` dimensions that varied most over the last ``window`` frames
     (the published demo's selection; None: all), chosen again every ``refresh`` frames.
@@ -85,7 +87,8 @@ class FrameHistory:
         self.luma = Ring(capacity, (), np.float32)
         self.time = Ring(capacity, (), np.float64, np.nan)
         self.outlier = Ring(capacity, (), np.bool_, False)
-        self.rings = (self.emb, self.sig, self.thumb, self.c, self.luma, self.time, self.outlier)
+        self.embedded = Ring(capacity, (), np.bool_, True)  # False: the gate interpolated its embedding
+        self.rings = (self.emb, self.sig, self.thumb, self.c, self.luma, self.time, self.outlier, self.embedded)
         self.dims = None  # the selected dimensions (None: all)
 
     def reset(self) -> None:
@@ -103,14 +106,16 @@ class FrameHistory:
         """The index the next frame will have."""
         return self.emb.end
 
-    def append(self, x: np.ndarray, sig: np.ndarray, frame: PreparedFrame) -> int:
-        """Add a frame (its embedding, signature and prepared parts); returns its index."""
+    def append(self, x: np.ndarray, sig: np.ndarray, frame: PreparedFrame, embedded: bool = True) -> int:
+        """Add a frame (its embedding, signature and prepared parts; ``embedded``: False where the gate
+        interpolated the embedding); returns its index."""
         i = self.emb.append(x)
         self.sig.append(sig)
         self.thumb.append(frame.thumb)
         self.luma.append(frame.luma)
         self.time.append(np.nan if frame.time is None else frame.time)
         self.outlier.append(False)
+        self.embedded.append(embedded)
         if self.top_dims is not None and (i + 1 == self.window // 2 or self.dims is not None and i % self.refresh == 0):
             lo = max(self.emb.start, self.emb.end - self.window)
             var = self.emb.take(np.arange(lo, self.emb.end)).var(axis=0)

@@ -20,6 +20,11 @@ def _int(default: int | None, doc: str, *, least: int = 1, none: bool = False, f
     return field(default=default, metadata={"kind": int, "least": least, "none": none, "help": doc, "flag": flag})
 
 
+def _bool(default: bool, doc: str, *, flag: bool = False):
+    """A yes / no option (its flag, when it has one, turns it on)."""
+    return field(default=default, metadata={"kind": bool, "help": doc, "flag": flag})
+
+
 def _number(default: float, lo: float, hi: float, doc: str, *, flag: bool = False):
     """A number option in [lo, hi] (stored as float)."""
     return field(default=default, metadata={"kind": float, "range": (lo, hi), "help": doc, "flag": flag})
@@ -68,6 +73,15 @@ class StreamOptions:
     # 218 / 222 / 217 on mixed.mp4 and 201 / 209 / 210 on bikes.mp4; larger batches' activations fall out of the
     # cache
     batch_size: int = _int(2, "frames embedded together", flag=True)
+    # the gate (gate.py): the network embeds only the frames where the decisions may need it, the others get
+    # their embedding interpolated; the transitions found are those of every frame embedded
+    every_frame: bool = _bool(False, "embed every frame (no gate): the reference computation, slower", flag=True)
+    gate_stride: int = _int(8, "embed at least every this many frames (key frames); the frames between are "
+                               "embedded where something may happen, else interpolated")
+    gate_change: float = _number(0.05, 0.0, 2.0, "1 - cosine between two key frames from which every frame "
+                                                 "between them (and around) is embedded")
+    gate_step_ratio: float = _number(1.9, 0.0, 1e9, "a thumbnail step this many times its neighbours' has the "
+                                                    "frames around it embedded (the cut test asks for 2)")
 
     def __post_init__(self):
         for f in fields(self):
@@ -81,6 +95,10 @@ OPTION_NAMES = tuple(f.name for f in fields(StreamOptions))
 
 
 def _checked(name: str, v, m):
+    if m["kind"] is bool:
+        if not isinstance(v, (bool, np.bool_)):
+            raise InputError(f"{name} must be True or False, got {v!r}")
+        return bool(v)
     if m["kind"] is int:
         if v is None and m["none"]:
             return None
@@ -98,7 +116,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """A flag for each option the command line offers (``--cut-threshold`` for ``cut_threshold``), its type,
     default and help taken from the declaration."""
     for f in fields(StreamOptions):
-        if f.metadata["flag"]:
+        if f.metadata["flag"] and f.metadata["kind"] is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=f.default,
+                                help=f.metadata["help"])
+        elif f.metadata["flag"]:
             parser.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["kind"], default=f.default,
                                 help=f"{f.metadata['help']} (default: {f.default})")
 

@@ -57,8 +57,8 @@ def frames_of(source, max_frames: int | None) -> tuple[Iterator[np.ndarray], flo
 
 def events_of(comp, source, *, max_frames: int | None, fps: float | None, prefetch: int,
               workers: int) -> Iterator[Event]:
-    """``StreamComparator.run`` (see there): decode and prepare on a helper thread, embed ``workers`` batches at
-    once (``workers=1``: on this thread, as each batch fills), decide here in frame order."""
+    """``StreamComparator.run`` (see there): decode and prepare on a helper thread, embed up to ``workers``
+    batches at once (``workers=1``: on this thread), gate and decide here in frame order."""
     if isinstance(workers, bool) or int(workers) != workers or workers < 1:
         raise InputError(f"workers must be a positive int, got {workers!r}")
     frames, rate, _ = frames_of(source, max_frames)
@@ -66,17 +66,23 @@ def events_of(comp, source, *, max_frames: int | None, fps: float | None, prefet
     q: queue.Queue = queue.Queue(maxsize=max(2, int(prefetch)))
     stop = threading.Event()
     done = object()
-    prep_time = [0.0]
+    spent = {"decode_seconds": 0.0, "preprocess_seconds": 0.0}  # on the decoding thread
 
     def produce():
         try:
-            for i, f in enumerate(frames):
-                if stop.is_set():
-                    return
+            it = iter(frames)
+            i = 0
+            while not stop.is_set():
                 t0 = time.perf_counter()
+                f = next(it, done)
+                t1 = time.perf_counter()
+                spent["decode_seconds"] += t1 - t0
+                if f is done:
+                    break
                 item = comp.prepare(f)
-                prep_time[0] += time.perf_counter() - t0
+                spent["preprocess_seconds"] += time.perf_counter() - t1
                 q.put((item, i / rate if rate else None))
+                i += 1
             q.put(done)
         except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
             q.put(e)
@@ -84,14 +90,18 @@ def events_of(comp, source, *, max_frames: int | None, fps: float | None, prefet
     # batches in flight beyond the one being taken in: one per worker keeps every worker busy
     pool, ahead = (_Inline(), 0) if workers == 1 else \
         (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lookalike-embed"), workers)
-    inflight: deque = deque()  # (future of (embeddings, seconds), the batch), in frame order
+    inflight: deque = deque()  # (future of (embeddings, seconds, seconds), the batch), in order handed out
 
-    def collect(keep: int) -> list[Event]:
-        events: list[Event] = []
-        while len(inflight) > keep:
+    def pump(keep: int) -> None:
+        """Hand out the batches the gate asks for; take back the finished ones (waiting while more than
+        ``keep`` are in flight), until nothing more comes."""
+        while True:
+            for batch in comp._take():
+                inflight.append((pool.submit(comp._encode, batch), batch))
+            if not inflight or (len(inflight) <= keep and not inflight[0][0].done()):
+                return
             fut, batch = inflight.popleft()
-            events += comp._accept(batch, *fut.result())
-        return events
+            comp._put(batch, *fut.result())
 
     worker = threading.Thread(target=produce, name="lookalike-decode", daemon=True)
     t_start = time.perf_counter()
@@ -104,18 +114,16 @@ def events_of(comp, source, *, max_frames: int | None, fps: float | None, prefet
                 break
             if isinstance(got, BaseException):
                 raise got
-            batch = comp._queue(*got)
-            if batch is not None:
-                inflight.append((pool.submit(comp._encode, batch), batch))
-                yield from collect(ahead)
-        batch = comp._take_pending()
-        if batch:
-            inflight.append((pool.submit(comp._encode, batch), batch))
-        yield from collect(0)
-        n = comp._frames_in
+            comp._admit(*got)
+            pump(ahead)
+            yield from comp._drain()
+        t0 = time.perf_counter()
+        comp._gate.end()
+        comp.stats["gate_seconds"] += time.perf_counter() - t0
+        pump(0)
         yield from comp.flush()
-        comp.stats["frames"] = n
-        comp.stats["prepare_seconds"] = prep_time[0]
+        for k, v in spent.items():
+            comp.stats[k] += v
         comp.stats["seconds"] = time.perf_counter() - t_start
         finished = True
     finally:

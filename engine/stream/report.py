@@ -48,20 +48,26 @@ def timeline_png(scores: dict, transitions: list[Transition], shots: list[Shot],
 
 
 def build_report(*, source, model, encoder, comparator, reader, seconds: float, video_fps: float | None,
-                 workers: int, threads: int | None, transitions: list[Transition], shots: list[Shot]) -> dict:
-    """report.json's contents for a finished run of ``comparator`` (``reader``: the video's, or None)."""
+                 workers: int, threads: int | None, transitions: list[Transition], shots: list[Shot],
+                 write_seconds: float = 0.0) -> dict:
+    """report.json's contents for a finished run of ``comparator`` (``reader``: the video's, or None;
+    ``write_seconds``: what drawing and writing the outputs took)."""
     stats = comparator.stats
     n = int(stats.get("frames", 0))
+    stages = {k[: -len("_seconds")]: round(float(v), 3) for k, v in stats.items() if k.endswith("_seconds")}
+    stages["write"] = round(float(write_seconds), 3)
     return {
         "source": str(source),
         "model": {"path": str(model), "name": encoder.name, "dim": encoder.dim, "sha256": encoder.sha256,
                   "providers": encoder.providers},
-        "frames": n,
+        "frames": n,  # decoded
+        "frames_embedded": int(stats.get("frames_embedded", 0)),  # through the network (the gate skips the rest)
         "frames_expected": None if reader is None else reader.frame_count,  # what the container lists
         "decode_ended_early": reader is not None and reader.ended_early,  # the decoder stopped before: damaged
         "seconds": round(seconds, 3),
         "fps": round(n / seconds, 2) if seconds > 0 else None,
-        "stage_seconds": {k: round(float(v), 3) for k, v in stats.items() if k.endswith("_seconds")},
+        # seconds per stage, summed over threads (decode and preprocess run on one, the network on the workers)
+        "stage_seconds": stages,
         "video_fps": video_fps,
         "latency_frames": comparator.latency + (workers - 1) * comparator.options.batch_size,
         "workers": workers,

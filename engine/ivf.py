@@ -78,10 +78,12 @@ from engine.fileio import MAX_HEADER, atomic_write, read_payload
 from engine.kernels.ivf import (argmax_labels, copy_lists, group_by_list, merge_gathered, place_rows,
                                 prepare_rows, scan_grouped, top_lists)
 from engine.kernels.kmeans import spherical_kmeans
-from engine.kernels.topk import (ResultTooLarge, answer_columns, blas_controllable, blas_single_thread,
-                                 default_threads, heap_init, heap_sort, merge_heaps, worker_pool)
-from engine.searcher import (METRICS, _F32_MAX, _MAX_ID, _RWLock, _contents_problem, _normalised,
-                             _positive_int, _rows_named, _sq_norms)
+from engine.kernels.topk import heap_init, heap_sort, merge_heaps
+from engine.result_size import ResultTooLarge, answer_columns
+from engine.threads import blas_controllable, blas_single_thread, default_threads, worker_pool
+from engine.searcher import (METRICS, _F32_MAX, _MAX_ID, _RWLock, _contents_problem, _normalised, _rows_named,
+                             _sq_norms)
+from engine.validate import positive_int as _positive_int
 
 MAGIC = b"LOOKALIKE-IVF "
 FORMAT_VERSION = 1

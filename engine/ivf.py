@@ -81,8 +81,8 @@ from engine.kernels.kmeans import spherical_kmeans
 from engine.kernels.topk import heap_init, heap_sort, merge_heaps
 from engine.result_size import ResultTooLarge, answer_columns
 from engine.threads import blas_controllable, blas_single_thread, default_threads, worker_pool
-from engine.searcher import (METRICS, _F32_MAX, _MAX_ID, _RWLock, _contents_problem, _normalised, _rows_named,
-                             _sq_norms)
+from engine.searcher import (METRICS, _MAX_ID, _RWLock, _contents_problem, _normalised, _rows_named, _sq_norms,
+                             checked_rows, coerce_ids, shaped_rows)
 from engine.validate import positive_int as _positive_int
 
 MAGIC = b"LOOKALIKE-IVF "
@@ -197,48 +197,14 @@ class IVFSearcher:
     # -- input coercion ----------------------------------------------------------------------------
     def _coerce(self, x, what: str, *, allow_1d: bool) -> np.ndarray:
         """(n, dim) C-contiguous float32, finite, normalised for cosine; 1-D of length dim -> (1, dim)."""
-        x = np.asarray(x)
-        if x.dtype.kind != "f":
-            raise InputError(f"{what} must be a real floating-point array (float16/32/64), got dtype {x.dtype}")
-        if x.ndim == 1 and allow_1d:
-            if x.shape[0] != self._dim:
-                raise InputError(f"one query must have shape ({self._dim},), got {x.shape}")
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self._dim:
-            raise InputError(f"{what} must have shape (n, {self._dim}), got {x.shape}")
+        x = shaped_rows(x, self._dim, what, allow_1d=allow_1d)
         if x.dtype in (np.float32, np.float64):  # one pass in numba (the numpy steps below cost ~20 us a search)
             out = np.empty(x.shape, dtype=np.float32)
             if prepare_rows(x, self._metric == "cosine", out) < 0:
                 return out
-        given = x  # float16, or a row to refuse: the numpy steps, which name every offending row
-        with np.errstate(over="ignore"):
-            x = np.ascontiguousarray(x, dtype=np.float32)
-        bad = ~np.isfinite(x).all(axis=1)
-        if bad.any():
-            raise InputError(f"{what} contain NaN or inf (after casting to float32) in rows {_rows_named(bad)}")
-        if self._metric == "cosine":
-            x = _normalised(given)
-        else:
-            big = _sq_norms(x) > _F32_MAX
-            if big.any():
-                raise InputError(f"{what} have a squared norm beyond float32's range (scores would overflow) in "
-                                 f"rows {_rows_named(big)}")
-        return x
+        return checked_rows(x, self._metric, what)  # float16, or a row to refuse: the numpy steps name every row
 
-    @staticmethod
-    def _coerce_ids(ids, what="ids") -> np.ndarray:
-        arr = np.asarray(ids)
-        if arr.ndim == 0:
-            arr = arr[None]
-        if arr.ndim != 1:
-            raise InputError(f"{what} must be a 1-D array of ints, got shape {arr.shape}")
-        if arr.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        if arr.dtype.kind not in "iu":
-            raise InputError(f"{what} must be integers, got dtype {arr.dtype}")
-        if arr.dtype.kind == "u" and arr.max() > _MAX_ID:
-            raise InputError(f"{what} must fit in int64, got {int(arr.max())}")
-        return arr.astype(np.int64)
+    _coerce_ids = staticmethod(coerce_ids)
 
     # -- training --------------------------------------------------------------------------------
     def train(self, sample) -> None:

@@ -136,6 +136,56 @@ def _rows_named(mask: np.ndarray) -> str:
     return f"{shown} ({count} in all)"
 
 
+def shaped_rows(x, dim: int, what: str, *, allow_1d: bool) -> np.ndarray:
+    """``x`` as a real floating (n, dim) array (a 1-D row of length dim -> (1, dim) when ``allow_1d``);
+    ``InputError`` naming the dtype or shape otherwise. Shared by ``Searcher`` and ``IVFSearcher``."""
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise InputError(f"{what} must be a real floating-point array (float16/32/64), got dtype {x.dtype}")
+    if x.ndim == 1 and allow_1d:
+        if x.shape[0] != dim:
+            raise InputError(f"one query must have shape ({dim},), got {x.shape}")
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise InputError(f"{what} must have shape (n, {dim}), got {x.shape}")
+    return x
+
+
+def checked_rows(given: np.ndarray, metric: str, what: str) -> np.ndarray:
+    """(n, dim) floating rows as C-contiguous float32: finite (NaN / inf refused, naming the rows), normalised
+    for ``metric="cosine"``, squared norms within float32's range for ``"ip"``."""
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
+        x = np.ascontiguousarray(given, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise InputError(f"{what} contain NaN or inf (after casting to float32) in rows {_rows_named(bad)}")
+    if metric == "cosine":
+        return _normalised(given)  # from the values given: float64 input keeps directions float32 would blur
+    big = _sq_norms(x) > _F32_MAX
+    if big.any():
+        raise InputError(
+            f"{what} have a squared norm beyond float32's range (scores would overflow) in rows "
+            f"{_rows_named(big)}"
+        )
+    return x
+
+
+def coerce_ids(ids, what="ids") -> np.ndarray:
+    """``ids`` (an int or 1-D ints) as int64; ``InputError`` for other shapes, dtypes, or values beyond int64."""
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim != 1:
+        raise InputError(f"{what} must be a 1-D array of ints, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise InputError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{what} must fit in int64, got {int(arr.max())}")
+    return arr.astype(np.int64)
+
+
 class Searcher:
     """Exact top-k search by cosine similarity or inner product; see the module docstring."""
 
@@ -192,46 +242,9 @@ class Searcher:
     # -- input coercion ----------------------------------------------------------------------------
     def _coerce(self, x, what: str, *, allow_1d: bool) -> np.ndarray:
         """(n, dim) C-contiguous float32, finite, normalised for cosine; 1-D of length dim -> (1, dim)."""
-        x = np.asarray(x)
-        if x.dtype.kind != "f":
-            raise InputError(f"{what} must be a real floating-point array (float16/32/64), got dtype {x.dtype}")
-        if x.ndim == 1 and allow_1d:
-            if x.shape[0] != self._dim:
-                raise InputError(f"one query must have shape ({self._dim},), got {x.shape}")
-            x = x[None, :]
-        if x.ndim != 2 or x.shape[1] != self._dim:
-            raise InputError(f"{what} must have shape (n, {self._dim}), got {x.shape}")
-        given = x
-        with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
-            x = np.ascontiguousarray(x, dtype=np.float32)
-        bad = ~np.isfinite(x).all(axis=1)
-        if bad.any():
-            raise InputError(f"{what} contain NaN or inf (after casting to float32) in rows {_rows_named(bad)}")
-        if self._metric == "cosine":
-            x = _normalised(given)  # from the values given: float64 input keeps directions float32 would blur
-        else:
-            big = _sq_norms(x) > _F32_MAX
-            if big.any():
-                raise InputError(
-                    f"{what} have a squared norm beyond float32's range (scores would overflow) in rows "
-                    f"{_rows_named(big)}"
-                )
-        return x
+        return checked_rows(shaped_rows(x, self._dim, what, allow_1d=allow_1d), self._metric, what)
 
-    @staticmethod
-    def _coerce_ids(ids, what="ids") -> np.ndarray:
-        arr = np.asarray(ids)
-        if arr.ndim == 0:
-            arr = arr[None]
-        if arr.ndim != 1:
-            raise InputError(f"{what} must be a 1-D array of ints, got shape {arr.shape}")
-        if arr.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        if arr.dtype.kind not in "iu":
-            raise InputError(f"{what} must be integers, got dtype {arr.dtype}")
-        if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
-            raise InputError(f"{what} must fit in int64, got {int(arr.max())}")
-        return arr.astype(np.int64)
+    _coerce_ids = staticmethod(coerce_ids)
 
     # -- mutation --------------------------------------------------------------------------------
     def add(self, vectors, ids=None) -> np.ndarray:

@@ -357,7 +357,7 @@ def test_int8_answers_are_the_files_own_arithmetic(cache, tmp_path, name):
     so a CPU with other int8 kernels (VNNI or not) gives it too."""
     images, source = cache.images()
     entry = export_run(cache.run(name), tmp_path, name=name, images=images, image_source=source,
-                       variants=("int8",), log=lambda *_: None)
+                       variants=("int8",), allow_incomplete=True, log=lambda *_: None)
     assert "errors" not in entry, entry["errors"]
     _, info = load_encoder(cache.run(name))
     x = info.preprocess(images[1::2])
@@ -381,7 +381,7 @@ def test_int8_kernels_that_disagree_with_the_file_are_refused(cache, tmp_path, m
     monkeypatch.setattr(export_onnx, "KERNEL_AGREEMENT", 1.01)
     images, source = cache.images()
     entry = export_run(cache.run("siamese"), tmp_path, name="siamese", images=images, image_source=source,
-                       variants=("fp16", "int8"), log=lambda *_: None)
+                       variants=("fp16", "int8"), allow_incomplete=True, log=lambda *_: None)
     (error,) = entry["errors"]
     assert "int8 kernels on this CPU disagree with the int8 file's own arithmetic: min cosine" in error
     assert "< 1.01 on 12 real images" in error and "siamese.int8.onnx not written" in error

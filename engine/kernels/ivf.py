@@ -19,43 +19,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from engine.kernels.topk import _push as _offer  # the top-k heap: offer (score, id) to a full min-heap
+from engine.kernels.topk import _sift_down
+
 # No "nnan"/"ninf": the padding is -inf and comparisons with it must stay exact.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _GROUP = 64  # scores tested per vectorised count before looking at them one by one
-
-
-@njit(cache=True, inline="always")
-def _better(s1, r1, s2, r2):
-    return s1 > s2 or (s1 == s2 and r1 < r2)
-
-
-@njit(cache=True, inline="always")
-def _sift_down(hs, hr, s, r):
-    """Put (s, r) at the root of the full min-heap (hs, hr) (worst at 0) and sift it down."""
-    size = hs.shape[0]
-    i = 0
-    while True:
-        left = 2 * i + 1
-        if left >= size:
-            break
-        c = left
-        right = left + 1
-        if right < size and _better(hs[left], hr[left], hs[right], hr[right]):
-            c = right
-        if _better(s, r, hs[c], hr[c]):
-            hs[i] = hs[c]
-            hr[i] = hr[c]
-            i = c
-        else:
-            break
-    hs[i] = s
-    hr[i] = r
-
-
-@njit(cache=True, inline="always")
-def _offer(hs, hr, s, r):
-    if _better(s, r, hs[0], hr[0]):
-        _sift_down(hs, hr, s, r)
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -225,7 +194,7 @@ def top_lists(cs, sizes, nprobe, probes):
         for end in range(nprobe - 1, 0, -1):  # heap sort, best first
             s = hs[0]
             r = hr[0]
-            _sift_down(hs[:end], hr[:end], hs[end], hr[end])
+            _sift_down(hs, hr, end, hs[end], hr[end])
             hs[end] = s
             hr[end] = r
 

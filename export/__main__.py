@@ -63,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":  # python -m export: --help and argument errors answer here, before torch and onnx load
+if __name__ == "__main__":  # python -m export: --help and argument errors answer here, before the machinery loads
     build_parser().parse_args()
 
-# the export machinery, imported once the command line has been read (torch and onnx take seconds)
+# the export machinery (OpenCV, numba; torch, onnx and onnxruntime as it works), imported once the command line
+# has been read
 from export.onnx import ExportError, cannot_write, export_many  # noqa: E402
 
 

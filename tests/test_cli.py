@@ -166,25 +166,25 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
-def test_index_and_query_match_python_m_engine_search(model, photos, tmp_path):
+def test_index_and_query_match_python_m_engine_search(model, photos, tmp_path, capsys):
     """`lookalike index` writes the index `python -m engine.search index` writes; `lookalike query` on it prints
     what `python -m engine.search query` prints, and each photo finds itself first."""
+    from engine.cli import main as lookalike
+    from engine.search_cli import main as search_main
+
+    queries = sorted(str(p) for p in photos.iterdir())[:3]
     runs = {}
-    for who, head in (("twin", ["-m", "engine.search"]), ("lookalike", ["-m", "engine"])):
+    for who, run in (("twin", search_main), ("lookalike", lookalike)):
         idx = tmp_path / who / "photos.idx"
         idx.parent.mkdir()
-        r = subprocess.run([sys.executable, *head, "index", str(photos), "--model", str(model), "--index", str(idx),
-                            "--no-progress"], capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
-        assert r.returncode == 0, r.stderr
-        queries = sorted(str(p) for p in photos.iterdir())[:3]
-        q = subprocess.run([sys.executable, *head, "query", *queries, "--index", str(idx), "-k", "3"],
-                           capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
-        assert q.returncode == 0, q.stderr
-        runs[who] = (idx.read_bytes(), q.stdout)
+        assert run(["index", str(photos), "--model", str(model), "--index", str(idx), "--no-progress"]) == 0
+        capsys.readouterr()
+        assert run(["query", *queries, "--index", str(idx), "-k", "3"]) == 0
+        runs[who] = (idx.read_bytes(), capsys.readouterr().out)
     assert runs["lookalike"] == runs["twin"]
-    blocks = runs["lookalike"][1].strip().split("\n")
-    for i, query in enumerate(sorted(p.name for p in photos.iterdir())[:3]):
-        head, first = blocks[4 * i], blocks[4 * i + 1]
-        assert head.endswith(query)
+    lines = runs["lookalike"][1].strip().split("\n")
+    for i, query in enumerate(queries):
+        head, first = lines[4 * i], lines[4 * i + 1]
+        assert head.endswith(Path(query).name)
         assert first.startswith("   1. 1.0000") or first.startswith("   1. 0.9999"), first
-        assert first.endswith(query)
+        assert first.endswith(Path(query).name)

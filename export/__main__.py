@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from export.onnx import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, TOLERANCE, ExportError, cannot_write, export_many
+from export.options import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, TOLERANCE
 from train.checkpoint import CheckpointError
 from train.registry import MODEL_NAMES
 
@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch exporter: auto tries TorchScript, then dynamo (dynamo alone for an opset newer than "
                         "the TorchScript exporter writes; default: auto)")
     return p
+
+
+if __name__ == "__main__":  # python -m export: --help and argument errors answer here, before the machinery loads
+    build_parser().parse_args()
+
+# the export machinery (OpenCV, numba; torch, onnx and onnxruntime as it works), imported once the command line
+# has been read
+from export.onnx import ExportError, cannot_write, export_many  # noqa: E402
 
 
 def main(argv=None) -> int:

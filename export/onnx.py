@@ -53,16 +53,13 @@ from engine.errors import LookalikeError, ModelError
 from engine.fileio import unwritable
 from engine.validate import is_int
 from export import verify
+from export.options import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, TOLERANCE  # defined without torch, for --help
 from train.checkpoint import CheckpointError, atomic_write_bytes
 from train.registry import MODEL_NAMES
 
 INPUT_NAME = "images"  # (n, 3, H, W) float32, preprocessed as the metadata says
 OUTPUT_NAME = "embeddings"  # (n, dim) float32, L2-normalised
-DEFAULT_OPSET = 17
-MIN_OPSET = 17
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's own operator set; it writes no older one
-TOLERANCE = 1e-4  # max abs difference allowed between onnxruntime and torch (float32)
-EXPORTERS = ("auto", "torchscript", "dynamo")
 VARIANTS = ("fp16", "int8")
 SUFFIX = {"float32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx"}
 OVERLAP_K = 10

@@ -25,18 +25,12 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from engine.preprocess import Preprocess
-from train import evaluate as ev
-from train.augment import IMAGENET_MEAN, IMAGENET_STD, fitted_preprocess, preprocess_all, show
+from train.choices import BACKBONES
 from train.common import (EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
                           cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
                           pick_device, progress, seed_everything)
 from train.data import DATASETS, ImageSet
-from train.models.ae import build_autoencoder
-from train.models.layers import BACKBONES, L2Normalized
 from train.split import batches, epoch_order, load_split
 
 
@@ -67,28 +61,6 @@ class AEConfig:
     max_steps: int | None = None  # stop each epoch after this many steps (None: whole epoch)
     seed: int = 0  # fixes init, data order and the split; fixed seed + CPU gives identical runs
     device: str = "auto"  # auto / cpu / cuda
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device) -> None:
-    """Set every batch norm's running mean / variance to their average over ``x`` for the final weights
-    (one forward pass in train mode, batches in a fixed order). The running averages kept during training
-    lag behind weights that change fast (few steps, small batches: VGG on a few photos); without this the
-    eval-mode network, the one exported and searched with, can reconstruct far worse than training showed."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or len(x) == 0:
-        return
-    was_training = model.training
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.train()
-    for part in batches(torch.arange(len(x)), max(2, batch_size), None):
-        model(x[part].to(device))
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,6 +98,42 @@ def parse_config(argv=None) -> tuple[AEConfig, argparse.Namespace]:
     if args.arch == "vgg16bn" and args.image_size < 32:
         parser.error(f"--image-size must be at least 32 for vgg16bn (five 2x2 pools), got {args.image_size}")
     return config_from_args(AEConfig, args), args
+
+
+if __name__ == "__main__":  # python -m train.ae: --help and argument errors answer here, before torch loads
+    parse_config()
+
+# the training machinery, imported once the command line has been read (torch alone takes seconds)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine.preprocess import Preprocess  # noqa: E402
+from train import evaluate as ev  # noqa: E402
+from train.augment import IMAGENET_MEAN, IMAGENET_STD, fitted_preprocess, preprocess_all, show  # noqa: E402
+from train.models.ae import build_autoencoder  # noqa: E402
+from train.models.layers import L2Normalized  # noqa: E402
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, batch_size: int, device) -> None:
+    """Set every batch norm's running mean / variance to their average over ``x`` for the final weights
+    (one forward pass in train mode, batches in a fixed order). The running averages kept during training
+    lag behind weights that change fast (few steps, small batches: VGG on a few photos); without this the
+    eval-mode network, the one exported and searched with, can reconstruct far worse than training showed."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(x) == 0:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    for part in batches(torch.arange(len(x)), max(2, batch_size), None):
+        model(x[part].to(device))
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was_training)
 
 
 def make_preprocess(cfg: AEConfig, train_images) -> Preprocess:

@@ -40,7 +40,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.errors import LookalikeError
 from engine.fileio import atomic_write, read_framed, write_framed
@@ -66,6 +65,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def to_plain(obj, where: str = "payload"):
     """``obj`` with numpy arrays as tensors, numpy numbers as Python numbers and paths as str: what
     ``torch.load(weights_only=True)`` reads back. Raises ``TypeError`` naming the entry for anything else."""
+    import torch  # here, not at the top: the trainers' --help reads this module without loading torch
+
     if isinstance(obj, np.generic):  # before float: numpy.float64 is a float, pickled as a numpy scalar
         return obj.item()
     if obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, (torch.Tensor, torch.dtype,
@@ -94,6 +95,8 @@ def to_plain(obj, where: str = "payload"):
 
 def save_checkpoint(path, payload: dict) -> str:
     """Save ``payload`` (through ``to_plain``) atomically; returns the payload's sha256 (hex)."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(to_plain(payload), buf)
     return write_framed(path, MAGIC, {"version": CHECKPOINT_VERSION}, buf.getvalue())
@@ -122,6 +125,8 @@ def read_header(path) -> tuple[dict, bytes]:
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load and verify a checkpoint; raises CheckpointError with the path on any problem, and before running
     anything for a payload that holds more than tensors and plain values."""
+    import torch
+
     header, body = read_header(path)
     allowed = _V1_NUMPY_GLOBALS if header.get("version") == 1 else []
     try:

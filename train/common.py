@@ -53,18 +53,24 @@ import threading
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from engine.errors import LookalikeError
 from engine.fileio import unwritable
-from engine.preprocess import Preprocess
 from train.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT_EVERY = 300.0  # seconds between checkpoints (--checkpoint-every); 0: at the end of every epoch
 RUN_FILES = ("checkpoint.pt", "config.json", "metrics.json")  # what Run writes in every run folder
+
+# torch is imported where it is used, not here: a trainer's command line (make_parser, --help, argument errors)
+# answers before torch loads, which takes seconds.
+if TYPE_CHECKING:
+    import torch
+
+    from engine.preprocess import Preprocess
 
 
 class RunFolderError(LookalikeError):
@@ -191,6 +197,8 @@ def config_from_args(cls, args: argparse.Namespace, **overrides):
 
 
 def pick_device(choice: str = "auto") -> torch.device:
+    import torch
+
     if choice not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
@@ -202,6 +210,8 @@ def pick_device(choice: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; returns a torch.Generator for data order."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -399,6 +409,8 @@ class Run:
              progress: str, extra: dict | None = None) -> str:
         """Write the checkpoint (see ``train.checkpoint``). ``complete``: the run did all its configured training;
         ``progress``: how far it got, in words (export names it when it refuses an incomplete run)."""
+        import torch
+
         t = time.perf_counter()
         payload = {
             "name": self.name,
@@ -490,6 +502,8 @@ class Run:
     @staticmethod
     def restore_rng(state: dict) -> None:
         if "torch_rng" in state:
+            import torch
+
             torch.set_rng_state(state["torch_rng"])
         if "numpy_rng" in state:
             kind, key, *rest = state["numpy_rng"]

@@ -53,11 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 
 from engine.errors import ImageReadError, LookalikeError, VideoOpenError
-from engine.preprocess import read_image
 from engine.video import VideoReader
 from engine.video import camera_index as _camera_index
 
@@ -217,6 +215,8 @@ def _shrink(img: np.ndarray, max_side: int | None) -> np.ndarray:
     h, w = img.shape[:2]
     if max(h, w) <= max_side:
         return img
+    import cv2  # here, not at the top: the trainers' --help reads DATASETS without loading OpenCV
+
     s = max_side / max(h, w)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
     return cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
@@ -248,6 +248,8 @@ def _read_all(name: str, files: list[Path], max_side: int | None, progress: bool
     """Decode ``files`` -> (images, the indices of the files read, skipped). A file that cannot be read or decoded
     is left out with ``warning: skipped <file>: <why>`` on stderr (as ``engine.search index`` does) and listed
     in ``skipped`` as ``{"path", "reason"}``; when no file at all can be read, DataError names them."""
+    from engine.preprocess import read_image
+
     images, kept, skipped = [], [], []
     for i, f in enumerate(_bar(files, progress, name)):
         try:

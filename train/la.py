@@ -38,22 +38,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from engine.memory_bank import MemoryBank
-from engine.preprocess import Preprocess
-from train import evaluate as ev
 from train import split
-from train.augment import (IMAGENET_MEAN, IMAGENET_STD, augment, epoch_generator, fitted_preprocess, resize_side,
-                           resized_uint8)
 from train.checkpoint import CheckpointError, load_checkpoint
+from train.choices import BACKBONES
 from train.common import (ConfigError, EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
                           cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
                           pick_device, progress, seed_everything)
 from train.data import DATASETS, ImageSet
-from train.models.ae import backbone_state_from_ae
-from train.models.la import LAEncoder, LocalAggregation
-from train.models.layers import BACKBONES
 from train.split import SHUFFLED_DATASETS, batches, epoch_order
 
 NAME = "la"
@@ -212,6 +204,21 @@ def parse_config(argv=None) -> tuple[LAConfig, argparse.Namespace]:
     if cfg.holdout is None:
         cfg.holdout = 0.2 if cfg.data in SHUFFLED_DATASETS else 0.0
     return cfg, args
+
+
+if __name__ == "__main__":  # python -m train.la: --help and argument errors answer here, before torch loads
+    parse_config()
+
+# the training machinery, imported once the command line has been read (torch alone takes seconds)
+import torch  # noqa: E402
+
+from engine.memory_bank import MemoryBank  # noqa: E402
+from engine.preprocess import Preprocess  # noqa: E402
+from train import evaluate as ev  # noqa: E402
+from train.augment import (IMAGENET_MEAN, IMAGENET_STD, augment, epoch_generator, fitted_preprocess,  # noqa: E402
+                           resize_side, resized_uint8)
+from train.models.ae import backbone_state_from_ae  # noqa: E402
+from train.models.la import LAEncoder, LocalAggregation  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,14 +48,9 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
-from engine.preprocess import Preprocess
-from train.augment import IMAGENET_MEAN, IMAGENET_STD
 from train.common import (ConfigError, Run, check_resume, check_run_folder, cli_main, config_from_args, default_out, encoder_spec,
                           make_parser, number, pick_device, progress, seed_everything)
-from train.models.mpnn import (MAPS, MPNNEncoder, max_abs_cosine_per_image, mean_max_abs_cosine, output_side,
-                               pairwise_cosine_loss)
 
 NAME = "mpnn"
 
@@ -92,6 +87,66 @@ class MPNNConfig:
     seed: int = 0  # seeds the weights' initialisation and the image order
     device: str = "auto"  # "auto", "cpu" or "cuda"
     threads: int = 1  # CPU threads for torch while training (0: torch's default); see --threads
+
+
+# -- command line ----------------------------------------------------------------------------------------
+
+def build_parser():
+    from train.data import DATASETS
+
+    d = MPNNConfig()
+    p = make_parser("train.mpnn", "Train MPNN (multi-perspective network) level by level; no labels needed.",
+                    datasets=DATASETS, default_data=d.data, epochs=d.epochs, batch_size=d.batch_size,
+                    checkpoint_every=0)
+    helps = {
+        "epochs": f"per-level step budget in passes over the data, used when --level-steps is not given; the data "
+                  f"loops, so a pass never ends a level (default: {d.epochs})",
+        "max_steps": "stop the whole run after this many steps; --resume continues mid-level (smoke tests)",
+        "limit": "use at most this many images (for a video: frames spread evenly over the file, held in memory)",
+        "checkpoint_every": "write checkpoint.pt once this many seconds have passed since the last one (checked "
+                            "after every step), at the end, and on SIGTERM / Ctrl-C; 0: at the end of every pass and "
+                            "level. Its checkpoint is small (the levels' 5x5 filters), so the default is 0",
+    }
+    for action in p._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
+    p.add_argument("--levels", type=number(int, low=1), default=d.levels, help=f"levels stacked (default: {d.levels})")
+    p.add_argument("--size", type=number(int, low=1), default=d.size, help=f"input side in pixels (default: {d.size})")
+    p.add_argument("--lr", type=number(float, low=0), default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    p.add_argument("--init", default=d.init, choices=INITS,
+                   help="level initialisation: pca (whitened principal directions of a sample of the level's input "
+                        f"patches) or random (torch's default) (default: {d.init})")
+    p.add_argument("--init-frames", type=number(int, low=1), default=d.init_frames,
+                   help=f"frames sampled for the pca initialisation of each level (default: {d.init_frames})")
+    p.add_argument("--threshold", type=number(float, low=0, high=1, low_open=True), default=d.threshold,
+                   help=f"a level is done when its windowed mean max |cos| falls below this (default: {d.threshold})")
+    p.add_argument("--window", type=number(int, low=1), default=d.window,
+                   help=f"steps averaged for that test (default: {d.window})")
+    p.add_argument("--level-steps", type=number(int, low=1), default=None,
+                   help="per-level step budget (default: --epochs passes over the data)")
+    p.add_argument("--frame-step", type=number(int, low=1), default=d.frame_step,
+                   help=f"video: train on every n-th frame (default: {d.frame_step})")
+    p.add_argument("--shuffle-window", type=number(int, low=1), default=d.shuffle_window,
+                   help=f"video: shuffle frames within windows of this many consecutive frames; 1 keeps them "
+                        f"consecutive (default: {d.shuffle_window})")
+    p.add_argument("--threads", type=number(int, low=0), default=d.threads,
+                   help="CPU threads for torch while training, 0 for torch's default. One thread measured 2.5x "
+                        f"faster than two on the shared 2-core box (default: {d.threads})")
+    p.add_argument("--eval-limit", type=number(int, low=1), default=d.eval_limit,
+                   help=f"items of the first pass embedded by the final evaluation (default: {d.eval_limit})")
+    return p
+
+
+if __name__ == "__main__":  # python -m train.mpnn: --help and argument errors answer here, before torch loads
+    build_parser().parse_args()
+
+# the training machinery, imported once the command line has been read (torch alone takes seconds)
+import torch  # noqa: E402
+
+from engine.preprocess import Preprocess  # noqa: E402
+from train.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from train.models.mpnn import (MAPS, MPNNEncoder, max_abs_cosine_per_image, mean_max_abs_cosine,  # noqa: E402
+                               output_side, pairwise_cosine_loss)
 
 
 def build_preprocess(size: int) -> Preprocess:
@@ -556,54 +611,6 @@ def curves_figure(history: list[dict], threshold: float, window: int = 20):
     ax2.set_xlabel("step within the level")
     ax2.legend(fontsize=8)
     return fig
-
-
-# -- command line ----------------------------------------------------------------------------------------
-
-def build_parser():
-    from train.data import DATASETS
-
-    d = MPNNConfig()
-    p = make_parser("train.mpnn", "Train MPNN (multi-perspective network) level by level; no labels needed.",
-                    datasets=DATASETS, default_data=d.data, epochs=d.epochs, batch_size=d.batch_size,
-                    checkpoint_every=0)
-    helps = {
-        "epochs": f"per-level step budget in passes over the data, used when --level-steps is not given; the data "
-                  f"loops, so a pass never ends a level (default: {d.epochs})",
-        "max_steps": "stop the whole run after this many steps; --resume continues mid-level (smoke tests)",
-        "limit": "use at most this many images (for a video: frames spread evenly over the file, held in memory)",
-        "checkpoint_every": "write checkpoint.pt once this many seconds have passed since the last one (checked "
-                            "after every step), at the end, and on SIGTERM / Ctrl-C; 0: at the end of every pass and "
-                            "level. Its checkpoint is small (the levels' 5x5 filters), so the default is 0",
-    }
-    for action in p._actions:
-        if action.dest in helps:
-            action.help = helps[action.dest]
-    p.add_argument("--levels", type=number(int, low=1), default=d.levels, help=f"levels stacked (default: {d.levels})")
-    p.add_argument("--size", type=number(int, low=1), default=d.size, help=f"input side in pixels (default: {d.size})")
-    p.add_argument("--lr", type=number(float, low=0), default=d.lr, help=f"Adam learning rate (default: {d.lr})")
-    p.add_argument("--init", default=d.init, choices=INITS,
-                   help="level initialisation: pca (whitened principal directions of a sample of the level's input "
-                        f"patches) or random (torch's default) (default: {d.init})")
-    p.add_argument("--init-frames", type=number(int, low=1), default=d.init_frames,
-                   help=f"frames sampled for the pca initialisation of each level (default: {d.init_frames})")
-    p.add_argument("--threshold", type=number(float, low=0, high=1, low_open=True), default=d.threshold,
-                   help=f"a level is done when its windowed mean max |cos| falls below this (default: {d.threshold})")
-    p.add_argument("--window", type=number(int, low=1), default=d.window,
-                   help=f"steps averaged for that test (default: {d.window})")
-    p.add_argument("--level-steps", type=number(int, low=1), default=None,
-                   help="per-level step budget (default: --epochs passes over the data)")
-    p.add_argument("--frame-step", type=number(int, low=1), default=d.frame_step,
-                   help=f"video: train on every n-th frame (default: {d.frame_step})")
-    p.add_argument("--shuffle-window", type=number(int, low=1), default=d.shuffle_window,
-                   help=f"video: shuffle frames within windows of this many consecutive frames; 1 keeps them "
-                        f"consecutive (default: {d.shuffle_window})")
-    p.add_argument("--threads", type=number(int, low=0), default=d.threads,
-                   help="CPU threads for torch while training, 0 for torch's default. One thread measured 2.5x "
-                        f"faster than two on the shared 2-core box (default: {d.threads})")
-    p.add_argument("--eval-limit", type=number(int, low=1), default=d.eval_limit,
-                   help=f"items of the first pass embedded by the final evaluation (default: {d.eval_limit})")
-    return p
 
 
 @cli_main

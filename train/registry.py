@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch.nn as nn
-
-from engine.preprocess import Preprocess
 from train.checkpoint import CheckpointError, load_checkpoint
+
+if TYPE_CHECKING:  # torch loads with the architectures (_populate): export's --help reads MODEL_NAMES without it
+    import torch.nn as nn
+
+    from engine.preprocess import Preprocess
 
 _ENCODERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -74,6 +76,8 @@ def load_encoder(path) -> tuple[nn.Module, EncoderInfo]:
 
 def encoder_from_checkpoint(ckpt: dict, p: Path) -> tuple[nn.Module, EncoderInfo]:
     """``load_encoder`` of a checkpoint already read (``train.checkpoint.load_checkpoint``) from the file ``p``."""
+    from engine.preprocess import Preprocess
+
     enc = ckpt.get("encoder")
     if not isinstance(enc, dict) or not {"arch", "kwargs", "state_dict", "dim", "preprocess"} <= set(enc):
         raise CheckpointError(f"{p} has no usable 'encoder' entry (expected arch, kwargs, state_dict, dim, preprocess)")

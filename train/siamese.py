@@ -23,18 +23,12 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from engine.preprocess import Preprocess
-from train import evaluate as ev
-from train.augment import fitted_preprocess, preprocess_all, show
+from train.choices import DEFAULT_MARGIN, LOSSES, MININGS
 from train.common import (EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
                           cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
                           pick_device, progress, seed_everything)
 from train.data import DATASETS, DataError
-from train.models.layers import L2Normalized
-from train.models.siamese import DEFAULT_MARGIN, LOSSES, MININGS, SiameseNet, contrastive_loss, triplet_loss
 from train.split import batches, epoch_order, load_split
 
 NAME = "siamese"
@@ -90,6 +84,20 @@ def build_parser():
 def parse_config(argv=None) -> tuple[SiameseConfig, object]:
     args = build_parser().parse_args(argv)
     return config_from_args(SiameseConfig, args), args
+
+
+if __name__ == "__main__":  # python -m train.siamese: --help and argument errors answer here, before torch loads
+    parse_config()
+
+# the training machinery, imported once the command line has been read (torch alone takes seconds)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine.preprocess import Preprocess  # noqa: E402
+from train import evaluate as ev  # noqa: E402
+from train.augment import fitted_preprocess, preprocess_all, show  # noqa: E402
+from train.models.layers import L2Normalized  # noqa: E402
+from train.models.siamese import SiameseNet, contrastive_loss, triplet_loss  # noqa: E402
 
 
 def _pair_schedule(labels: np.ndarray, n_pairs: int, seed: int, epoch: int):

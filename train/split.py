@@ -4,11 +4,12 @@ of an epoch (both depend on the seed and the epoch only, so a resumed run repeat
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
-from train import evaluate as ev
 from train.data import DataError, ImageSet, load_images
+
+if TYPE_CHECKING:  # torch loads where it is used: a trainer's --help reads SHUFFLED_DATASETS without it
+    import torch
 
 SHUFFLED_DATASETS = ("mnist", "cifar10")  # stored in a shuffled order: hold out the tail
 
@@ -23,6 +24,8 @@ def load_split(data: str, root, *, limit: int | None, holdout: float | None, pro
     ``limit``, about ``limit / (1 - holdout)`` images are loaded (spread evenly over the data set) so that at
     most ``limit`` remain for training. Fewer than ``min_train`` training images: ``DataError`` (``who``
     names what needs them)."""
+    from train import evaluate as ev
+
     h = float(holdout or 0.0)
     load_limit = None if limit is None else int(math.ceil(limit / (1.0 - h)))
     full = load_images(data, root, limit=load_limit, progress=progress_bar)
@@ -46,6 +49,8 @@ def load_split(data: str, root, *, limit: int | None, holdout: float | None, pro
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: depends on (seed, epoch) only, so a resumed run repeats it."""
+    import torch
+
     g = torch.Generator()
     g.manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BACKBONES = ("vgg16bn", "conv")
+from train.choices import BACKBONES  # defined without torch, for the trainers' --help
 
 
 class L2Normalized(nn.Module):

@@ -24,12 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.choices import DEFAULT_MARGIN, MININGS  # defined without torch, for train.siamese --help
 from train.models.layers import L2Normalized
 from train.registry import register_encoder
-
-LOSSES = ("binary", "contrastive", "triplet")
-MININGS = ("hard", "semihard")
-DEFAULT_MARGIN = {"contrastive": 1.0, "triplet": 0.2}  # on distances between unit vectors (0..2)
 
 
 class SiameseTower(nn.Module):

@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[train,test,bench]'
+	$(PY) -m pip install -e '.[train,test,bench,scale]'
 	touch $(STAMP)
 
 demo: $(STAMP)

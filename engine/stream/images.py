@@ -1,10 +1,11 @@
 """Pictures of the shots: PySceneDetect's ``save-images`` (``<stem>-Scene-001-01.jpg`` ...) and the thumbnails of
 the HTML report, taken from the video file in a second pass after the stream.
 
-Which frames: PySceneDetect's rule (``scenedetect.output.image``), counted in whole frames. A shot of L frames is
-cut into ``num_images`` equal segments; one image per segment: the first ``frame_margin`` frames into the first
-segment, ``frame_margin`` frames before the end of the last one, the middle of the others; with one image, the
-middle frame of the shot (``start + L // 2``). Names follow PySceneDetect's default template
+Which frames: PySceneDetect's rule (``scenedetect.output.image``), in exact fractions of frames. A shot of L frames
+(from ``start``; its exclusive end ``start + L``) is cut into ``num_images`` equal segments; one image per
+segment: ``frame_margin`` frames into the first segment, ``frame_margin`` frames before the end of the last one,
+the middle of the others; with one image, the middle of the shot (``start + L / 2``). Each point is rounded to
+the nearest frame, a half up (PySceneDetect rounds in floating point seconds, so on a half it may take either). Names follow PySceneDetect's default template
 ``$VIDEO_NAME-Scene-$SCENE_NUMBER-$IMAGE_NUMBER``: the scene number has at least 3 digits, the image number
 one more digit than ``num_images`` has.
 
@@ -16,6 +17,7 @@ A camera cannot be read twice: it gets no pictures.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,19 +36,19 @@ def image_frames(shot: Shot, num_images: int, frame_margin: int = 1) -> list[int
     if frame_margin < 0:
         raise InputError(f"frame_margin must be a non-negative int, got {frame_margin!r}")
     start, length = shot.start, shot.end - shot.start + 1
-    if num_images == 1:
-        return [start + length // 2]
-    seg = length / num_images
+    seg = Fraction(length, num_images)
     out = []
     for j in range(num_images):
         lo, hi = start + j * seg, start + (j + 1) * seg
-        if j == 0:
+        if num_images == 1:
+            t = start + Fraction(length, 2)
+        elif j == 0:
             t = min(lo + frame_margin, hi)
         elif j == num_images - 1:
             t = max(hi - frame_margin, lo)
         else:
             t = (lo + hi) / 2
-        out.append(min(shot.end, max(start, int(math.floor(t)))))
+        out.append(min(shot.end, max(start, math.floor(t + Fraction(1, 2)))))  # the nearest frame (halves: later)
     return out
 
 

@@ -14,7 +14,6 @@ import csv
 import importlib.util
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -25,11 +24,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_stream import SIZE, _dissolve_fade_clip, _shot, mpnn_model  # noqa: F401  (mpnn_model: a fixture)
 
 from engine.default_models import default_model
 from engine.errors import ModelError
 from engine.stream import main
-from test_stream import SIZE, _dissolve_fade_clip, _shot, mpnn_model  # noqa: F401  (mpnn_model: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_FFMPEG = importlib.util.find_spec("imageio_ffmpeg") is not None
@@ -49,7 +48,7 @@ def _run(args: list[str], model: tuple[Path, bool]) -> subprocess.CompletedProce
     """The real command, in a fresh interpreter; ``--model`` only when the default model is not installed."""
     extra = [] if model[1] else ["--model", str(model[0])]
     proc = subprocess.run([sys.executable, "-m", "engine.stream", *args, *extra], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -103,7 +102,7 @@ def _pyscenedetect_csv(scenes) -> list[list[str]]:
 def test_scene_list_agrees_with_pyscenedetect_on_a_video_with_clean_cuts(bikes, stream_model, tmp_path):
     from scenedetect import ContentDetector, detect
 
-    video, out, report, proc = bikes
+    video, out, report, _ = bikes
     ours = _csv_rows(out / "bikes-Scenes.csv")
     scenes = detect(str(video), ContentDetector())  # PySceneDetect's own detection: the oracle for the cuts
     theirs = _pyscenedetect_csv(scenes)
@@ -130,10 +129,10 @@ def test_scene_list_agrees_with_pyscenedetect_on_a_video_with_clean_cuts(bikes, 
 def test_pyscenedetect_reads_our_scene_list(bikes, tmp_path):
     """``scenedetect load-scenes`` (PySceneDetect's reader of scene lists) takes our CSV and lists the same
     scenes again."""
-    video, out, report, _ = bikes
+    video, out, _, _ = bikes
     proc = subprocess.run([sys.executable, "-m", "scenedetect", "-i", str(video), "-o", str(tmp_path), "-q",
                            "load-scenes", "-i", str(out / "bikes-Scenes.csv"), "list-scenes"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     again = _csv_rows(tmp_path / "bikes-Scenes.csv")
     ours = _csv_rows(out / "bikes-Scenes.csv")
@@ -153,7 +152,7 @@ class _Table:
 def gradual(stream_model, tmp_path_factory):
     """A real clip written to a file: a street corner dissolves into a man in a car, who fades out to black and
     in to taxis (tests/test_stream.py's clip), then the street corner again after a cut."""
-    clip, n, d_first, f_first = _dissolve_fade_clip()
+    clip = _dissolve_fade_clip()[0]
     clip = [*clip, *_shot("bikes", 162, 187)]
     folder = tmp_path_factory.mktemp("gradual")
     video = folder / "gradual.mp4"
@@ -167,7 +166,7 @@ def gradual(stream_model, tmp_path_factory):
 
 
 def test_scene_list_names_gradual_transitions_and_recurrences_as_report_json_does(gradual):
-    video, out, report, n = gradual
+    _, out, report, _ = gradual
     table = _Table(out / "gradual-Scenes.csv")
     shots, transitions = report["shots"], report["transitions"]
     assert {"dissolve", "fade"} <= {("fade" if t["fade"] else "dissolve") for t in transitions
@@ -321,14 +320,14 @@ def _screenshot(browser: str, page: Path, png: Path) -> np.ndarray:
     proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                            "--no-first-run", f"--user-data-dir={png.parent / 'profile'}",
                            f"--screenshot={png}", "--window-size=1280,1400", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert png.is_file(), proc.stderr
     return cv2.imread(str(png), cv2.IMREAD_COLOR)
 
 
 def test_report_html_renders_in_a_browser(bikes, tmp_path):
     browser = _chromium()
-    video, out, report, _ = bikes
+    _, out, _, _ = bikes
     empty = tmp_path / "empty.html"
     empty.write_text("<!DOCTYPE html><html><body></body></html>\n")
     blank = _screenshot(browser, empty, tmp_path / "blank.png")
@@ -406,7 +405,8 @@ def test_help_imports_nothing_heavy_and_lists_the_outputs():
             "try:\n    runpy.run_module('engine.stream', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'onnxruntime', 'numba', 'cv2', 'matplotlib') if m in sys.modules),"
             " file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
     assert proc.returncode == 0 and proc.stderr.strip() == "[]", proc.stderr
     for word in ("STEM-Scenes.csv", "STEM.edl", "report.html", "--save-images", "--split", "--num-images",
                  "PySceneDetect", "exclusive", "non-drop-frame", "default"):

@@ -68,7 +68,8 @@ _PUBLIC = {
     "VideoReader": "engine.video",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = ["OPTION_NAMES", "TRANSITION_TYPES", "Event", "FrameScore", "PreparedFrame", "Shot", "StreamComparator",
+           "StreamOptions", "Transition", "VideoReader", "build_parser", "detect", "main", "timeline_png"]
 
 
 def __getattr__(name):

@@ -29,8 +29,9 @@ what it writes in OUT (STEM: the video file's name without its extension):
                     recurs_with: an earlier shot showing the same scene, or null}; frames_expected (the count the
                     container lists), decode_ended_early (true when the decoder stopped before it: a truncated or
                     damaged file, also warned about on stderr) and outputs (the files below)
-  STEM-Scenes.csv   the shots in PySceneDetect's list-scenes layout and conventions (1-based Start Frame; End
-                    Frame and End Timecode exclusive, as PySceneDetect's), then five more columns: Transition
+  STEM-Scenes.csv   the shots in PySceneDetect's list-scenes layout and conventions (Start Frame counts from 1;
+                    End Frame and End Timecode are exclusive as PySceneDetect's: End Frame = report.json's end + 1,
+                    End Timecode = the time after the last frame), then five more columns: Transition
                     (cut, dissolve or fade: how the shot begins), Transition Start / End Frame, Recurs With Scene
                     (the Scene Number of the earlier shot it shows again) and Recurrence Score
   STEM.edl          the shots as a CMX 3600 edit decision list, one event per shot, non-drop-frame timecode at the

@@ -21,7 +21,7 @@ def nominal_rate(fps: float) -> int:
     """The timecode's frames per second: the frame rate rounded (at least 1)."""
     if not fps or fps <= 0:
         raise InputError(f"an EDL needs the video's frame rate, got {fps!r}")
-    return max(1, int(round(fps)))
+    return max(1, round(fps))
 
 
 def smpte(frame: int, rate: int) -> str:
@@ -38,9 +38,9 @@ def edl_text(shots: list[Shot], transitions: list[Transition], fps: float, *, ti
     rate = nominal_rate(fps)
     title = "".join(ch if ch.isprintable() else "_" for ch in title)[:70]
     clip = "".join(ch if ch.isprintable() else "_" for ch in clip)
-    lines = [f"TITLE: {title}", "FCM: NON-DROP FRAME",
-             f"* CREATED WITH LOOKALIKE (python -m engine.stream): {len(shots)} shots of {clip} at {fps:g} "
-             f"frames/s, timecode at {rate} frames/s non-drop-frame, out points exclusive", ""]
+    created = (f"* CREATED WITH LOOKALIKE (python -m engine.stream): {len(shots)} shots of {clip} at {fps:g} "
+               f"frames/s, timecode at {rate} frames/s non-drop-frame, out points exclusive")
+    lines = [f"TITLE: {title}", "FCM: NON-DROP FRAME", created, ""]
     rows = scene_rows(shots, transitions)
     number_of = {r.shot.index: r.number for r in rows}
     for r in rows:

@@ -48,8 +48,8 @@ def report_html(*, title: str, summary: dict, shots: list[Shot], transitions: li
     out += ["</dl>", "<h2>Timeline</h2>",
             f'<img class="timeline" alt="similarity timeline" src="{data_uri("image/png", timeline_png)}">',
             "<h2>Shots</h2>", "<table>",
-            "<tr><th>Shot</th><th>Picture (middle frame)</th><th>First frame</th><th>Start</th><th>Last frame</th>"
-            "<th>End</th><th>Frames</th><th>Begins with</th><th>Shows again</th></tr>"]
+            ("<tr><th>Shot</th><th>Picture (middle frame)</th><th>First frame</th><th>Start</th><th>Last frame</th>"
+             "<th>End</th><th>Frames</th><th>Begins with</th><th>Shows again</th></tr>")]
     for r in rows:
         sh = r.shot
         thumb = thumbnails.get(sh.index)

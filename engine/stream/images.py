@@ -17,8 +17,8 @@ A camera cannot be read twice: it gets no pictures.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ def jpeg(frame: np.ndarray, *, quality: int = 95, width: int | None = None) -> b
 
     bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
     if width is not None and width < bgr.shape[1]:
-        h = max(1, int(round(bgr.shape[0] * width / bgr.shape[1])))
+        h = max(1, round(bgr.shape[0] * width / bgr.shape[1]))
         bgr = cv2.resize(bgr, (width, h), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:

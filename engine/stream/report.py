@@ -14,7 +14,8 @@ COLOURS = {"cut": "red", "dissolve": "orange", "fade": "dimgray"}  # timeline.pn
 def timeline_png(scores: dict, transitions: list[Transition], shots: list[Shot], title: str) -> bytes:
     """The similarity timeline as PNG bytes: per frame, the similarity to the previous frame and to the start of
     the shot (the published MPNN demo's anchor curve); cuts as red lines, dissolves as orange bands, fades as
-    grey bands; a recurring shot is marked ``= shot N`` (N counting shots from 1, as the scene list does)."""
+    grey bands; a shot that shows an earlier one again is marked ``shot N again`` (N counting shots from 1, as
+    the scene list does)."""
     import io
 
     import matplotlib
@@ -39,7 +40,7 @@ def timeline_png(scores: dict, transitions: list[Transition], shots: list[Shot],
         ax.plot(flashes, np.ones(len(flashes)), "x", color="purple", ms=4, label="flash frames (ignored)")
     for sh in shots:
         if sh.recurs_with is not None:
-            ax.annotate(f"= shot {sh.recurs_with + 1}", ((sh.start + sh.end) / 2, 1.02), ha="center", fontsize=7,
+            ax.annotate(f"shot {sh.recurs_with + 1} again", ((sh.start + sh.end) / 2, 1.02), ha="center", fontsize=7,
                         xycoords=("data", "axes fraction"))
     ax.plot([], [], color=COLOURS["cut"], label="cut")
     for kind in ("dissolve", "fade"):

@@ -44,7 +44,7 @@ def timecode(seconds: float | None) -> str:
     """``HH:MM:SS.mmm`` as PySceneDetect writes it (rounded to the millisecond); empty for an unknown time."""
     if seconds is None:
         return ""
-    ms = int(round(seconds * 1000))
+    ms = round(seconds * 1000)
     h, ms = divmod(ms, 3_600_000)
     m, ms = divmod(ms, 60_000)
     s, ms = divmod(ms, 1000)

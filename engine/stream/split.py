@@ -35,7 +35,7 @@ from engine.errors import InputError, LookalikeError
 from engine.stream.events import Shot
 
 COPY_CONTAINERS = (".mp4", ".m4v", ".mov")  # what is copied into .mp4 as it is
-MAX_PACKET_LISTING = 1 << 30  # bytes of ffmpeg's packet listing read at most (about 10^7 packets)
+MAX_PACKET_LISTING = 1 << 30  # bytes of ffmpeg's packet listing read at most (some 10^7 packets)
 
 
 class SplitError(LookalikeError, OSError):
@@ -77,23 +77,31 @@ def packets(exe: str, source: str) -> Packets | None:
     """The packets of ``source``'s first video stream, or None where ffmpeg cannot list them."""
     proc = subprocess.Popen([exe, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", source, "-map", "0:v:0",
                              "-c", "copy", "-f", "framecrc", "-"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        text = proc.stdout.read(MAX_PACKET_LISTING).decode("ascii", "replace")
-    finally:
-        proc.kill()
-        proc.wait()
     tb = None
     rows = []  # (pts, key) in decode order
-    for line in text.splitlines():
-        if line.startswith("#tb 0:"):
-            num, _, den = line.split(":", 1)[1].strip().partition("/")
-            tb = Fraction(int(num), int(den or 1))
-            continue
-        m = _LINE.match(line)
-        if m:
-            flags = m.group(5)
-            rows.append((int(m.group(2)), flags is None or bool(int(flags, 16) & 1)))
-    if tb is None or not rows or len({p for p, _ in rows}) != len(rows):
+    seen = 0
+    try:
+        for raw in proc.stdout:  # parsed as it comes: memory holds two numbers per packet
+            seen += len(raw)
+            if seen > MAX_PACKET_LISTING:
+                return None
+            line = raw.decode("ascii", "replace")
+            if line.startswith("#tb 0:"):
+                num, _, den = line.split(":", 1)[1].strip().partition("/")
+                tb = Fraction(int(num), int(den or 1))
+                continue
+            m = _LINE.match(line)
+            if m:
+                flags = m.group(5)
+                rows.append((int(m.group(2)), flags is None or bool(int(flags, 16) & 1)))
+    except (ValueError, ZeroDivisionError):  # a listing not as expected: no stream copy
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+        proc.stdout.close()
+    if rc != 0 or tb is None or not rows or len({p for p, _ in rows}) != len(rows):
         return None
     order = sorted(range(len(rows)), key=lambda i: rows[i][0])
     display = [0] * len(rows)
@@ -117,7 +125,8 @@ def copyable(shot: Shot, pk: Packets) -> bool:
 
 
 def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                          check=False)
     if proc.returncode != 0:
         tail = " ".join(proc.stderr.strip().splitlines()[-3:]) or f"exit status {proc.returncode}"
         raise SplitError(f"ffmpeg failed {what}: {tail}")

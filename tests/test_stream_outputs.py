@@ -403,7 +403,7 @@ def test_a_file_of_known_length_shows_a_progress_bar(bikes):
 def test_help_imports_nothing_heavy_and_lists_the_outputs():
     code = ("import runpy, sys; sys.argv = ['engine.stream', '--help']\n"
             "try:\n    runpy.run_module('engine.stream', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'numba', 'cv2', 'matplotlib') if m in sys.modules),"
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'numba', 'cv2', 'matplotlib', 'numpy') if m in sys.modules),"
             " file=sys.stderr)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           check=False)

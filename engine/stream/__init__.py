@@ -43,22 +43,42 @@ neither shot. Shots give inclusive ``start``/``end`` frames.
 
 Command line (``python -m engine.stream --help``)::
 
-    python -m engine.stream video.mp4 --model models/mpnn.onnx --out runs/stream [--annotate] [--show]
+    python -m engine.stream video.mp4 --out runs/stream [--model models/mpnn.onnx] [--save-images] [--split]
+                                                        [--annotate] [--show]
 
 The modules, one concern each: ``events`` (what is emitted), ``options`` (``StreamOptions``: defaults, checks,
 command-line flags), ``frames`` (``PreparedFrame``, the ring buffers of recent frames), ``cuts``, ``fades``,
 ``dissolves`` (the three transition tests), ``comparator`` (``StreamComparator``: ingest, decide, emit, shots),
-``pipeline`` (``run``'s decode and embed threads), ``cli``, ``report`` and ``overlay`` (the command line and what
-it writes and draws). Videos are read with ``engine.video.VideoReader``.
+``pipeline`` (``run``'s decode and embed threads), ``cli``, ``report``, ``scenelist``, ``edl``, ``images``, ``html``,
+``split`` and ``overlay`` (the command line and what it writes and draws). Videos are read with ``engine.video.VideoReader``.
 """
 
-from engine.stream.cli import build_parser, main
-from engine.stream.comparator import StreamComparator, detect
-from engine.stream.events import TRANSITION_TYPES, Event, FrameScore, Shot, Transition
-from engine.stream.frames import PreparedFrame
-from engine.stream.options import OPTION_NAMES, StreamOptions
-from engine.stream.report import timeline_png
-from engine.video import VideoReader
+from importlib import import_module
+
+# The public names load on first use (PEP 562), so ``python -m engine.stream --help`` imports none of numpy's
+# users, OpenCV, onnxruntime, numba or matplotlib.
+_PUBLIC = {
+    "build_parser": "engine.stream.cli", "main": "engine.stream.cli",
+    "StreamComparator": "engine.stream.comparator", "detect": "engine.stream.comparator",
+    "TRANSITION_TYPES": "engine.stream.events", "Event": "engine.stream.events",
+    "FrameScore": "engine.stream.events", "Shot": "engine.stream.events", "Transition": "engine.stream.events",
+    "PreparedFrame": "engine.stream.frames",
+    "OPTION_NAMES": "engine.stream.options", "StreamOptions": "engine.stream.options",
+    "timeline_png": "engine.stream.report",
+    "VideoReader": "engine.video",
+}
 
 __all__ = ["OPTION_NAMES", "TRANSITION_TYPES", "Event", "FrameScore", "PreparedFrame", "Shot", "StreamComparator",
            "StreamOptions", "Transition", "VideoReader", "build_parser", "detect", "main", "timeline_png"]
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'engine.stream' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

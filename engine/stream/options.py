@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
-
 from engine.errors import InputError
 
 
@@ -95,6 +93,8 @@ OPTION_NAMES = tuple(f.name for f in fields(StreamOptions))
 
 
 def _checked(name: str, v, m):
+    import numpy as np  # here, not at the top: the command line's --help (which reads the flags) stays light
+
     if m["kind"] is bool:
         if not isinstance(v, (bool, np.bool_)):
             raise InputError(f"{name} must be True or False, got {v!r}")

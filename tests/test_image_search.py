@@ -3,6 +3,7 @@
 Oracle: Encoder.encode + a brute-force numpy top-k over the same real photos.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from engine import Encoder, Searcher
 from engine.errors import ModelError
 from engine.search_cli import main as search_main
 from engine.search_cli import IMAGE_EXTS, sidecar_path
+from engine.searcher import FileStamp
 from trained_models import ModelCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,40 +146,59 @@ def folder(photos, tmp_path) -> Path:
     return root
 
 
+def index_paths(index, folder) -> dict:
+    """{id: path relative to folder} of an index, read back by Searcher.load from the vectors' meta."""
+    s = Searcher.load(index)
+    root = Path(folder).resolve()
+    return {i: Path(m).relative_to(root).as_posix() for i, m in zip(s.ids.tolist(), s.meta())}
+
+
 def test_cli_index_and_query(model, folder, photos, tmp_path, capsys):
     index = tmp_path / "out" / "pictures.idx"
     assert search_main(["index", str(folder), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "broken.jpg" in captured.err and "float32 pixels" in captured.err
-    side = json.loads(sidecar_path(index).read_text())
+    assert "16 added, 0 updated, 0 removed, 0 unchanged, 2 skipped (broken.jpg: " in captured.out
+    assert [p.name for p in index.parent.iterdir()] == ["pictures.idx"]  # one file, no sidecar
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.suffix.lower() in IMAGE_EXTS and p.name not in ("broken.jpg", "depth.tiff"))
-    assert side["paths"] == files and side["count"] == 16 and side["skipped"] == ["broken.jpg", "depth.tiff"]
-    assert side["identity"] == Encoder(model).identity
+    paths = index_paths(index, folder)
+    assert sorted(paths.values()) == files and len(paths) == 16
+    loaded = Searcher.load(index)
+    assert loaded.model == Encoder(model).identity and loaded.model_path == str(model.resolve())
+    for i, st in zip(loaded.ids.tolist(), loaded.stamps()):  # an independent stamp of each file
+        f = folder / paths[i]
+        assert st == FileStamp(f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).digest())
 
-    queries = [photos[3], photos[20]]  # the first is indexed (in sub/), the second is not
+    queries = [photos[3], photos[20]]  # the first is indexed (a copy in sub/), the second is not
     out = tmp_path / "results.png"
     rc = search_main(["query", *queries, "--index", str(index), "-k", "3", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
-    # oracle: encode everything, brute-force top-3
+    # oracle: encode everything, brute-force top-3 over the index less the query's own copy
     enc = Encoder(model)
-    ref_scores, ref_ids = brute_force(enc.encode(queries), enc.encode([folder / f for f in files]), 3)
+    ids = sorted(paths)
+    base = enc.encode([folder / paths[i] for i in ids])
     printed = parse_results(text, queries)
-    for q, srow, irow in zip(queries, ref_scores, ref_ids):
+    self_id = [i for i in ids if paths[i] == f"sub/{Path(photos[3]).name}"]
+    for q, exclude in zip(queries, (self_id, [])):
+        keep = [j for j, i in enumerate(ids) if i not in exclude]
+        srow, jrow = brute_force(enc.encode([q]), base[keep], 3)
+        srow, irow = srow[0], [ids[keep[j]] for j in jrow[0]]
         rows = printed[q]
         assert [r[0] for r in rows] == [1, 2, 3]
         np.testing.assert_allclose([r[1] for r in rows], srow, atol=1e-4)
         for (_, score, i, path), ref_i in zip(rows, irow):
-            assert path == files[i]
+            assert path == str(folder.resolve() / paths[i])
             assert i == ref_i or abs(score - srow[list(irow).index(ref_i)]) < 1e-4  # equal scores may swap
-    assert printed[queries[0]][0][3] == f"sub/{Path(photos[3]).name}"  # an indexed photo finds itself
+    assert all(r[2] not in self_id for r in printed[queries[0]]) and printed[queries[0]][0][1] < 0.9999
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] > 200 and img.shape[1] > 4 * 150  # 2 rows, 1 + 3 columns
 
     # without --model: the model recorded at indexing
     assert search_main(["query", photos[20], "--index", str(index), "-k", "2"]) == 0
-    assert capsys.readouterr().out.count("\n") == 3
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 3 and "recorded in the index" in captured.err
 
 
 def test_cli_errors(model, folder, tmp_path, capsys, cache):
@@ -208,10 +229,14 @@ def test_cli_errors(model, folder, tmp_path, capsys, cache):
                         str(tmp_path / "afile" / "r.png")]) == 2
     assert "cannot write the results picture to" in capsys.readouterr().err
     assert index.read_bytes() == before
-    # a sidecar that does not belong to the index is refused
-    Searcher(4).save(index)
+    # a version-1 index whose sidecar does not belong to it is refused
+    to_version1(index, folder)
+    write_version1(index, Searcher(4))
     assert search_main(["query", str(next(folder.glob("*.jpg"))), "--index", str(index)]) == 2
     assert "does not belong" in capsys.readouterr().err
+    sidecar_path(index).unlink()
+    assert search_main(["query", str(next(folder.glob("*.jpg"))), "--index", str(index)]) == 2
+    assert "is a version-1 index without its paths sidecar" in capsys.readouterr().err
 
 
 def test_cli_help(capsys):
@@ -219,19 +244,67 @@ def test_cli_help(capsys):
         search_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert "index" in text and "query" in text and "paths.json" in text
+    assert "index" in text and "query" in text and "dups" in text and "paths.json" in text
     with pytest.raises(SystemExit):
         search_main(["query", "--help"])
     text = capsys.readouterr().out
-    for opt in ("--index", "--model", "-k", "--out"):
+    for opt in ("--index", "--model", "-k", "--out", "--json", '"excluded"', '"results"'):
         assert opt in text
+    with pytest.raises(SystemExit):
+        search_main(["dups", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--threshold", "--out", "--index", "cosine similarity", "benchmarks/dups_threshold.py"):
+        assert opt in text
+
+
+def test_help_imports_nothing_heavy():
+    """`--help` of the command and each subcommand answers without numpy's heavy neighbours."""
+    heavy = ("torch", "onnxruntime", "numba", "cv2", "matplotlib")
+    code = ("import sys\nfrom engine.search_cli import main\nfor a in (['--help'], ['index', '--help'], "
+            "['query', '--help'], ['dups', '--help']):\n    try:\n        main(a)\n    except SystemExit:\n"
+            "        pass\nprint('HEAVY:' + ' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{heavy!r})))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n").splitlines()[-1] == "HEAVY:", r.stdout[-300:]
 
 
 # -- damaged sidecars, symbolic-link loops, file names that are not UTF-8, a huge -k -------------------------
 
+def write_version1(index: Path, s: Searcher) -> str:
+    """``s`` saved as a version-1 index file (as `index` wrote it before version 2); returns its sha256."""
+    import hashlib
+
+    n = len(s)
+    header = {"format_version": 1, "dim": s.dim, "metric": s.metric, "count": n, "next_id": int(max([-1, *s.ids.tolist()])) + 1,
+              "model": s.model}
+    body = s.ids.astype("<i8").tobytes() + s.get(s.ids).astype("<f4").tobytes()
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + body).hexdigest()
+    index.write_bytes(b"LOOKALIKE-INDEX " + json.dumps({**header, "sha256": digest}, sort_keys=True).encode()
+                      + b"\n" + body)
+    return digest
+
+
+def to_version1(index: Path, folder: Path) -> dict:
+    """Rewrite a version-2 index of ``folder`` as a version-1 index, ids 0..n-1, with its paths sidecar beside it,
+    as older versions of `index` wrote them; returns the sidecar."""
+    s = Searcher.load(index)
+    root = Path(folder).resolve()
+    order = sorted(zip(s.meta(), s.ids.tolist()))  # by path, as the old command numbered them
+    v1 = Searcher(s.dim)
+    v1._model = s.model
+    v1.add(s.get([i for _, i in order]))
+    side = {"format_version": 1, "index_sha256": write_version1(index, v1), "root": str(root),
+            "model": s.model_path, "identity": s.model, "count": len(order),
+            "paths": [Path(m).relative_to(root).as_posix() for m, _ in order], "skipped": []}
+    sidecar_path(index).write_text(json.dumps(side, indent=1))
+    return side
+
+
 @pytest.fixture(scope="module")
 def indexed(model, photos, tmp_path_factory):
-    """A real index of 6 photos (ids 0..5) and its sidecar, written once; tests copy them."""
+    """A real version-1 index of 6 photos (ids 0..5) and its sidecar, written once; tests copy them."""
     root = tmp_path_factory.mktemp("indexed")
     (root / "pictures").mkdir()
     for p in photos[:6]:
@@ -239,6 +312,7 @@ def indexed(model, photos, tmp_path_factory):
     index = root / "p.idx"
     assert search_main(["index", str(root / "pictures"), "--model", str(model), "--index", str(index),
                         "--no-progress"]) == 0
+    to_version1(index, root / "pictures")
     return index
 
 
@@ -270,6 +344,7 @@ def rewrite_index(src: Path, dst: Path, ids) -> str:
     (lambda s: s.update(count="6"), r"'count' must be an int, got str '6'"),
 ])
 def test_a_damaged_sidecar_is_refused_naming_the_problem(indexed, photos, tmp_path, capsys, edit, message):
+    """A version-1 index and its sidecar (what `index` wrote before version 2) are still read, and checked."""
     index = tmp_path / indexed.name
     shutil.copy(indexed, index)
     side = json.loads(sidecar_path(indexed).read_text())
@@ -297,8 +372,8 @@ def test_an_index_with_ids_the_sidecar_does_not_name_is_refused(indexed, photos,
     rewrite_index(indexed, index, [5, 4, 3, 2, 1, 0])
     side["index_sha256"] = rewrite_index(indexed, index, [5, 4, 3, 2, 1, 0])
     sidecar_path(index).write_text(json.dumps(side))
-    assert search_main(["query", photos[0], "--index", str(index), "-k", "6"]) == 0
-    assert len(parse_results(capsys.readouterr().out, [photos[0]])[photos[0]]) == 6
+    assert search_main(["query", photos[7], "--index", str(index), "-k", "6"]) == 0
+    assert len(parse_results(capsys.readouterr().out, [photos[7]])[photos[7]]) == 6
 
 
 def linked_folder(photos, root: Path) -> tuple[Path, list[str]]:
@@ -341,8 +416,8 @@ def test_cli_indexes_each_image_once_through_a_link_loop(model, photos, tmp_path
     root, names = linked_folder(photos, tmp_path / "pictures")
     index = tmp_path / "p.idx"
     assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
-    assert json.loads(sidecar_path(index).read_text())["paths"] == names
-    assert f"indexed {len(names)} images" in capsys.readouterr().out
+    assert sorted(index_paths(index, root).values()) == names
+    assert f"{len(names)} added, 0 updated" in capsys.readouterr().out
 
 
 def test_file_names_that_are_not_utf8(model, photos, tmp_path, capsys):
@@ -363,20 +438,26 @@ def test_file_names_that_are_not_utf8(model, photos, tmp_path, capsys):
     text = capsys.readouterr().out
     shown = str(root / "caf\\xe9.jpg")  # printed with the byte escaped
     rows = parse_results(text, [shown, str(tex), photos[1]])
-    assert rows[shown][0][1] == pytest.approx(1.0, abs=1e-4) and rows[shown][0][3] == "caf\\xe9.jpg"
-    assert rows[str(tex)][0][1] == pytest.approx(1.0, abs=1e-4) and rows[str(tex)][0][3] == tex.name
-    assert [r[3] for r in rows[photos[1]]][0] == Path(photos[1]).name
+    assert Searcher.load(index).meta().count(str(root.resolve() / "caf\\xe9.jpg")) == 1  # recorded escaped
+    for q, name in ((shown, "caf\\xe9.jpg"), (str(tex), tex.name), (photos[1], Path(photos[1]).name)):
+        assert len(rows[q]) == 5 and name not in [Path(r[3]).name for r in rows[q]]  # itself left out
+    assert "caf\\xe9.jpg" in {Path(r[3]).name for r in rows[str(tex)]}  # and found for another query
     img = cv2.imread(str(out))
-    assert img is not None and img.shape[:2] == (3 * 230, 7 * 200)  # 3 queries x (query + 6 results)
+    assert img is not None and img.shape[:2] == (3 * 230, 6 * 200)  # 3 queries x (query + 5 results)
+    # the picture shows the indexed file whose name is not UTF-8 (meta_path restores its bytes)
+    from engine.search_cli import meta_path
+
+    assert meta_path(str(root.resolve() / "caf\\xe9.jpg")) == root.resolve() / odd.name
 
 
 def test_a_huge_k_gives_the_whole_index(indexed, photos, tmp_path, capsys):
     assert search_main(["query", photos[0], photos[7], "--index", str(indexed), "-k", "1000000"]) == 0
     rows = parse_results(capsys.readouterr().out, [photos[0], photos[7]])
+    # photos[0] is a copy of an indexed photo, but a version-1 index records no content digest to tell: kept
     assert [len(rows[q]) for q in (photos[0], photos[7])] == [6, 6]
     out = tmp_path / "r.png"
-    assert search_main(["query", photos[0], "--index", str(indexed), "-k", "40", "--out", str(out)]) == 0
+    assert search_main(["query", photos[7], "--index", str(indexed), "-k", "40", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "no more images" not in text and len(parse_results(text, [photos[0]])[photos[0]]) == 6
+    assert "no more images" not in text and len(parse_results(text, [photos[7]])[photos[7]]) == 6
     img = cv2.imread(str(out))
     assert img.shape[:2] == (230, 7 * 200)  # the query and the 6 images of the index: no empty columns

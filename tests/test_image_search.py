@@ -461,3 +461,179 @@ def test_a_huge_k_gives_the_whole_index(indexed, photos, tmp_path, capsys):
     assert "no more images" not in text and len(parse_results(text, [photos[7]])[photos[7]]) == 6
     img = cv2.imread(str(out))
     assert img.shape[:2] == (230, 7 * 200)  # the query and the 6 images of the index: no empty columns
+
+
+# -- one index file for the API and the command line ---------------------------------------------------------
+
+def test_the_cli_reads_an_api_index_and_the_api_reads_a_cli_index(model, photos, tmp_path, capsys):
+    files = [tmp_path / "api" / Path(p).name for p in photos[:6]]
+    files[0].parent.mkdir()
+    for src, dst in zip(photos, files):
+        shutil.copy(src, dst)
+    s = Searcher.from_model(model)
+    ids = s.add_images([str(f) for f in files])
+    assert s.meta(ids) == [str(f) for f in files]  # the paths as given
+    index = tmp_path / "api.idx"
+    s.save(index)
+    assert search_main(["query", photos[1], photos[10], "--index", str(index), "-k", "6"]) == 0
+    rows = parse_results(capsys.readouterr().out, [photos[1], photos[10]])
+    enc = Encoder(model)
+    emb = enc.encode(files)
+    # photos[1] has the content of files[1]: left out by its sha256; photos[10] is not indexed
+    for q, keep in ((photos[1], [0, 2, 3, 4, 5]), (photos[10], list(range(6)))):
+        ref_scores, ref_rows = brute_force(enc.encode([q]), emb[keep], len(keep))
+        assert len(rows[q]) == len(keep)
+        np.testing.assert_allclose([r[1] for r in rows[q]], ref_scores[0], atol=1e-4)
+        assert {r[3] for r in rows[q]} == {str(files[j]) for j in keep}
+    # the CLI's index, read by the API: the paths are the meta
+    cli_index = tmp_path / "cli.idx"
+    assert search_main(["index", str(files[0].parent), "--model", str(model), "--index", str(cli_index),
+                        "--no-progress"]) == 0
+    t = Searcher.load(cli_index)
+    assert sorted(t.meta()) == sorted(str(f.resolve()) for f in files)
+    got = dict(zip(t.meta(), t.get(t.ids)))
+    np.testing.assert_allclose(np.stack([got[str(f.resolve())] for f in files]), emb, atol=1e-5)
+    # an API index whose vectors have no meta: results named by id
+    bare = Searcher(encoder=enc)
+    bare.add(emb[:3])
+    bare.save(tmp_path / "bare.idx")
+    capsys.readouterr()
+    assert search_main(["query", photos[10], "--index", str(tmp_path / "bare.idx"), "-k", "2"]) == 0
+    assert capsys.readouterr().out.count("(no path)") == 2
+
+
+class CountingEncoder:
+    """Counts the images given to the real Encoder.encode (which still runs)."""
+
+    def __init__(self, monkeypatch):
+        self.images = []
+        real = Encoder.encode
+
+        def encode(enc, images, **kw):
+            items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+            self.images += [Path(str(i)).name for i in items]
+            return real(enc, images, **kw)
+
+        monkeypatch.setattr(Encoder, "encode", encode)
+
+
+def index_state(index) -> dict:
+    """{path: (vector, stamp)} of an index."""
+    s = Searcher.load(index)
+    return {m: (v, st) for m, v, st in zip(s.meta(), s.get(s.ids), s.stamps())}
+
+
+def test_indexing_again_embeds_only_what_changed(model, photos, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "pictures"
+    (root / "sub").mkdir(parents=True)
+    names = [f"{'sub/' if i % 3 == 0 else ''}{Path(p).name}" for i, p in enumerate(photos[:8])]
+    for p, n in zip(photos, names):
+        shutil.copy(p, root / n)
+    index = tmp_path / "p.idx"
+    counter = CountingEncoder(monkeypatch)
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
+    assert "8 added, 0 updated, 0 removed, 0 unchanged, 0 skipped" in capsys.readouterr().out
+    assert sorted(counter.images) == sorted(Path(n).name for n in names)
+    first = index_state(index)
+
+    # the folder changes: 2 new photos, 1 deleted, 1 edited, 1 touched (same bytes, new time), 1 now unreadable
+    shutil.copy(photos[8], root / "new1.jpg")
+    shutil.copy(photos[9], root / "sub" / "new2.jpg")
+    (root / names[1]).unlink()
+    shutil.copy(photos[12], root / names[2])  # other bytes under the same name
+    touched = root / names[4]
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    (root / names[5]).write_bytes(b"no longer an image")
+    counter.images.clear()
+    assert search_main(["index", str(root), "--index", str(index), "--no-progress"]) == 0  # its recorded model
+    captured = capsys.readouterr()
+    assert "2 added, 1 updated, 2 removed, 5 unchanged, 1 skipped" in captured.out, captured.out
+    assert "recorded in the index" in captured.out
+    # given to the encoder: the new, the edited and the unreadable file (the batch it failed is retried without
+    # it); never an unchanged one, nor the touched one
+    assert set(counter.images) == {"new1.jpg", "new2.jpg", Path(names[2]).name, Path(names[5]).name}
+    after = index_state(index)
+    # the oracle: the same folder indexed from scratch
+    fresh = tmp_path / "fresh.idx"
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(fresh), "--no-progress"]) == 0
+    want = index_state(fresh)
+    assert sorted(after) == sorted(want) and len(want) == 8
+    for path, (v, stamp) in want.items():
+        np.testing.assert_allclose(after[path][0], v, atol=1e-5)
+        assert after[path][1] == stamp  # the touched file's new time is recorded
+    key = str(root.resolve() / names[0])  # an unchanged file keeps its vector from the first run, bit for bit
+    np.testing.assert_array_equal(after[key][0], first[key][0])
+    # nothing changed: nothing embedded
+    counter.images.clear()
+    assert search_main(["index", str(root), "--index", str(index), "--no-progress"]) == 0
+    assert "0 added, 0 updated, 0 removed, 8 unchanged, 1 skipped" in capsys.readouterr().out
+    assert counter.images == [Path(names[5]).name]  # only the unreadable file, tried again (skips are not recorded)
+
+
+def test_indexing_a_version1_index_rewrites_it_as_one_file(indexed, model, tmp_path, capsys):
+    index = tmp_path / "p.idx"
+    shutil.copy(indexed, index)
+    shutil.copy(sidecar_path(indexed), sidecar_path(index))
+    side = json.loads(sidecar_path(index).read_text())
+    assert search_main(["index", side["root"], "--index", str(index), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "0 added, 6 updated, 0 removed, 0 unchanged" in out and "removed its old p.idx.paths.json" in out
+    assert not sidecar_path(index).exists()
+    s = Searcher.load(index)
+    assert sorted(s.meta()) == sorted(str(Path(side["root"]) / p) for p in side["paths"])
+    assert all(st is not None for st in s.stamps()) and s.model == Encoder(model).identity
+
+
+def test_query_folders_and_json(model, photos, tmp_path, capsys):
+    root = tmp_path / "pictures"
+    root.mkdir()
+    for p in photos[:7]:
+        shutil.copy(p, root / Path(p).name)
+    index = tmp_path / "p.idx"
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    shutil.copy(photos[2], queries / "a-copy.jpg")  # an indexed photo's bytes under another name
+    shutil.copy(photos[15], queries / "b-new.jpg")
+    capsys.readouterr()
+    assert search_main(["query", str(queries), str(root / Path(photos[4]).name), "--index", str(index), "-k", "3",
+                        "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["k"] == 3 and res["model"] == "mpnn" and res["index"] == str(index)
+    asked = [queries / "a-copy.jpg", queries / "b-new.jpg", root / Path(photos[4]).name]
+    assert [q["query"] for q in res["queries"]] == [str(p) for p in asked]
+    s = Searcher.load(index)
+    by_path = dict(zip(s.meta(), s.ids.tolist()))
+    selves = [[by_path[str(root.resolve() / Path(photos[2]).name)]], [],
+              [by_path[str(root.resolve() / Path(photos[4]).name)]]]
+    enc = Encoder(model)
+    for q, path, self_ids in zip(res["queries"], asked, selves):
+        assert q["excluded"] == self_ids
+        keep = [i for i in s.ids.tolist() if i not in self_ids]
+        ref_scores, ref_rows = brute_force(enc.encode([path]), s.get(keep), 3)
+        assert [r["rank"] for r in q["results"]] == [1, 2, 3]
+        np.testing.assert_allclose([r["score"] for r in q["results"]], ref_scores[0], atol=1e-4)
+        assert [r["id"] for r in q["results"]] == [keep[j] for j in ref_rows[0]]
+        assert all(r["path"] == s.meta([r["id"]])[0] for r in q["results"])
+        assert q["results"][0]["score"] < 0.9999  # never the query itself at 1.000
+
+
+def test_default_image_model(photos, tmp_path, capsys):
+    from conftest import need
+    from engine.default_models import FOLDER, FILES
+
+    need(FOLDER / FILES["image"])
+    root = tmp_path / "pictures"
+    root.mkdir()
+    for p in photos[:3]:
+        shutil.copy(p, root / Path(p).name)
+    index = tmp_path / "p.idx"
+    assert search_main(["index", str(root), "--index", str(index), "--no-progress"]) == 0
+    assert f"model: the default image model {FOLDER / FILES['image']}" in capsys.readouterr().out
+    s = Searcher.from_model()
+    t = Searcher.load(index)
+    assert t.model == s.encoder.identity and t.model_path == str((FOLDER / FILES["image"]).resolve())
+    first = root.resolve() / Path(photos[0]).name
+    (i,) = [i for i, m in zip(t.ids.tolist(), t.meta()) if m == str(first)]
+    np.testing.assert_allclose(t.get([i]), s.encoder.encode([first]), atol=1e-5)

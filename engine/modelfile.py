@@ -46,6 +46,9 @@ KEY_SHA256 = PREFIX + "sha256"  # sha256 of the serialised file with this value 
 # Optional (files written before they existed load as from a complete run):
 KEY_COMPLETE = PREFIX + "complete"  # "true" / "false": the source run did all its configured training
 KEY_PROGRESS = PREFIX + "progress"  # how far the source run got, in words (informative)
+# JSON {"config": the run's config.json, "metrics": its metrics.json}, when the run folder holds them: how the
+# model was trained and what its trainer measured (informative; the engine shows it, never executes it)
+KEY_TRAINING = PREFIX + "training"
 REQUIRED_KEYS = (KEY_FORMAT, KEY_NAME, KEY_ARCH, KEY_DIM, KEY_INPUT_SIZE, KEY_PREPROCESS, KEY_CHECKPOINT_SHA256,
                  KEY_PRECISION, KEY_SHA256)
 DIGEST_PLACEHOLDER = "0" * 64  # the value of KEY_SHA256 while the file is hashed
@@ -114,9 +117,10 @@ class ModelInfo:
 
 def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preprocess, checkpoint_sha256: str,
                    precision: str = "float32", kwargs: dict | None = None, exporter: str = "",
-                   complete: bool = True, progress: str = "") -> dict[str, str]:
+                   complete: bool = True, progress: str = "", training: dict | None = None) -> dict[str, str]:
     """The metadata entries (string -> string) an exported model carries; export/ writes exactly these.
-    ``complete`` / ``progress``: whether the source run did all its configured training, and how far it got."""
+    ``complete`` / ``progress``: whether the source run did all its configured training, and how far it got;
+    ``training``: the run's recorded configuration and metrics (``KEY_TRAINING``)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     meta = {
@@ -136,6 +140,8 @@ def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preproces
         meta[KEY_PROGRESS] = str(progress)
     if exporter:
         meta[KEY_EXPORTER] = exporter
+    if training:
+        meta[KEY_TRAINING] = json.dumps(training, sort_keys=True, default=str)
     return meta
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import tempfile
 import time
 import warnings
@@ -352,7 +353,7 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
     proto = onnx.load_from_string(raw)
     meta = model_metadata(name, arch=info.arch, dim=info.dim, preprocess=pre, checkpoint_sha256=info.sha256,
                           precision="float32", kwargs=kwargs, exporter=exporter_used, complete=complete,
-                          progress=progress)
+                          progress=progress, training=run_record(path.parent))
     _set_metadata(proto, meta)
     _check(proto, f"the ONNX export of {checkpoint}")
     data = _seal(proto)
@@ -656,3 +657,24 @@ def update_report(path: Path, entries: dict) -> dict:
     report["models"].update(entries)
     atomic_write_bytes(path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     return report
+
+
+RECORD_LIMIT = 256 * 1024  # a config.json or metrics.json larger than this is not carried into the model
+
+
+def run_record(run_dir) -> dict:
+    """``{"config": ..., "metrics": ...}`` from a run folder's config.json and metrics.json (each only when it
+    exists, is plain JSON and at most ``RECORD_LIMIT`` bytes): what the exported file records of its training
+    (``engine.modelfile.KEY_TRAINING``). A missing or unreadable file is left out, never fatal: the record is
+    informative."""
+    record = {}
+    for key in ("config", "metrics"):
+        path = Path(run_dir) / f"{key}.json"
+        try:
+            if not path.is_file() or path.stat().st_size > RECORD_LIMIT:
+                continue
+            with open(path, "rb") as f:
+                record[key] = json.loads(f.read(RECORD_LIMIT + 1))
+        except (OSError, ValueError):
+            continue
+    return record

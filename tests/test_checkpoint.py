@@ -5,6 +5,7 @@ still load, and an LA run resumes from one exactly as from its version 2 twin.""
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,28 @@ def test_pretrained_vgg_weights_placed_in_the_hub_cache_cannot_run_code(tmp_path
     assert not marker.exists()
     assert "cannot be had" in capsys.readouterr().err
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+@pytest.mark.slow
+def test_pretrained_vgg_weights_in_the_hub_cache_are_what_the_backbone_gets(tmp_path, monkeypatch, capsys):
+    # --pretrained without a network: a file in torchvision's own format (vgg16_bn's full state dict, saved by
+    # torch.save) placed where torchvision looks for its download goes through the real loading path (torch.hub
+    # cache lookup, weights-only load, load_state_dict), and the backbone's layers hold exactly those weights
+    import torchvision
+
+    from train.models.layers import build_backbone
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(7)
+    state = torchvision.models.vgg16_bn(weights=None).state_dict()
+    name = Path(torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.url).name
+    torch.save(state, tmp_path / "hub" / "checkpoints" / name)
+    model, dim = build_backbone("vgg16bn", pretrained=True)
+    assert dim == 512
+    assert "cannot be had" not in capsys.readouterr().err
+    got = model.features.state_dict()
+    want = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key

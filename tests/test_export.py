@@ -107,6 +107,9 @@ def test_export_every_model(cache, photos, name):
     assert meta[PREFIX + "precision"] == "float32"
     assert meta[PREFIX + "exporter"].endswith(f"opset {file_opset(proto)}")
     assert meta[PREFIX + "sha256"] == digest_by_onnx(path)
+    # how it was trained travels with it: the run folder's own config.json and metrics.json
+    training = json.loads(meta[PREFIX + "training"])
+    assert training == {key: json.loads((run / f"{key}.json").read_text()) for key in ("config", "metrics")}
 
     # the encoder alone: one input with a dynamic batch axis, no decoder or unpooling in the graph
     (inp,) = proto.graph.input

@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     table(ts[positive], ts[negative], edit_of_pos, "peer: 32x32 grey thumbnails", brief=True)
     if best is None:
         return 1
-    print(f"chosen default (the {enc.name} model): {best[0]:.3f}")
+    print(f"chosen default (the {enc.name} model): {best[0]:.4f}")
     return 0
 
 
@@ -183,16 +183,21 @@ def table(pos, neg, edit_of_pos, what: str, brief: bool = False):
         rows = sorted({*(tuple(at(t)) for t in grid), *([best] if best else [])})
         for t, prec, rec, tp, fp in rows:
             mark = "  <- highest recall at precision >= 0.99" if best is not None and t == best[0] else ""
-            print(f"{t:>9.3f} {prec:>9.4f} {rec:>7.4f} {tp:>6} {fp:>8} {n_pos - tp:>5}{mark}")
+            print(f"{t:>9.4f} {prec:>9.4f} {rec:>7.4f} {tp:>6} {fp:>8} {n_pos - tp:>5}{mark}")
     print(f"highest different-photo score {neg_s[-1]:.4f}; lowest duplicate score {pos_s[0]:.4f}")
     if best is None:
         print(f"no threshold reaches precision {MIN_PRECISION}")
         return None
     print(f"highest recall at precision >= {MIN_PRECISION}: threshold {best[0]:.4f}, precision {best[1]:.4f}, "
           f"recall {best[2]:.4f} ({best[3]} of {n_pos} duplicate pairs, {best[4]} false pairs)")
-    per = ", ".join(f"{e} {np.mean(pos[edit_of_pos == e] >= best[0]):.3f}" for e in EDITS)
+    # the default is written with 4 decimals: the 4-decimal value at or below it when that keeps the precision,
+    # else the one above it
+    down, up = np.floor(best[0] * 1e4) / 1e4, np.ceil(best[0] * 1e4) / 1e4
+    chosen = at(down) if at(down)[1] >= MIN_PRECISION else at(up)
+    print(f"as a 4-decimal default: threshold {chosen[0]:.4f}, precision {chosen[1]:.4f}, recall {chosen[2]:.4f}")
+    per = ", ".join(f"{e} {np.mean(pos[edit_of_pos == e] >= chosen[0]):.3f}" for e in EDITS)
     print(f"recall per edit there: {per}")
-    return best
+    return chosen
 
 
 if __name__ == "__main__":

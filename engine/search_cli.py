@@ -549,6 +549,18 @@ def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, lo
             "excluded": excluded, "model": searcher.encoder.name, "index": str(index)}
 
 
+def result_path(res: dict, i: int) -> str | None:
+    """The path of id ``i`` in results: ``res["paths"]`` maps ids to paths (``run_query``), or is a list indexed by
+    id, its entries relative to ``res["root"]`` when that is given (as ``demo.py`` builds them)."""
+    paths = res["paths"]
+    if isinstance(paths, dict):
+        return paths.get(i)
+    if not 0 <= i < len(paths):
+        return None
+    root = res.get("root")
+    return str(Path(root) / paths[i]) if root else paths[i]
+
+
 def format_results(res: dict) -> str:
     lines = []
     for q, srow, irow in zip(res["queries"], res["scores"], res["ids"]):
@@ -557,7 +569,7 @@ def format_results(res: dict) -> str:
             if i < 0:
                 lines.append(f"  {rank:>2}. (no more images in the index)")
                 break
-            path = res["paths"].get(int(i))
+            path = result_path(res, int(i))
             lines.append(f"  {rank:>2}. {s:.4f}  [{i}] {printable(path) if path is not None else '(no path)'}")
     return "\n".join(lines)
 
@@ -570,7 +582,7 @@ def results_json(res: dict) -> str:
         for rank, (s, i) in enumerate(zip(srow.tolist(), irow.tolist()), 1):
             if i < 0:
                 break
-            path = res["paths"].get(i)
+            path = result_path(res, i)
             rows.append({"rank": rank, "score": round(float(s), 6), "id": i,
                          "path": printable(path) if path is not None else None})
         out["queries"].append({"query": printable(q), "excluded": list(ex), "results": rows})
@@ -608,7 +620,7 @@ def results_picture(res: dict, out) -> Path:
             if i < 0:
                 cells.append((None, "", "black"))
             else:
-                path = res["paths"].get(i)
+                path = result_path(res, i)
                 name = printable(Path(path).name) if path is not None else f"id {i}"
                 cells.append((meta_path(path) if path is not None else False,
                               f"#{c + 1}  {res['scores'][r, c]:.3f}\n{name}", "black"))

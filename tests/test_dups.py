@@ -181,3 +181,28 @@ def test_dups_refuses_bad_options(model, folder, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert search_main(["dups", str(root), "--out", str(tmp_path / "afile"), "--model", str(model)]) == 2
     assert "--out must be a folder" in capsys.readouterr().err
+
+
+def test_dups_with_the_default_model_and_threshold(folder, tmp_path, capsys):
+    """No --model, no --threshold: the packaged image model at DEFAULT_THRESHOLD finds byte copies and a lossless
+    re-encoding of the same pixels (cosine 1 up to rounding), and says which model it used."""
+    from conftest import need
+    from engine.default_models import FILES, FOLDER
+    from engine.dups import DEFAULT_THRESHOLD
+
+    need(FOLDER / FILES["image"])
+    src, _ = folder
+    root = tmp_path / "pictures"
+    root.mkdir()
+    names = sorted(p.name for p in src.iterdir() if p.is_file())[:4]
+    for n in names:
+        shutil.copy(src / n, root / n)
+    shutil.copy(src / names[0], root / "z-copy.jpg")
+    _save(root / "z-same-pixels.png", _rgb(src / names[1]))
+    assert search_main(["dups", str(root), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "model: the default image model" in out and f"cosine >= {DEFAULT_THRESHOLD:g}" in out
+    rep = json.loads((tmp_path / "o" / "dups.json").read_text())
+    assert rep["threshold"] == DEFAULT_THRESHOLD and rep["model"] == "la"
+    got = sorted(sorted(rel(m["path"], root) for m in g["members"]) for g in rep["groups"])
+    assert got == sorted([sorted([names[0], "z-copy.jpg"]), sorted([names[1], "z-same-pixels.png"])])

@@ -384,31 +384,29 @@ def update_index(folder, *, index=None, model=None, batch_size: int = 32, progre
             known[m] = (id_, st)
     summary = {"added": 0, "updated": 0, "removed": 0, "unchanged": 0, "skipped": [], "embedded": 0,
                "root": str(root), "model": encoder.name}
-    todo = []  # (meta path, file, stamp, old id or None)
+    todo = []  # (meta path, file, stamp or None: new files are read under the progress bar, old id or None)
     restamp = []  # (id, new stamp): same bytes, new size / time
+    gone = [known[k][0] for k in known if k not in listed]
     for key, p in listed.items():
         old = known.get(key)
+        if old is None or old[1] is None:  # new, or recorded without a stamp (a version-1 index, the API)
+            todo.append((key, p, None, None if old is None else old[0]))
+            continue
         try:
             st = os.stat(p)
+            if (old[1].size, old[1].mtime_ns) == (st.st_size, st.st_mtime_ns):
+                summary["unchanged"] += 1
+                continue
+            stamp = FileStamp.of(p)  # size or time changed: the bytes decide
         except OSError as e:
             summary["skipped"].append((key, f"cannot read it ({e.strerror or e})"))
+            gone.append(old[0])  # an entry whose file no longer reads is dropped
             continue
-        if old is not None and old[1] is not None and (old[1].size, old[1].mtime_ns) == (st.st_size, st.st_mtime_ns):
-            summary["unchanged"] += 1
-            continue
-        try:
-            stamp = FileStamp.of(p)
-        except OSError as e:
-            summary["skipped"].append((key, f"cannot read it ({e.strerror or e})"))
-            continue
-        if old is not None and old[1] is not None and old[1].sha256 == stamp.sha256:
+        if old[1].sha256 == stamp.sha256:
             summary["unchanged"] += 1
             restamp.append((old[0], stamp))
             continue
-        todo.append((key, p, stamp, None if old is None else old[0]))
-    gone = [known[k][0] for k in known if k not in listed]
-    skipped_keys = {k for k, _ in summary["skipped"]}
-    gone += [known[k][0] for k in skipped_keys if k in known]  # an entry whose file no longer reads is dropped
+        todo.append((key, p, stamp, old[0]))
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -417,9 +415,17 @@ def update_index(folder, *, index=None, model=None, batch_size: int = 32, progre
     floor = encoder.preprocess.min_decode_size()  # read_image decodes a huge JPEG no larger than the encoder needs
     try:
         for s in range(0, len(todo), CHUNK):
-            chunk = todo[s : s + CHUNK]
+            chunk = []
+            for t in todo[s : s + CHUNK]:  # stamps first: a file edited while it is embedded is embedded again next time
+                try:
+                    chunk.append(t if t[2] is not None else (t[0], t[1], FileStamp.of(t[1]), t[3]))
+                except OSError as e:
+                    summary["skipped"].append((t[0], f"cannot read it ({e.strerror or e})"))
+                    if t[3] is not None:
+                        gone.append(t[3])
+                    log(f"warning: skipped {printable(t[1])}: cannot read it ({e.strerror or e})", file=sys.stderr)
             try:
-                vectors = encoder.encode([str(t[1]) for t in chunk])
+                vectors = encoder.encode([str(t[1]) for t in chunk]) if chunk else None
                 good = chunk
                 summary["embedded"] += len(chunk)
             except ImageReadError:  # rare: find the culprits (decoding one at a time), embed the rest
@@ -442,7 +448,7 @@ def update_index(folder, *, index=None, model=None, batch_size: int = 32, progre
                 summary["updated"] += len(old_ids)
                 summary["added"] += len(good) - len(old_ids)
             if bar is not None:
-                bar.update(len(chunk))
+                bar.update(len(todo[s : s + CHUNK]))
     finally:
         if bar is not None:
             bar.close()
@@ -505,11 +511,9 @@ def expand_queries(items) -> list[Path]:
 def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, log=None) -> dict:
     """Search ``images`` in ``index``, each query left out of its own results; returns {"queries", "scores"
     (nq, k), "ids" (nq, k), "paths" (id -> path or None), "excluded" (per query), "model"}."""
-    import hashlib
-
     import numpy as np
 
-    from engine.searcher import meta_text
+    from engine.searcher import FileStamp, meta_text
 
     queries = expand_queries(images)
     searcher, _ = open_index(index, model=model, log=log or (lambda *a, **kw: None))
@@ -528,7 +532,7 @@ def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, lo
             ex.update(by_path.get(key, ()))
         if by_sha:
             try:
-                ex.update(by_sha.get(hashlib.sha256(q.read_bytes()).digest(), ()))
+                ex.update(by_sha.get(FileStamp.of(q).sha256, ()))
             except OSError:
                 pass  # the encoder names the file
         excluded.append(sorted(ex))
@@ -590,10 +594,14 @@ def results_json(res: dict) -> str:
 
 
 def _thumb(path) -> np.ndarray | None:
+    """A thumbnail of the image file ``path``, or None when it does not read as one. Only files named like images
+    are read: an index's meta names any path, and a hostile index must not get other files drawn into a picture."""
     import cv2
 
     from engine.preprocess import read_image
 
+    if not str(path).lower().endswith(IMAGE_EXTS):
+        return None
     try:
         img = read_image(path, min_size=(THUMB, THUMB))
     except ImageReadError:

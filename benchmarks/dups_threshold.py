@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     model = Path(args.model) if args.model else default_model("image")
     enc = Encoder(model, batch_size=args.batch_size)
     t0 = time.time()
-    names, originals, groups = photos()
+    _, originals, groups = photos()
     rng = np.random.default_rng(0)
     images, photo, kind = [], [], []
     for i, img in enumerate(originals):

@@ -63,7 +63,7 @@ def find_groups(searcher, ids, *, threshold: float = DEFAULT_THRESHOLD, k: int =
     check_options(threshold, k)
     if searcher.metric != "cosine":
         raise InputError(f"near-duplicates are found by cosine similarity; this index's metric is {searcher.metric}")
-    ids = np.asarray(sorted(set(int(i) for i in ids)), dtype=np.int64)
+    ids = np.asarray(sorted({int(i) for i in ids}), dtype=np.int64)
     n = len(ids)
     if n < 2:
         return []

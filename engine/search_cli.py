@@ -53,9 +53,13 @@ import os
 import stat
 import sys
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
-from engine.errors import ImageReadError, IndexFileError, InputError, LookalikeError, ModelError
+from engine.errors import ImageReadError, IndexFileError, InputError, LookalikeError
 from engine.fileio import atomic_write, unwritable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # numpy, OpenCV, onnxruntime, numba and matplotlib are imported inside the commands, after the arguments are
 # parsed, so that ``--help`` answers at once.
@@ -141,24 +145,6 @@ def list_images(folder) -> list[Path]:
                     best[key] = cand
     names = sorted([n for _, n in best.values()] + unknown)
     return [folder / n for n in names]
-
-
-def printable(name) -> str:
-    """``name`` (a path or text) as text every terminal and matplotlib can show: bytes of a file name that are not
-    UTF-8 (Python keeps them as lone surrogates, e.g. a Latin-1 ``caf\\xe9.jpg`` on Linux) become ``\\xNN``, other
-    characters that do not print (control characters, a newline) their Python escape."""
-    s = str(name)
-    if s.isprintable():
-        return s
-    out = []
-    for c in s:
-        if c.isprintable():
-            out.append(c)
-        elif 0xDC80 <= ord(c) <= 0xDCFF:  # an undecodable byte, as os.fsdecode keeps it
-            out.append(f"\\x{ord(c) - 0xDC00:02x}")
-        else:
-            out.append(repr(c)[1:-1])
-    return "".join(out)
 
 
 def printable(name) -> str:

@@ -93,7 +93,7 @@ from engine.errors import IndexFileError, InputError, ModelError
 from engine.fileio import MAX_HEADER, atomic_write, read_payload
 from engine.kernels.topk import topk_ip
 from engine.result_size import ResultTooLarge, answer_columns
-from engine.validate import listed_rows, positive_int
+from engine.validate import is_int, listed_rows, positive_int
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
@@ -210,7 +210,7 @@ class FileStamp(NamedTuple):
     sha256: bytes
 
     @classmethod
-    def of(cls, path) -> "FileStamp":
+    def of(cls, path) -> FileStamp:
         """The stamp of the file at ``path`` now (``OSError`` when it cannot be read)."""
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -268,14 +268,14 @@ def _checked_stamps(stamps, m: int) -> list:
             continue
         try:
             size, mtime, sha = st
-            ok = (type(size) is int and 0 <= size <= _MAX_ID and type(mtime) is int
-                  and -_MAX_ID - 1 <= mtime <= _MAX_ID and isinstance(sha, bytes) and len(sha) == 32)
+            ok = (is_int(size) and 0 <= size <= _MAX_ID and is_int(mtime) and -_MAX_ID - 1 <= mtime <= _MAX_ID
+                  and isinstance(sha, bytes) and len(sha) == 32)
         except (TypeError, ValueError):
             ok = False
         if not ok:
             raise InputError(f"stamps[{i}] must be a FileStamp(size >= 0, mtime_ns int64, sha256 32 bytes) or None, "
                              f"got {st!r}"[:200])
-        out.append(FileStamp(size, mtime, bytes(sha)))
+        out.append(FileStamp(int(size), int(mtime), bytes(sha)))
     return out
 
 
@@ -497,10 +497,12 @@ class Searcher:
 
     # -- images ----------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, path=None, *, metric="cosine", **encoder_kwargs) -> "Searcher":
+    def from_model(cls, path=None, *, metric="cosine", **encoder_kwargs) -> Searcher:
         """An empty searcher with the image encoder ``engine.encoder.Encoder(path, **encoder_kwargs)``; without
         ``path``, the packaged default image model (``engine.default_models.default_model("image")``)."""
-        from engine.encoder import Encoder  # onnxruntime loads only when images are wanted
+        from engine.encoder import (
+            Encoder,  # onnxruntime loads only when images are wanted
+        )
 
         if path is None:
             from engine.default_models import default_model
@@ -572,7 +574,7 @@ class Searcher:
             atomic_write(path, line, *(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B") for a in sections))
 
     @classmethod
-    def load(cls, path, encoder=None) -> "Searcher":
+    def load(cls, path, encoder=None) -> Searcher:
         """Read an index written by ``save`` (format 1 or 2); damaged files raise ``IndexFileError`` naming the
         path."""
         path = Path(path)

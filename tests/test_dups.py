@@ -12,11 +12,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from trained_models import ModelCache
 
 from engine import Encoder, Searcher
 from engine.dups import find_groups
 from engine.search_cli import main as search_main
-from trained_models import ModelCache
 
 THRESHOLD = 0.99  # the tiny test model's scale: edits below score >= 0.993 there, different photos <= 0.98
 
@@ -130,7 +130,7 @@ def test_dups_finds_the_edited_copies(model, folder, tmp_path, capsys):
 
 
 def test_dups_reuses_an_index_incrementally(model, folder, tmp_path, capsys):
-    root, truth = folder
+    root, _ = folder
     index = tmp_path / "p.idx"
     args = ["dups", str(root), "--out", str(tmp_path / "o"), "--index", str(index), "--model", str(model),
             "--threshold", str(THRESHOLD), "--no-progress"]
@@ -187,6 +187,7 @@ def test_dups_with_the_default_model_and_threshold(folder, tmp_path, capsys):
     """No --model, no --threshold: the packaged image model at DEFAULT_THRESHOLD finds byte copies and a lossless
     re-encoding of the same pixels (cosine 1 up to rounding), and says which model it used."""
     from conftest import need
+
     from engine.default_models import FILES, FOLDER
     from engine.dups import DEFAULT_THRESHOLD
 

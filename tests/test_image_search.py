@@ -15,13 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from trained_models import ModelCache
 
 from engine import Encoder, Searcher
 from engine.errors import ModelError
-from engine.search_cli import main as search_main
 from engine.search_cli import IMAGE_EXTS, sidecar_path
+from engine.search_cli import main as search_main
 from engine.searcher import FileStamp
-from trained_models import ModelCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -405,7 +405,7 @@ def test_crossing_links_finish(photos, tmp_path):
     (root / "b" / "to-a").symlink_to("../a")
     (root / "a" / "up").symlink_to("..")
     code = ("import sys; from engine.search_cli import list_images; "
-            f"print('\\n'.join(p.relative_to(sys.argv[1]).as_posix() for p in list_images(sys.argv[1])))")
+            "print('\\n'.join(p.relative_to(sys.argv[1]).as_posix() for p in list_images(sys.argv[1])))")
     r = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
@@ -481,7 +481,7 @@ def test_the_cli_reads_an_api_index_and_the_api_reads_a_cli_index(model, photos,
     emb = enc.encode(files)
     # photos[1] has the content of files[1]: left out by its sha256; photos[10] is not indexed
     for q, keep in ((photos[1], [0, 2, 3, 4, 5]), (photos[10], list(range(6)))):
-        ref_scores, ref_rows = brute_force(enc.encode([q]), emb[keep], len(keep))
+        ref_scores, _ = brute_force(enc.encode([q]), emb[keep], len(keep))
         assert len(rows[q]) == len(keep)
         np.testing.assert_allclose([r[1] for r in rows[q]], ref_scores[0], atol=1e-4)
         assert {r[3] for r in rows[q]} == {str(files[j]) for j in keep}
@@ -621,7 +621,8 @@ def test_query_folders_and_json(model, photos, tmp_path, capsys):
 
 def test_default_image_model(photos, tmp_path, capsys):
     from conftest import need
-    from engine.default_models import FOLDER, FILES
+
+    from engine.default_models import FILES, FOLDER
 
     need(FOLDER / FILES["image"])
     root = tmp_path / "pictures"

@@ -514,7 +514,7 @@ def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, lo
     excluded = []
     for q in queries:
         ex = set()
-        for key in {meta_text(q.absolute()), meta_text(q.resolve())}:
+        for key in {meta_text(q), meta_text(q.absolute()), meta_text(q.resolve())}:  # as given, too (API meta)
             ex.update(by_path.get(key, ()))
         if by_sha:
             try:

@@ -473,6 +473,8 @@ def test_the_cli_reads_an_api_index_and_the_api_reads_a_cli_index(model, photos,
     s = Searcher.from_model(model)
     ids = s.add_images([str(f) for f in files])
     assert s.meta(ids) == [str(f) for f in files]  # the paths as given
+    assert s.stamps(ids) == [FileStamp(f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).digest())
+                             for f in files]
     index = tmp_path / "api.idx"
     s.save(index)
     assert search_main(["query", photos[1], photos[10], "--index", str(index), "-k", "6"]) == 0

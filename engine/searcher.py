@@ -4,6 +4,7 @@
     ids = s.add(vectors)                   # (n, 128) floats -> int64 ids 0 .. n-1
     scores, ids = s.search(queries, k=10)  # (nq, 10) float32 and int64, best first
     s.save("index.lkx"); s = Searcher.load("index.lkx")
+    s.add(vectors, meta=["a.jpg", "b.jpg"]); s.meta(ids)   # one string per vector, saved in the file
 
 Contract
 - ``metric="cosine"``: stored vectors and queries are L2-normalised (in float64, then stored as float32),
@@ -28,26 +29,51 @@ Contract
   index are ignored (so removing twice is harmless and returns 0 the second time).
 - ``get(ids)`` returns the stored vectors (normalised for cosine), (m, dim) float32, in the order asked;
   an id not in the index raises ``KeyError`` naming it.
+- Metadata: ``add(vectors, ids, meta=[...])`` stores one string per vector (``None`` for none; text that
+  encodes as UTF-8, at most ``MAX_META_BYTES`` bytes each); ``meta(ids)`` reads them back
+  (``list[str | None]``, in the order asked, ``KeyError`` for an unknown id). ``add_images`` given file paths
+  records each path as its meta (``str(path)`` as given; bytes of a file name that are not UTF-8 become
+  ``\\xNN`` escapes, ``meta_text``) and a ``FileStamp`` of the file (size, modification time in ns, sha256 of
+  its bytes, read just before the embedding); ``stamps(ids)`` reads them back (``FileStamp | None``), so a folder can
+  be indexed again incrementally (``python -m engine.search index``). ``add(..., stamps=[...])`` stores
+  stamps the caller made. ``remove`` drops a vector's meta and stamp with it.
 - Thread-safe: searches run concurrently with each other; ``add`` / ``remove`` / ``load`` wait for them and
   run alone (a readers-writer lock), so every answer reflects one consistent state of the index.
 - Exact: ``engine.kernels.topk.topk_ip`` (BLAS matrix products, on BLAS's own threads, over blocks of
   stored rows, each block's scores merged into per-query heaps by numba); memory beyond the index is
   bounded (a 4 MiB score buffer, 16 MiB for small searches, the heaps and the answer).
 
-File format (``save`` / ``load``), version 1: one header line ``LOOKALIKE-INDEX {json}\\n`` then the
-payload: the ids (count int64, little-endian) and the vectors (count x dim float32, little-endian, row
-major). The header holds ``format_version``, ``dim``, ``metric``, ``count``, ``next_id``, ``model`` (the
-identity of the attached image encoder, or null) and ``sha256``, the digest of the header's other fields
-(canonical JSON) followed by the payload. The file is written atomically (temporary file in the same
+File format (``save`` / ``load``), version 2 (``save`` writes it; ``load`` reads versions 1 and 2): one
+header line ``LOOKALIKE-INDEX {json}\\n`` then the payload, every number little-endian:
+
+    ids        count int64
+    vectors    count x dim float32, row major
+    stamps     (only when the header's ``stamps`` is true) count records of 48 bytes: size int64 (-1: no
+               stamp, then the other fields are zero), mtime_ns int64, sha256 32 bytes
+    meta       (only when the header's ``meta_bytes`` is an int, not null) ``count + 1`` uint64 byte offsets
+               into the blob (the first 0, the last ``meta_bytes``, never decreasing), ``count`` uint8 flags
+               (1: the vector has a meta string, bytes ``offsets[i]:offsets[i+1]``; 0: none, an empty span),
+               then the blob: ``meta_bytes`` bytes, each span valid UTF-8 of at most ``MAX_META_BYTES``
+
+The header holds ``format_version``, ``dim``, ``metric``, ``count``, ``next_id``, ``model`` (the identity of
+the attached image encoder, or null), ``model_path`` (the file that encoder was loaded from, or null: a hint
+for the command line, never loaded unless its identity matches), ``stamps``, ``meta_bytes`` and ``sha256``,
+the digest of the header's other fields (canonical JSON) followed by the whole payload. Version 1 is the same
+without the ``model_path``, ``stamps`` and ``meta_bytes`` fields and their sections (ids and vectors only);
+it loads with no meta and no stamps. The file is written atomically (temporary file in the same
 folder, fsync, ``os.replace``); a truncated or altered file, or another format version, is refused with
 ``IndexFileError`` naming the path. ``load`` reads the header line first and the payload only when the
-file's size is the one the header gives (no reading ``/dev/zero`` or a huge sparse file), and refuses, even
-under a correct checksum, what ``add`` could never have stored: a negative or repeated id, a ``next_id``
+file's size is the one the header gives (no reading ``/dev/zero`` or a huge sparse file; the sections'
+sizes follow from ``count``, ``dim``, ``stamps`` and ``meta_bytes``), unpickles nothing, and refuses, even
+under a correct checksum, what ``add`` could never have stored: meta offsets that decrease, leave the blob, or
+give an absent meta a span, a span longer than ``MAX_META_BYTES`` or not valid UTF-8, a flag other than 0 or 1,
+a stamp with a negative size other than -1 or a -1 stamp with other fields set, a negative or repeated id, a ``next_id``
 not above every id (the next automatic id would repeat one), NaN or inf, a cosine vector neither of unit
 length nor zero (within float32 rounding), an ip vector whose squared norm exceeds float32's range. (Ids
 need not be below ``count``: removals leave gaps.)
 
-Images: with an encoder attached (``Searcher(encoder=enc)`` or ``Searcher.from_model(path)``),
+Images: with an encoder attached (``Searcher(encoder=enc)``, ``Searcher.from_model(path)``, or
+``Searcher.from_model()`` for the packaged default image model ``engine.default_models.default_model("image")``),
 ``add_images`` / ``search_images`` encode images first. ``load(path, encoder=enc)`` refuses an encoder
 whose identity differs from the one recorded in the file (``ModelError`` naming both).
 """
@@ -56,8 +82,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -65,11 +93,14 @@ from engine.errors import IndexFileError, InputError, ModelError
 from engine.fileio import MAX_HEADER, atomic_write, read_payload
 from engine.kernels.topk import topk_ip
 from engine.result_size import ResultTooLarge, answer_columns
-from engine.validate import listed_rows, positive_int
+from engine.validate import is_int, listed_rows, positive_int
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
+MAX_META_BYTES = 1 << 16  # one vector's meta string, UTF-8 encoded (a path, a short JSON record)
+_STAMP = np.dtype([("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "V32")])  # 48 bytes per vector in the file
 # A cosine row is normalised in float64 and rounded to float32: each component moves by at most 2**-24 of
 # itself, so the row's norm moves by at most 2**-24 (6e-8) from 1 (subnormal components add < 1e-40). A
 # stored row further than 1e-6 (16 times that) from norm 1 was not normalised by ``add``.
@@ -170,6 +201,84 @@ def checked_rows(given: np.ndarray, metric: str, what: str) -> np.ndarray:
     return x
 
 
+class FileStamp(NamedTuple):
+    """What identifies the file a vector was embedded from: its size in bytes, its modification time (ns since
+    the epoch, ``os.stat``'s ``st_mtime_ns``) and the sha256 of its bytes (32 bytes)."""
+
+    size: int
+    mtime_ns: int
+    sha256: bytes
+
+    @classmethod
+    def of(cls, path) -> FileStamp:
+        """The stamp of the file at ``path`` now (``OSError`` when it cannot be read)."""
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            h = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return cls(int(st.st_size), int(st.st_mtime_ns), h.digest())
+
+
+def meta_text(path) -> str:
+    """``path`` (str or os.PathLike) as meta text: ``str(path)``, with each byte of the file name that is not UTF-8
+    (kept by Python as a lone surrogate) written as ``\\xNN``, so the text encodes as UTF-8."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _checked_meta(meta, m: int) -> list:
+    """``meta`` as a list of ``m`` str-or-None, each encodable as UTF-8 within MAX_META_BYTES (else InputError)."""
+    if isinstance(meta, (str, bytes)) or not hasattr(meta, "__len__"):
+        raise InputError(f"meta must be a list of strings (one per vector), got {type(meta).__name__}")
+    meta = list(meta)
+    if len(meta) != m:
+        raise InputError(f"got {m} vectors but {len(meta)} meta strings")
+    for i, t in enumerate(meta):
+        if t is None:
+            continue
+        if not isinstance(t, str):
+            raise InputError(f"meta[{i}] must be a string or None, got {type(t).__name__}")
+        try:
+            size = len(t.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise InputError(f"meta[{i}] cannot be encoded as UTF-8 ({e.reason} at {e.start}: a lone surrogate, e.g. "
+                             f"from a file name that is not UTF-8; engine.searcher.meta_text escapes those)") from None
+        if size > MAX_META_BYTES:
+            raise InputError(f"meta[{i}] is {size} bytes as UTF-8, more than the {MAX_META_BYTES} allowed")
+    return meta
+
+
+def _checked_stamps(stamps, m: int) -> list:
+    if isinstance(stamps, (str, bytes)) or not hasattr(stamps, "__len__"):
+        raise InputError(f"stamps must be a list of FileStamp (one per vector), got {type(stamps).__name__}")
+    stamps = list(stamps)
+    if len(stamps) != m:
+        raise InputError(f"got {m} vectors but {len(stamps)} stamps")
+    out = []
+    for i, st in enumerate(stamps):
+        if st is None:
+            out.append(None)
+            continue
+        try:
+            size, mtime, sha = st
+            ok = (is_int(size) and 0 <= size <= _MAX_ID and is_int(mtime) and -_MAX_ID - 1 <= mtime <= _MAX_ID
+                  and isinstance(sha, bytes) and len(sha) == 32)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"stamps[{i}] must be a FileStamp(size >= 0, mtime_ns int64, sha256 32 bytes) or None, "
+                             f"got {st!r}"[:200])
+        out.append(FileStamp(int(size), int(mtime), bytes(sha)))
+    return out
+
+
 def coerce_ids(ids, what="ids") -> np.ndarray:
     """``ids`` (an int or 1-D ints) as int64; ``InputError`` for other shapes, dtypes, or values beyond int64."""
     arr = np.asarray(ids)
@@ -207,6 +316,9 @@ class Searcher:
         self._vectors = np.zeros((0, self._dim), dtype=np.float32)  # (capacity, dim); rows [:n] in use
         self._ids = np.zeros(0, dtype=np.int64)  # (capacity,) id of each row
         self._row = {}  # id -> row
+        self._meta = []  # (n,) meta string or None of each row
+        self._stamps = []  # (n,) FileStamp or None of each row
+        self._model_path = str(Path(encoder.path).resolve()) if getattr(encoder, "path", None) else None
         self._n = 0
         self._next_id = 0  # one past the highest id ever assigned
         self._lock = _RWLock()
@@ -247,10 +359,14 @@ class Searcher:
     _coerce_ids = staticmethod(coerce_ids)
 
     # -- mutation --------------------------------------------------------------------------------
-    def add(self, vectors, ids=None) -> np.ndarray:
-        """Store ``vectors`` (n, dim); returns their ids (int64). Nothing is stored when it raises."""
+    def add(self, vectors, ids=None, meta=None, *, stamps=None) -> np.ndarray:
+        """Store ``vectors`` (n, dim), with one meta string (or None) each when ``meta`` is given and one
+        ``FileStamp`` (or None) each when ``stamps`` is; returns their ids (int64). Nothing is stored when it
+        raises."""
         x = self._coerce(vectors, "vectors", allow_1d=False)
         m = x.shape[0]
+        meta = [None] * m if meta is None else _checked_meta(meta, m)
+        stamps = [None] * m if stamps is None else _checked_stamps(stamps, m)
         with self._lock.write():
             if ids is None:
                 if self._next_id + m - 1 > _MAX_ID:
@@ -279,6 +395,8 @@ class Searcher:
             self._vectors[n0 : n0 + m] = x
             self._ids[n0 : n0 + m] = new_ids
             self._row.update(zip(new_ids.tolist(), range(n0, n0 + m)))
+            self._meta.extend(meta)
+            self._stamps.extend(stamps)
             self._n = n0 + m
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
             return new_ids.copy()
@@ -310,21 +428,52 @@ class Searcher:
                     self._vectors[row] = self._vectors[last]
                     self._ids[row] = moved
                     self._row[moved] = row
+                    self._meta[row] = self._meta[last]
+                    self._stamps[row] = self._stamps[last]
+                del self._meta[last], self._stamps[last]
                 self._n = last
                 removed += 1
         return removed
 
+    def _rows_of(self, ids) -> np.ndarray:
+        """Rows of ``ids`` (caller holds a lock); KeyError naming an unknown id."""
+        want = self._coerce_ids(ids)
+        rows = np.empty(want.shape[0], dtype=np.int64)
+        for i, id_ in enumerate(want.tolist()):
+            try:
+                rows[i] = self._row[id_]
+            except KeyError:
+                raise KeyError(f"id {id_} is not in the index") from None
+        return rows
+
     def get(self, ids) -> np.ndarray:
         """The stored vectors of ``ids``, (m, dim) float32 (normalised for cosine); unknown id -> KeyError."""
-        want = self._coerce_ids(ids)
         with self._lock.read():
-            rows = np.empty(want.shape[0], dtype=np.int64)
-            for i, id_ in enumerate(want.tolist()):
-                try:
-                    rows[i] = self._row[id_]
-                except KeyError:
-                    raise KeyError(f"id {id_} is not in the index") from None
-            return self._vectors[rows]
+            return self._vectors[self._rows_of(ids)]
+
+    def meta(self, ids=None) -> list:
+        """The meta strings (or None) of ``ids``, in the order asked (all, in row order, when ``ids`` is None)."""
+        with self._lock.read():
+            if ids is None:
+                return list(self._meta)
+            return [self._meta[r] for r in self._rows_of(ids).tolist()]
+
+    def stamps(self, ids=None) -> list:
+        """The ``FileStamp`` (or None) of ``ids``, in the order asked (all, in row order, when ``ids`` is None)."""
+        with self._lock.read():
+            if ids is None:
+                return list(self._stamps)
+            return [self._stamps[r] for r in self._rows_of(ids).tolist()]
+
+    @property
+    def model(self) -> dict | None:
+        """The identity of the encoder the vectors come from (recorded in the file), or None."""
+        return None if self._model is None else dict(self._model)
+
+    @property
+    def model_path(self) -> str | None:
+        """The model file the attached encoder was loaded from when the index was built (a hint), or None."""
+        return self._model_path
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, queries, k: int):
@@ -348,10 +497,17 @@ class Searcher:
 
     # -- images ----------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, path, *, metric="cosine", **encoder_kwargs) -> "Searcher":
-        """An empty searcher with the image encoder ``engine.encoder.Encoder(path, **encoder_kwargs)``."""
-        from engine.encoder import Encoder  # onnxruntime loads only when images are wanted
+    def from_model(cls, path=None, *, metric="cosine", **encoder_kwargs) -> Searcher:
+        """An empty searcher with the image encoder ``engine.encoder.Encoder(path, **encoder_kwargs)``; without
+        ``path``, the packaged default image model (``engine.default_models.default_model("image")``)."""
+        from engine.encoder import (
+            Encoder,  # onnxruntime loads only when images are wanted
+        )
 
+        if path is None:
+            from engine.default_models import default_model
+
+            path = default_model("image")
         return cls(metric=metric, encoder=Encoder(path, **encoder_kwargs))
 
     def _need_encoder(self):
@@ -359,9 +515,27 @@ class Searcher:
             raise InputError("no image encoder attached: use Searcher.from_model(path) or Searcher(encoder=...)")
         return self._encoder
 
-    def add_images(self, images, ids=None) -> np.ndarray:
-        """Encode ``images`` with the attached encoder and add the embeddings; returns their ids."""
-        return self.add(self._need_encoder().encode(images), ids)
+    def add_images(self, images, ids=None, meta=None) -> np.ndarray:
+        """Encode ``images`` with the attached encoder and add the embeddings; returns their ids. Each image given
+        as a path gets that path as its meta (unless ``meta`` is given) and the file's ``FileStamp``."""
+        enc = self._need_encoder()
+        items = [images] if isinstance(images, (str, os.PathLike)) else images
+        paths = None
+        if not isinstance(items, np.ndarray):
+            items = list(items)
+            paths = [p if isinstance(p, (str, os.PathLike)) else None for p in items]
+        if paths is None or not any(p is not None for p in paths):
+            return self.add(enc.encode(items), ids, meta)
+        stamps = []
+        for p in paths:
+            try:
+                stamps.append(None if p is None else FileStamp.of(p))
+            except OSError:
+                stamps.append(None)  # the encoder names the file that cannot be read
+        vectors = enc.encode(items)
+        if meta is None:
+            meta = [None if p is None else meta_text(p) for p in paths]
+        return self.add(vectors, ids, meta, stamps=stamps)
 
     def search_images(self, images, k: int):
         """Encode ``images`` with the attached encoder and search with the embeddings."""
@@ -375,6 +549,15 @@ class Searcher:
             n = self._n
             ids = np.ascontiguousarray(self._ids[:n], dtype="<i8")
             vectors = np.ascontiguousarray(self._vectors[:n], dtype="<f4")
+            sections = [ids, vectors]
+            has_stamps = any(st is not None for st in self._stamps)
+            if has_stamps:
+                sections.append(_pack_stamps(self._stamps))
+            meta_bytes = None
+            if any(t is not None for t in self._meta):
+                offsets, flags, blob = _pack_meta(self._meta)
+                sections += [offsets, flags, blob]
+                meta_bytes = int(blob.size)
             header = {
                 "format_version": FORMAT_VERSION,
                 "dim": self._dim,
@@ -382,22 +565,42 @@ class Searcher:
                 "count": n,
                 "next_id": self._next_id,
                 "model": self._model,
+                "model_path": self._model_path,
+                "stamps": has_stamps,
+                "meta_bytes": meta_bytes,
             }
-            digest = _digest(header, (ids, vectors))
+            digest = _digest(header, sections)
             line = MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n"
-            atomic_write(path, line, memoryview(ids).cast("B"), memoryview(vectors.reshape(-1)).cast("B"))
+            atomic_write(path, line, *(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B") for a in sections))
 
     @classmethod
-    def load(cls, path, encoder=None) -> "Searcher":
-        """Read an index written by ``save``; damaged files raise ``IndexFileError`` naming the path."""
+    def load(cls, path, encoder=None) -> Searcher:
+        """Read an index written by ``save`` (format 1 or 2); damaged files raise ``IndexFileError`` naming the
+        path."""
         path = Path(path)
         header, digest, body = _read_index_file(path)
         dim, count, metric, next_id, model = (header[key] for key in ("dim", "count", "metric", "next_id", "model"))
-        ids = np.frombuffer(body, dtype="<i8", count=count)
-        vectors = np.frombuffer(body, dtype="<f4", offset=count * 8).reshape(count, dim)
-        if _digest(header, (ids, vectors)) != digest:
+        if _digest(header, (body,)) != digest:
             raise IndexFileError(f"{path}: checksum mismatch, the index file was altered or damaged")
+        ids = np.frombuffer(body, dtype="<i8", count=count)
+        at = count * 8
+        vectors = np.frombuffer(body, dtype="<f4", offset=at, count=count * dim).reshape(count, dim)
+        at += count * dim * 4
         problem = _contents_problem(ids, vectors, metric, next_id)
+        stamps = [None] * count
+        if header.get("stamps"):
+            raw = np.frombuffer(body, dtype=_STAMP, offset=at, count=count)
+            at += count * _STAMP.itemsize
+            stamps, stamp_problem = _unpack_stamps(raw)
+            problem = problem or stamp_problem
+        meta = [None] * count
+        if header.get("meta_bytes") is not None:
+            offsets = np.frombuffer(body, dtype="<u8", offset=at, count=count + 1)
+            at += (count + 1) * 8
+            flags = np.frombuffer(body, dtype="u1", offset=at, count=count)
+            at += count
+            meta, meta_problem = _unpack_meta(offsets, flags, body[at:], header["meta_bytes"])
+            problem = problem or meta_problem
         if problem:
             raise IndexFileError(f"{path}: damaged index: {problem}")
         if encoder is not None:
@@ -412,12 +615,81 @@ class Searcher:
         s = cls(dim, metric=metric)
         s._encoder = encoder
         s._model = model if model is not None else (dict(encoder.identity) if encoder is not None else None)
+        s._model_path = header.get("model_path")
+        if s._model_path is None and encoder is not None and getattr(encoder, "path", None):
+            s._model_path = str(Path(encoder.path).resolve())
         s._vectors = vectors.astype(np.float32)  # native, writable copy
         s._ids = ids.astype(np.int64)
         s._row = dict(zip(s._ids.tolist(), range(count)))
+        s._meta = meta
+        s._stamps = stamps
         s._n = count
         s._next_id = next_id
         return s
+
+
+def _pack_stamps(stamps: list) -> np.ndarray:
+    out = np.zeros(len(stamps), dtype=_STAMP)
+    out["size"] = -1
+    for i, st in enumerate(stamps):
+        if st is not None:
+            out[i] = (st.size, st.mtime_ns, st.sha256)
+    return out
+
+
+def _unpack_stamps(raw: np.ndarray) -> tuple[list, str | None]:
+    """The stamps of a file's stamp section, and what is wrong with them (or None)."""
+    size, mtime = raw["size"], raw["mtime_ns"]
+    sha = np.ascontiguousarray(raw["sha256"]).view(np.uint8).reshape(len(raw), 32)
+    bad = (size < -1) | ((size == -1) & ((mtime != 0) | sha.any(axis=1)))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        return [], (f"stamps must have a size >= 0, or -1 with every other field zero; rows {_rows_named(bad)} do "
+                    f"not (row {first}: size {int(size[first])}, mtime_ns {int(mtime[first])})")
+    shas = sha.tobytes()
+    return [None if sz < 0 else FileStamp(sz, mt, shas[32 * i : 32 * i + 32])
+            for i, (sz, mt) in enumerate(zip(size.tolist(), mtime.tolist()))], None
+
+
+def _pack_meta(meta: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets (n + 1,) <u8, flags (n,) u1, blob (m,) u1) of meta strings (or None)."""
+    encoded = [b"" if t is None else t.encode("utf-8") for t in meta]
+    offsets = np.zeros(len(meta) + 1, dtype="<u8")
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    flags = np.array([t is not None for t in meta], dtype="u1")
+    return offsets, flags, np.frombuffer(b"".join(encoded), dtype="u1")
+
+
+def _unpack_meta(offsets: np.ndarray, flags: np.ndarray, blob: bytes, nbytes: int) -> tuple[list, str | None]:
+    """The meta strings of a file's meta section, and what is wrong with them (or None): offsets from 0 to the
+    blob's end, never decreasing; flags 0 or 1, an absent meta with an empty span; spans within
+    ``MAX_META_BYTES`` and valid UTF-8."""
+    if int(offsets[0]) != 0 or int(offsets[-1]) != nbytes or len(blob) != nbytes:
+        return [], (f"meta offsets must run from 0 to the blob's {nbytes} bytes, got {int(offsets[0])} .. "
+                    f"{int(offsets[-1])}")
+    spans = offsets[1:].astype(np.int64, copy=False) - offsets[:-1].astype(np.int64, copy=False)
+    if (offsets[1:] < offsets[:-1]).any():
+        bad = offsets[1:] < offsets[:-1]
+        return [], f"meta offsets decrease at rows {_rows_named(bad)} (a span would leave the blob or overlap another)"
+    if (flags > 1).any():
+        return [], f"meta flags must be 0 or 1, rows {_rows_named(flags > 1)} are not"
+    empty_absent = (flags == 0) & (spans != 0)
+    if empty_absent.any():
+        return [], f"rows {_rows_named(empty_absent)} have no meta but a span of meta bytes"
+    long = spans > MAX_META_BYTES
+    if long.any():
+        return [], f"meta strings longer than {MAX_META_BYTES} bytes in rows {_rows_named(long)}"
+    out = []
+    starts = offsets.tolist()
+    for i, f in enumerate(flags.tolist()):
+        if not f:
+            out.append(None)
+            continue
+        try:
+            out.append(blob[starts[i] : starts[i + 1]].decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return [], f"the meta string of row {i} is not valid UTF-8 ({e.reason} at byte {e.start})"
+    return out, None
 
 
 def _read_index_file(path: Path) -> tuple[dict, str, bytes]:
@@ -436,8 +708,7 @@ def _read_index_file(path: Path) -> tuple[dict, str, bytes]:
                     f"{path} is not a lookalike index file (no '{MAGIC.decode().strip()}' header line)"
                 )
             header = _index_header(path, line[len(MAGIC) :])
-            count, dim = header["count"], header["dim"]
-            expected = count * 8 + count * dim * 4
+            expected = _payload_size(header)
             body = read_payload(f, expected, lambda found: IndexFileError(
                 f"{path}: truncated or damaged index: payload is {found} bytes, header says {expected}"))
     except IndexFileError:
@@ -446,6 +717,16 @@ def _read_index_file(path: Path) -> tuple[dict, str, bytes]:
         raise IndexFileError(f"cannot read index file {path}: {e.strerror or e}") from e
     digest = header.pop("sha256")
     return header, digest, body
+
+
+def _payload_size(header: dict) -> int:
+    count, dim = header["count"], header["dim"]
+    size = count * 8 + count * dim * 4
+    if header.get("stamps"):
+        size += count * _STAMP.itemsize
+    if header.get("meta_bytes") is not None:
+        size += (count + 1) * 8 + count + header["meta_bytes"]
+    return size
 
 
 def _index_header(path: Path, text: bytes) -> dict:
@@ -457,9 +738,13 @@ def _index_header(path: Path, text: bytes) -> dict:
         version = header["format_version"]
     except (ValueError, KeyError, TypeError) as e:
         raise IndexFileError(f"{path}: damaged index header ({e})") from e
-    if version != FORMAT_VERSION:
-        raise IndexFileError(f"{path}: index format version {version!r}; this build reads version {FORMAT_VERSION}")
-    missing = [key for key in ("sha256", "dim", "count", "metric", "next_id", "model") if key not in header]
+    if version not in READS_VERSIONS or not _is_int(version):
+        raise IndexFileError(f"{path}: index format version {version!r}; this build reads versions "
+                             f"{' and '.join(map(str, READS_VERSIONS))}")
+    keys = ("sha256", "dim", "count", "metric", "next_id", "model")
+    if version >= 2:
+        keys += ("model_path", "stamps", "meta_bytes")
+    missing = [key for key in keys if key not in header]
     if missing:
         raise IndexFileError(f"{path}: damaged index header (no {', '.join(missing)})")
     dim, count, metric, next_id, model = (header[key] for key in ("dim", "count", "metric", "next_id", "model"))
@@ -469,6 +754,13 @@ def _index_header(path: Path, text: bytes) -> dict:
         raise IndexFileError(f"{path}: damaged index header (next_id={next_id!r}, expected an int in [0, 2**63])")
     if not (model is None or isinstance(model, dict)) or not isinstance(header["sha256"], str):
         raise IndexFileError(f"{path}: damaged index header (model={model!r}, sha256={header['sha256']!r})")
+    if version >= 2:
+        model_path, stamps, meta_bytes = header["model_path"], header["stamps"], header["meta_bytes"]
+        if not (model_path is None or isinstance(model_path, str)) or not isinstance(stamps, bool):
+            raise IndexFileError(f"{path}: damaged index header (model_path={model_path!r}, stamps={stamps!r})")
+        if not (meta_bytes is None or (_is_int(meta_bytes) and meta_bytes >= 0)):
+            raise IndexFileError(f"{path}: damaged index header (meta_bytes={meta_bytes!r}, expected null or a "
+                                 f"byte count)")
     return header
 
 
@@ -512,7 +804,7 @@ def _is_int(value) -> bool:
 def _digest(header: dict, arrays) -> str:
     h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for a in arrays:
-        h.update(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B"))
+        h.update(a if isinstance(a, (bytes, bytearray)) else memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B"))
     return h.hexdigest()
 
 

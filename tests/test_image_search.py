@@ -3,6 +3,7 @@
 Oracle: Encoder.encode + a brute-force numpy top-k over the same real photos.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -14,12 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from trained_models import ModelCache
 
 from engine import Encoder, Searcher
 from engine.errors import ModelError
-from engine.search_cli import main as search_main
 from engine.search_cli import IMAGE_EXTS, sidecar_path
-from trained_models import ModelCache
+from engine.search_cli import main as search_main
+from engine.searcher import FileStamp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,40 +146,59 @@ def folder(photos, tmp_path) -> Path:
     return root
 
 
+def index_paths(index, folder) -> dict:
+    """{id: path relative to folder} of an index, read back by Searcher.load from the vectors' meta."""
+    s = Searcher.load(index)
+    root = Path(folder).resolve()
+    return {i: Path(m).relative_to(root).as_posix() for i, m in zip(s.ids.tolist(), s.meta())}
+
+
 def test_cli_index_and_query(model, folder, photos, tmp_path, capsys):
     index = tmp_path / "out" / "pictures.idx"
     assert search_main(["index", str(folder), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "broken.jpg" in captured.err and "float32 pixels" in captured.err
-    side = json.loads(sidecar_path(index).read_text())
+    assert "16 added, 0 updated, 0 removed, 0 unchanged, 2 skipped (broken.jpg: " in captured.out
+    assert [p.name for p in index.parent.iterdir()] == ["pictures.idx"]  # one file, no sidecar
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.suffix.lower() in IMAGE_EXTS and p.name not in ("broken.jpg", "depth.tiff"))
-    assert side["paths"] == files and side["count"] == 16 and side["skipped"] == ["broken.jpg", "depth.tiff"]
-    assert side["identity"] == Encoder(model).identity
+    paths = index_paths(index, folder)
+    assert sorted(paths.values()) == files and len(paths) == 16
+    loaded = Searcher.load(index)
+    assert loaded.model == Encoder(model).identity and loaded.model_path == str(model.resolve())
+    for i, st in zip(loaded.ids.tolist(), loaded.stamps()):  # an independent stamp of each file
+        f = folder / paths[i]
+        assert st == FileStamp(f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).digest())
 
-    queries = [photos[3], photos[20]]  # the first is indexed (in sub/), the second is not
+    queries = [photos[3], photos[20]]  # the first is indexed (a copy in sub/), the second is not
     out = tmp_path / "results.png"
     rc = search_main(["query", *queries, "--index", str(index), "-k", "3", "--out", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
-    # oracle: encode everything, brute-force top-3
+    # oracle: encode everything, brute-force top-3 over the index less the query's own copy
     enc = Encoder(model)
-    ref_scores, ref_ids = brute_force(enc.encode(queries), enc.encode([folder / f for f in files]), 3)
+    ids = sorted(paths)
+    base = enc.encode([folder / paths[i] for i in ids])
     printed = parse_results(text, queries)
-    for q, srow, irow in zip(queries, ref_scores, ref_ids):
+    self_id = [i for i in ids if paths[i] == f"sub/{Path(photos[3]).name}"]
+    for q, exclude in zip(queries, (self_id, [])):
+        keep = [j for j, i in enumerate(ids) if i not in exclude]
+        srow, jrow = brute_force(enc.encode([q]), base[keep], 3)
+        srow, irow = srow[0], [ids[keep[j]] for j in jrow[0]]
         rows = printed[q]
         assert [r[0] for r in rows] == [1, 2, 3]
         np.testing.assert_allclose([r[1] for r in rows], srow, atol=1e-4)
         for (_, score, i, path), ref_i in zip(rows, irow):
-            assert path == files[i]
+            assert path == str(folder.resolve() / paths[i])
             assert i == ref_i or abs(score - srow[list(irow).index(ref_i)]) < 1e-4  # equal scores may swap
-    assert printed[queries[0]][0][3] == f"sub/{Path(photos[3]).name}"  # an indexed photo finds itself
+    assert all(r[2] not in self_id for r in printed[queries[0]]) and printed[queries[0]][0][1] < 0.9999
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] > 200 and img.shape[1] > 4 * 150  # 2 rows, 1 + 3 columns
 
     # without --model: the model recorded at indexing
     assert search_main(["query", photos[20], "--index", str(index), "-k", "2"]) == 0
-    assert capsys.readouterr().out.count("\n") == 3
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 3 and "recorded in the index" in captured.err
 
 
 def test_cli_errors(model, folder, tmp_path, capsys, cache):
@@ -208,10 +229,14 @@ def test_cli_errors(model, folder, tmp_path, capsys, cache):
                         str(tmp_path / "afile" / "r.png")]) == 2
     assert "cannot write the results picture to" in capsys.readouterr().err
     assert index.read_bytes() == before
-    # a sidecar that does not belong to the index is refused
-    Searcher(4).save(index)
+    # a version-1 index whose sidecar does not belong to it is refused
+    to_version1(index, folder)
+    write_version1(index, Searcher(4))
     assert search_main(["query", str(next(folder.glob("*.jpg"))), "--index", str(index)]) == 2
     assert "does not belong" in capsys.readouterr().err
+    sidecar_path(index).unlink()
+    assert search_main(["query", str(next(folder.glob("*.jpg"))), "--index", str(index)]) == 2
+    assert "is a version-1 index without its paths sidecar" in capsys.readouterr().err
 
 
 def test_cli_help(capsys):
@@ -219,19 +244,67 @@ def test_cli_help(capsys):
         search_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert "index" in text and "query" in text and "paths.json" in text
+    assert "index" in text and "query" in text and "dups" in text and "paths.json" in text
     with pytest.raises(SystemExit):
         search_main(["query", "--help"])
     text = capsys.readouterr().out
-    for opt in ("--index", "--model", "-k", "--out"):
+    for opt in ("--index", "--model", "-k", "--out", "--json", '"excluded"', '"results"'):
         assert opt in text
+    with pytest.raises(SystemExit):
+        search_main(["dups", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--threshold", "--out", "--index", "cosine similarity", "benchmarks/dups_threshold.py"):
+        assert opt in text
+
+
+def test_help_imports_nothing_heavy():
+    """`--help` of the command and each subcommand answers without numpy's heavy neighbours."""
+    heavy = ("torch", "onnxruntime", "numba", "cv2", "matplotlib")
+    code = ("import sys\nfrom engine.search_cli import main\nfor a in (['--help'], ['index', '--help'], "
+            "['query', '--help'], ['dups', '--help']):\n    try:\n        main(a)\n    except SystemExit:\n"
+            "        pass\nprint('HEAVY:' + ' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{heavy!r})))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n").splitlines()[-1] == "HEAVY:", r.stdout[-300:]
 
 
 # -- damaged sidecars, symbolic-link loops, file names that are not UTF-8, a huge -k -------------------------
 
+def write_version1(index: Path, s: Searcher) -> str:
+    """``s`` saved as a version-1 index file (as `index` wrote it before version 2); returns its sha256."""
+    import hashlib
+
+    n = len(s)
+    header = {"format_version": 1, "dim": s.dim, "metric": s.metric, "count": n, "next_id": int(max([-1, *s.ids.tolist()])) + 1,
+              "model": s.model}
+    body = s.ids.astype("<i8").tobytes() + s.get(s.ids).astype("<f4").tobytes()
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + body).hexdigest()
+    index.write_bytes(b"LOOKALIKE-INDEX " + json.dumps({**header, "sha256": digest}, sort_keys=True).encode()
+                      + b"\n" + body)
+    return digest
+
+
+def to_version1(index: Path, folder: Path) -> dict:
+    """Rewrite a version-2 index of ``folder`` as a version-1 index, ids 0..n-1, with its paths sidecar beside it,
+    as older versions of `index` wrote them; returns the sidecar."""
+    s = Searcher.load(index)
+    root = Path(folder).resolve()
+    order = sorted(zip(s.meta(), s.ids.tolist()))  # by path, as the old command numbered them
+    v1 = Searcher(s.dim)
+    v1._model = s.model
+    v1.add(s.get([i for _, i in order]))
+    side = {"format_version": 1, "index_sha256": write_version1(index, v1), "root": str(root),
+            "model": s.model_path, "identity": s.model, "count": len(order),
+            "paths": [Path(m).relative_to(root).as_posix() for m, _ in order], "skipped": []}
+    sidecar_path(index).write_text(json.dumps(side, indent=1))
+    return side
+
+
 @pytest.fixture(scope="module")
 def indexed(model, photos, tmp_path_factory):
-    """A real index of 6 photos (ids 0..5) and its sidecar, written once; tests copy them."""
+    """A real version-1 index of 6 photos (ids 0..5) and its sidecar, written once; tests copy them."""
     root = tmp_path_factory.mktemp("indexed")
     (root / "pictures").mkdir()
     for p in photos[:6]:
@@ -239,6 +312,7 @@ def indexed(model, photos, tmp_path_factory):
     index = root / "p.idx"
     assert search_main(["index", str(root / "pictures"), "--model", str(model), "--index", str(index),
                         "--no-progress"]) == 0
+    to_version1(index, root / "pictures")
     return index
 
 
@@ -270,6 +344,7 @@ def rewrite_index(src: Path, dst: Path, ids) -> str:
     (lambda s: s.update(count="6"), r"'count' must be an int, got str '6'"),
 ])
 def test_a_damaged_sidecar_is_refused_naming_the_problem(indexed, photos, tmp_path, capsys, edit, message):
+    """A version-1 index and its sidecar (what `index` wrote before version 2) are still read, and checked."""
     index = tmp_path / indexed.name
     shutil.copy(indexed, index)
     side = json.loads(sidecar_path(indexed).read_text())
@@ -297,8 +372,8 @@ def test_an_index_with_ids_the_sidecar_does_not_name_is_refused(indexed, photos,
     rewrite_index(indexed, index, [5, 4, 3, 2, 1, 0])
     side["index_sha256"] = rewrite_index(indexed, index, [5, 4, 3, 2, 1, 0])
     sidecar_path(index).write_text(json.dumps(side))
-    assert search_main(["query", photos[0], "--index", str(index), "-k", "6"]) == 0
-    assert len(parse_results(capsys.readouterr().out, [photos[0]])[photos[0]]) == 6
+    assert search_main(["query", photos[7], "--index", str(index), "-k", "6"]) == 0
+    assert len(parse_results(capsys.readouterr().out, [photos[7]])[photos[7]]) == 6
 
 
 def linked_folder(photos, root: Path) -> tuple[Path, list[str]]:
@@ -330,7 +405,7 @@ def test_crossing_links_finish(photos, tmp_path):
     (root / "b" / "to-a").symlink_to("../a")
     (root / "a" / "up").symlink_to("..")
     code = ("import sys; from engine.search_cli import list_images; "
-            f"print('\\n'.join(p.relative_to(sys.argv[1]).as_posix() for p in list_images(sys.argv[1])))")
+            "print('\\n'.join(p.relative_to(sys.argv[1]).as_posix() for p in list_images(sys.argv[1])))")
     r = subprocess.run([sys.executable, "-c", code, str(root)], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
@@ -341,8 +416,8 @@ def test_cli_indexes_each_image_once_through_a_link_loop(model, photos, tmp_path
     root, names = linked_folder(photos, tmp_path / "pictures")
     index = tmp_path / "p.idx"
     assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
-    assert json.loads(sidecar_path(index).read_text())["paths"] == names
-    assert f"indexed {len(names)} images" in capsys.readouterr().out
+    assert sorted(index_paths(index, root).values()) == names
+    assert f"{len(names)} added, 0 updated" in capsys.readouterr().out
 
 
 def test_file_names_that_are_not_utf8(model, photos, tmp_path, capsys):
@@ -363,20 +438,205 @@ def test_file_names_that_are_not_utf8(model, photos, tmp_path, capsys):
     text = capsys.readouterr().out
     shown = str(root / "caf\\xe9.jpg")  # printed with the byte escaped
     rows = parse_results(text, [shown, str(tex), photos[1]])
-    assert rows[shown][0][1] == pytest.approx(1.0, abs=1e-4) and rows[shown][0][3] == "caf\\xe9.jpg"
-    assert rows[str(tex)][0][1] == pytest.approx(1.0, abs=1e-4) and rows[str(tex)][0][3] == tex.name
-    assert [r[3] for r in rows[photos[1]]][0] == Path(photos[1]).name
+    assert Searcher.load(index).meta().count(str(root.resolve() / "caf\\xe9.jpg")) == 1  # recorded escaped
+    for q, name in ((shown, "caf\\xe9.jpg"), (str(tex), tex.name), (photos[1], Path(photos[1]).name)):
+        assert len(rows[q]) == 5 and name not in [Path(r[3]).name for r in rows[q]]  # itself left out
+    assert "caf\\xe9.jpg" in {Path(r[3]).name for r in rows[str(tex)]}  # and found for another query
     img = cv2.imread(str(out))
-    assert img is not None and img.shape[:2] == (3 * 230, 7 * 200)  # 3 queries x (query + 6 results)
+    assert img is not None and img.shape[:2] == (3 * 230, 6 * 200)  # 3 queries x (query + 5 results)
+    # the picture shows the indexed file whose name is not UTF-8 (meta_path restores its bytes)
+    from engine.search_cli import meta_path
+
+    assert meta_path(str(root.resolve() / "caf\\xe9.jpg")) == root.resolve() / odd.name
 
 
 def test_a_huge_k_gives_the_whole_index(indexed, photos, tmp_path, capsys):
     assert search_main(["query", photos[0], photos[7], "--index", str(indexed), "-k", "1000000"]) == 0
     rows = parse_results(capsys.readouterr().out, [photos[0], photos[7]])
+    # photos[0] is a copy of an indexed photo, but a version-1 index records no content digest to tell: kept
     assert [len(rows[q]) for q in (photos[0], photos[7])] == [6, 6]
     out = tmp_path / "r.png"
-    assert search_main(["query", photos[0], "--index", str(indexed), "-k", "40", "--out", str(out)]) == 0
+    assert search_main(["query", photos[7], "--index", str(indexed), "-k", "40", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "no more images" not in text and len(parse_results(text, [photos[0]])[photos[0]]) == 6
+    assert "no more images" not in text and len(parse_results(text, [photos[7]])[photos[7]]) == 6
     img = cv2.imread(str(out))
     assert img.shape[:2] == (230, 7 * 200)  # the query and the 6 images of the index: no empty columns
+
+
+# -- one index file for the API and the command line ---------------------------------------------------------
+
+def test_the_cli_reads_an_api_index_and_the_api_reads_a_cli_index(model, photos, tmp_path, capsys):
+    files = [tmp_path / "api" / Path(p).name for p in photos[:6]]
+    files[0].parent.mkdir()
+    for src, dst in zip(photos, files):
+        shutil.copy(src, dst)
+    s = Searcher.from_model(model)
+    ids = s.add_images([str(f) for f in files])
+    assert s.meta(ids) == [str(f) for f in files]  # the paths as given
+    assert s.stamps(ids) == [FileStamp(f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).digest())
+                             for f in files]
+    index = tmp_path / "api.idx"
+    s.save(index)
+    assert search_main(["query", photos[1], photos[10], "--index", str(index), "-k", "6"]) == 0
+    rows = parse_results(capsys.readouterr().out, [photos[1], photos[10]])
+    enc = Encoder(model)
+    emb = enc.encode(files)
+    # photos[1] has the content of files[1]: left out by its sha256; photos[10] is not indexed
+    for q, keep in ((photos[1], [0, 2, 3, 4, 5]), (photos[10], list(range(6)))):
+        ref_scores, _ = brute_force(enc.encode([q]), emb[keep], len(keep))
+        assert len(rows[q]) == len(keep)
+        np.testing.assert_allclose([r[1] for r in rows[q]], ref_scores[0], atol=1e-4)
+        assert {r[3] for r in rows[q]} == {str(files[j]) for j in keep}
+    # the CLI's index, read by the API: the paths are the meta
+    cli_index = tmp_path / "cli.idx"
+    assert search_main(["index", str(files[0].parent), "--model", str(model), "--index", str(cli_index),
+                        "--no-progress"]) == 0
+    t = Searcher.load(cli_index)
+    assert sorted(t.meta()) == sorted(str(f.resolve()) for f in files)
+    got = dict(zip(t.meta(), t.get(t.ids)))
+    np.testing.assert_allclose(np.stack([got[str(f.resolve())] for f in files]), emb, atol=1e-5)
+    # an API index whose vectors have no meta: results named by id
+    bare = Searcher(encoder=enc)
+    bare.add(emb[:3])
+    bare.save(tmp_path / "bare.idx")
+    capsys.readouterr()
+    assert search_main(["query", photos[10], "--index", str(tmp_path / "bare.idx"), "-k", "2"]) == 0
+    assert capsys.readouterr().out.count("(no path)") == 2
+
+
+class CountingEncoder:
+    """Counts the images given to the real Encoder.encode (which still runs)."""
+
+    def __init__(self, monkeypatch):
+        self.images = []
+        real = Encoder.encode
+
+        def encode(enc, images, **kw):
+            items = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+            self.images += [Path(str(i)).name for i in items]
+            return real(enc, images, **kw)
+
+        monkeypatch.setattr(Encoder, "encode", encode)
+
+
+def index_state(index) -> dict:
+    """{path: (vector, stamp)} of an index."""
+    s = Searcher.load(index)
+    return {m: (v, st) for m, v, st in zip(s.meta(), s.get(s.ids), s.stamps())}
+
+
+def test_indexing_again_embeds_only_what_changed(model, photos, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "pictures"
+    (root / "sub").mkdir(parents=True)
+    names = [f"{'sub/' if i % 3 == 0 else ''}{Path(p).name}" for i, p in enumerate(photos[:8])]
+    for p, n in zip(photos, names):
+        shutil.copy(p, root / n)
+    index = tmp_path / "p.idx"
+    counter = CountingEncoder(monkeypatch)
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
+    assert "8 added, 0 updated, 0 removed, 0 unchanged, 0 skipped" in capsys.readouterr().out
+    assert sorted(counter.images) == sorted(Path(n).name for n in names)
+    first = index_state(index)
+
+    # the folder changes: 2 new photos, 1 deleted, 1 edited, 1 touched (same bytes, new time), 1 now unreadable
+    shutil.copy(photos[8], root / "new1.jpg")
+    shutil.copy(photos[9], root / "sub" / "new2.jpg")
+    (root / names[1]).unlink()
+    shutil.copy(photos[12], root / names[2])  # other bytes under the same name
+    touched = root / names[4]
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    (root / names[5]).write_bytes(b"no longer an image")
+    counter.images.clear()
+    assert search_main(["index", str(root), "--index", str(index), "--no-progress"]) == 0  # its recorded model
+    captured = capsys.readouterr()
+    assert "2 added, 1 updated, 2 removed, 5 unchanged, 1 skipped" in captured.out, captured.out
+    assert "recorded in the index" in captured.out
+    # given to the encoder: the new, the edited and the unreadable file (the batch it failed is retried without
+    # it); never an unchanged one, nor the touched one
+    assert set(counter.images) == {"new1.jpg", "new2.jpg", Path(names[2]).name, Path(names[5]).name}
+    after = index_state(index)
+    # the oracle: the same folder indexed from scratch
+    fresh = tmp_path / "fresh.idx"
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(fresh), "--no-progress"]) == 0
+    want = index_state(fresh)
+    assert sorted(after) == sorted(want) and len(want) == 8
+    for path, (v, stamp) in want.items():
+        np.testing.assert_allclose(after[path][0], v, atol=1e-5)
+        assert after[path][1] == stamp  # the touched file's new time is recorded
+    key = str(root.resolve() / names[0])  # an unchanged file keeps its vector from the first run, bit for bit
+    np.testing.assert_array_equal(after[key][0], first[key][0])
+    # nothing changed: nothing embedded
+    counter.images.clear()
+    assert search_main(["index", str(root), "--index", str(index), "--no-progress"]) == 0
+    assert "0 added, 0 updated, 0 removed, 8 unchanged, 1 skipped" in capsys.readouterr().out
+    assert counter.images == [Path(names[5]).name]  # only the unreadable file, tried again (skips are not recorded)
+
+
+def test_indexing_a_version1_index_rewrites_it_as_one_file(indexed, model, tmp_path, capsys):
+    index = tmp_path / "p.idx"
+    shutil.copy(indexed, index)
+    shutil.copy(sidecar_path(indexed), sidecar_path(index))
+    side = json.loads(sidecar_path(index).read_text())
+    assert search_main(["index", side["root"], "--index", str(index), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "0 added, 6 updated, 0 removed, 0 unchanged" in out and "removed its old p.idx.paths.json" in out
+    assert not sidecar_path(index).exists()
+    s = Searcher.load(index)
+    assert sorted(s.meta()) == sorted(str(Path(side["root"]) / p) for p in side["paths"])
+    assert all(st is not None for st in s.stamps()) and s.model == Encoder(model).identity
+
+
+def test_query_folders_and_json(model, photos, tmp_path, capsys):
+    root = tmp_path / "pictures"
+    root.mkdir()
+    for p in photos[:7]:
+        shutil.copy(p, root / Path(p).name)
+    index = tmp_path / "p.idx"
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    shutil.copy(photos[2], queries / "a-copy.jpg")  # an indexed photo's bytes under another name
+    shutil.copy(photos[15], queries / "b-new.jpg")
+    capsys.readouterr()
+    assert search_main(["query", str(queries), str(root / Path(photos[4]).name), "--index", str(index), "-k", "3",
+                        "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["k"] == 3 and res["model"] == "mpnn" and res["index"] == str(index)
+    asked = [queries / "a-copy.jpg", queries / "b-new.jpg", root / Path(photos[4]).name]
+    assert [q["query"] for q in res["queries"]] == [str(p) for p in asked]
+    s = Searcher.load(index)
+    by_path = dict(zip(s.meta(), s.ids.tolist()))
+    selves = [[by_path[str(root.resolve() / Path(photos[2]).name)]], [],
+              [by_path[str(root.resolve() / Path(photos[4]).name)]]]
+    enc = Encoder(model)
+    for q, path, self_ids in zip(res["queries"], asked, selves):
+        assert q["excluded"] == self_ids
+        keep = [i for i in s.ids.tolist() if i not in self_ids]
+        ref_scores, ref_rows = brute_force(enc.encode([path]), s.get(keep), 3)
+        assert [r["rank"] for r in q["results"]] == [1, 2, 3]
+        np.testing.assert_allclose([r["score"] for r in q["results"]], ref_scores[0], atol=1e-4)
+        assert [r["id"] for r in q["results"]] == [keep[j] for j in ref_rows[0]]
+        assert all(r["path"] == s.meta([r["id"]])[0] for r in q["results"])
+        assert q["results"][0]["score"] < 0.9999  # never the query itself at 1.000
+
+
+def test_default_image_model(photos, tmp_path, capsys):
+    from conftest import need
+
+    from engine.default_models import FILES, FOLDER
+
+    need(FOLDER / FILES["image"])
+    root = tmp_path / "pictures"
+    root.mkdir()
+    for p in photos[:3]:
+        shutil.copy(p, root / Path(p).name)
+    index = tmp_path / "p.idx"
+    assert search_main(["index", str(root), "--index", str(index), "--no-progress"]) == 0
+    assert f"model: the default image model {FOLDER / FILES['image']}" in capsys.readouterr().out
+    s = Searcher.from_model()
+    t = Searcher.load(index)
+    assert t.model == s.encoder.identity and t.model_path == str((FOLDER / FILES["image"]).resolve())
+    first = root.resolve() / Path(photos[0]).name
+    (i,) = [i for i, m in zip(t.ids.tolist(), t.meta()) if m == str(first)]
+    np.testing.assert_allclose(t.get([i]), s.encoder.encode([first]), atol=1e-5)

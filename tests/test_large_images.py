@@ -161,7 +161,8 @@ def test_a_jpeg_over_the_cap_is_decoded_reduced_unless_progressive(tiles, tmp_pa
 
 
 def test_index_skips_a_huge_png_naming_it_its_size_and_the_cap(huge_png, tiles, tmp_path, capsys, request):
-    from engine.search_cli import main, sidecar_path
+    from engine.search_cli import main
+    from engine.searcher import Searcher
     from trained_models import ModelCache
 
     model = ModelCache(request.config.cache.mkdir("lookalike-tiny-models")).onnx("mpnn")
@@ -172,11 +173,12 @@ def test_index_skips_a_huge_png_naming_it_its_size_and_the_cap(huge_png, tiles, 
         assert cv2.imwrite(str(folder / f"photo{i}.jpg"), tiles[i])
     index = tmp_path / "p.idx"
     assert main(["index", str(folder), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert f"warning: skipped {folder / 'huge.png'}: " in err and "12000 x 12000 pixels" in err, err
     assert f"over the cap of {MAX_PIXELS} pixels" in err
-    side = json.loads(sidecar_path(index).read_text())
-    assert side["paths"] == ["photo0.jpg", "photo1.jpg", "photo2.jpg"] and side["skipped"] == ["huge.png"]
+    assert sorted(Searcher.load(index).meta()) == [str(folder.resolve() / f"photo{i}.jpg") for i in range(3)]
+    assert "3 added, 0 updated, 0 removed, 0 unchanged, 1 skipped (huge.png: " in captured.out
 
 
 # -- large JPEGs decoded at a reduced size ----------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import reference as ref
 
 from engine.errors import IndexFileError, InputError, ModelError
-from engine.searcher import FORMAT_VERSION, MAGIC, Searcher
+from engine.searcher import FORMAT_VERSION, MAGIC, MAX_META_BYTES, FileStamp, Searcher, meta_text
 
 
 def data(seed, n, d):
@@ -415,7 +415,7 @@ def test_other_format_version_is_refused(tmp_path):
     header = json.loads(line[len(MAGIC) :])
     header["format_version"] = FORMAT_VERSION + 1
     path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + body)
-    with pytest.raises(IndexFileError, match=rf"{path}: index format version 2; this build reads version 1"):
+    with pytest.raises(IndexFileError, match=rf"{path}: index format version 3; this build reads versions 1 and 2"):
         Searcher.load(path)
 
 
@@ -432,11 +432,11 @@ def test_foreign_and_missing_files_are_refused(tmp_path):
 
 
 def write_index(path, ids, vectors, *, metric="cosine", next_id=None, **fields):
-    """An index file as ``save`` lays it out, with a correct sha256 over whatever it is given (crafted files
+    """A version-1 index file (as ``save`` laid it out before version 2), with a correct sha256 over whatever it is given (crafted files
     that only the contents checks can refuse). ``fields`` override the header's values."""
     ids = np.asarray(ids, dtype="<i8")
     vectors = np.asarray(vectors, dtype="<f4").reshape(len(ids), -1)
-    header = {"format_version": FORMAT_VERSION, "dim": vectors.shape[1], "metric": metric, "count": len(ids),
+    header = {"format_version": 1, "dim": vectors.shape[1], "metric": metric, "count": len(ids),
               "next_id": int(ids.max()) + 1 if next_id is None else next_id, "model": None, **fields}
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + ids.tobytes() + vectors.tobytes())
     path.write_bytes(MAGIC + json.dumps({**header, "sha256": digest.hexdigest()}, sort_keys=True).encode() + b"\n"
@@ -450,13 +450,21 @@ def unit_rows(seed, n, d):
 
 
 def test_write_index_lays_out_what_save_writes(tmp_path):
-    """The crafting helper is checked against save itself: same bytes for the same index."""
+    """The crafting helpers are checked against save itself: the v2 helper gives the same bytes for the same
+    index; the v1 helper's file (what save wrote before version 2) loads as the same index, without meta."""
     s = Searcher(4)
     x = unit_rows(0, 5, 4)
     s.add(x, ids=[3, 10, 0, 7, 2])
     s.save(tmp_path / "saved.lkx")
-    crafted = write_index(tmp_path / "crafted.lkx", [3, 10, 0, 7, 2], s.get([3, 10, 0, 7, 2]))
+    crafted = write_index_v2(tmp_path / "v2.lkx", [3, 10, 0, 7, 2], s.get([3, 10, 0, 7, 2]))
     assert crafted.read_bytes() == (tmp_path / "saved.lkx").read_bytes()
+    s.add(unit_rows(1, 2, 4), ids=[20, 21], meta=["a", None], stamps=[None, FileStamp(5, -7, bytes(range(32)))])
+    s.save(tmp_path / "saved.lkx")
+    crafted = write_index_v2(tmp_path / "v2.lkx", s.ids, s.get(s.ids), meta=s.meta(), stamps=s.stamps())
+    assert crafted.read_bytes() == (tmp_path / "saved.lkx").read_bytes()
+    v1 = Searcher.load(write_index(tmp_path / "v1.lkx", [3, 10, 0, 7, 2], x))
+    assert v1.ids.tolist() == [3, 10, 0, 7, 2] and v1.meta() == [None] * 5 and v1.stamps() == [None] * 5
+    np.testing.assert_array_equal(v1.get(v1.ids), s.get([3, 10, 0, 7, 2]))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -620,3 +628,227 @@ def test_concurrent_searches_during_adds_and_removes():
     assert not failures, f"{len(failures)} inconsistent answers, first: {failures[0][:2]}"
     assert count[0] > 0
     assert sorted(s.ids.tolist()) == sorted(list(range(nbase)) + [int(p) for p in present])
+
+
+# -- format 2: per-vector meta and file stamps ---------------------------------------------------------------
+
+
+def write_index_v2(path, ids, vectors, *, meta=None, stamps=None, offsets=None, flags=None, blob=None,
+                   next_id=None, fields=None):
+    """A version-2 index file laid out as the module docstring says, written independently of ``save``, with a
+    correct sha256 over whatever it is given: ``offsets`` / ``flags`` / ``blob`` replace the meta section's
+    parts computed from ``meta`` (crafted files that only the contents checks can refuse)."""
+    import struct
+
+    ids = np.asarray(ids, dtype="<i8")
+    vectors = np.asarray(vectors, dtype="<f4").reshape(len(ids), -1)
+    body = ids.tobytes() + vectors.tobytes()
+    if stamps is not None:
+        for st in stamps:
+            body += struct.pack("<qq", -1, 0) + bytes(32) if st is None else struct.pack("<qq", st[0], st[1]) + st[2]
+    meta_bytes = None
+    if meta is not None or blob is not None:
+        parts = [b"" if t is None else t.encode() for t in (meta or [])]
+        if blob is None:
+            blob = b"".join(parts)
+        if offsets is None:
+            offsets = [0, *np.cumsum([len(p) for p in parts]).tolist()]
+        if flags is None:
+            flags = [t is not None for t in meta]
+        body += np.asarray(offsets, "<u8").tobytes() + np.asarray(flags, "u1").tobytes() + blob
+        meta_bytes = len(blob)
+    header = {"format_version": 2, "dim": vectors.shape[1], "metric": "cosine", "count": len(ids),
+              "next_id": (int(ids.max()) + 1 if len(ids) else 0) if next_id is None else next_id, "model": None,
+              "model_path": None, "stamps": stamps is not None, "meta_bytes": meta_bytes}
+    header.update(fields or {})
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + body)
+    path.write_bytes(MAGIC + json.dumps({**header, "sha256": digest.hexdigest()}, sort_keys=True).encode() + b"\n"
+                     + body)
+    return path
+
+
+def test_meta_and_stamps_round_trip_through_remove_and_save(tmp_path):
+    s = Searcher(6)
+    x = data(0, 8, 6)
+    meta = ["photos/a.jpg", None, "", "é ✓ 写真/b.png", "x" * MAX_META_BYTES, "n\nl", None, "last"]
+    stamps = [FileStamp(i * 100, 1_700_000_000_000_000_000 + i, bytes([i]) * 32) if i % 3 else None
+              for i in range(8)]
+    ids = s.add(x, ids=np.arange(10, 18), meta=meta, stamps=stamps)
+    assert s.meta(ids) == meta and s.stamps(ids) == stamps
+    assert s.meta([13, 10]) == [meta[3], meta[0]]
+    assert s.remove([11, 10]) == 2  # the last rows move into the holes: meta and stamps move with them
+    keep = [12, 13, 14, 15, 16, 17]
+    want_meta = {10 + i: m for i, m in enumerate(meta)}
+    want_stamps = {10 + i: st for i, st in enumerate(stamps)}
+    assert s.meta(keep) == [want_meta[i] for i in keep]
+    assert s.stamps(keep) == [want_stamps[i] for i in keep]
+    assert s.meta() == [want_meta[i] for i in s.ids.tolist()]
+    s.add(data(1, 2, 6))  # no meta: None
+    path = tmp_path / "i.lkx"
+    s.save(path)
+    header = json.loads(path.read_bytes().split(b"\n", 1)[0][len(MAGIC):])
+    assert header["format_version"] == 2 == FORMAT_VERSION and header["stamps"] is True
+    t = Searcher.load(path)
+    np.testing.assert_array_equal(t.ids, s.ids)
+    np.testing.assert_array_equal(t.get(t.ids), s.get(s.ids))
+    assert t.meta(t.ids) == s.meta(s.ids) and t.stamps(t.ids) == s.stamps(s.ids)
+    assert t.meta([18, 19]) == [None, None]
+    with pytest.raises(KeyError, match="id 10 is not in the index"):
+        t.meta([10])
+
+
+def test_an_index_without_meta_writes_no_meta_sections(tmp_path):
+    """No meta and no stamps: the payload is the ids and the vectors only (version 1's size)."""
+    s = Searcher(5)
+    s.add(np.eye(3, 5))
+    path = tmp_path / "i.lkx"
+    s.save(path)
+    line, body = path.read_bytes().split(b"\n", 1)
+    header = json.loads(line[len(MAGIC):])
+    assert (header["meta_bytes"], header["stamps"], len(body)) == (None, False, 3 * 8 + 15 * 4)
+    assert Searcher.load(path).meta() == [None] * 3
+
+
+@pytest.mark.parametrize("meta, message", [
+    ("a.jpg", "meta must be a list of strings"),
+    (["a", "b", "c"], "got 2 vectors but 3 meta strings"),
+    (["a", 7], r"meta\[1\] must be a string or None, got int"),
+    (["a", "caf\udce9.jpg"], r"meta\[1\] cannot be encoded as UTF-8 .*lone surrogate"),
+    (["a", "é" * (MAX_META_BYTES // 2 + 1)], rf"meta\[1\] is {MAX_META_BYTES + 2} bytes as UTF-8, more than"),
+])
+def test_bad_meta_is_refused_and_nothing_is_added(meta, message):
+    s = Searcher(3)
+    with pytest.raises(InputError, match=message):
+        s.add(data(0, 2, 3), meta=meta)
+    assert len(s) == 0 and s.meta() == []
+    with pytest.raises(InputError, match=r"stamps\[0\] must be a FileStamp"):
+        s.add(data(0, 1, 3), stamps=[(1, 2, b"short")])
+    assert s.add(data(0, 1, 3)).tolist() == [0]
+
+
+def test_meta_text_escapes_bytes_that_are_not_utf8():
+    import os
+
+    assert meta_text(os.fsdecode(b"dir/caf\xe9.jpg")) == "dir/caf\\xe9.jpg"
+    assert meta_text(b"caf\xc3\xa9.jpg") == "café.jpg"
+    assert meta_text("plain/é.jpg") == "plain/é.jpg"
+
+
+def test_version1_files_still_load_and_save_as_version2(tmp_path):
+    x = unit_rows(3, 4, 6)
+    old = write_index(tmp_path / "v1.lkx", [5, 1, 9, 2], x, next_id=12)
+    s = Searcher.load(old)
+    assert s.meta() == [None] * 4 and s.model_path is None
+    assert s.add(unit_rows(4, 1, 6), meta=["new"]).tolist() == [12]
+    s.save(tmp_path / "v2.lkx")
+    t = Searcher.load(tmp_path / "v2.lkx")
+    assert t.meta() == [None] * 4 + ["new"] and t.ids.tolist() == [5, 1, 9, 2, 12]
+
+
+def crafted_meta(tmp_path, **kwargs):
+    ids, x = [0, 1, 2], unit_rows(5, 3, 4)
+    return write_index_v2(tmp_path / "m.lkx", ids, x, **kwargs)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("offset beyond the blob", r"meta offsets must run from 0 to the blob's 7 bytes, got 0 \.\. 900"),
+    ("first offset not 0", r"meta offsets must run from 0 .* got 2 \.\. 7"),
+    ("offsets decrease", r"meta offsets decrease at rows \[1\] \(1 in all\)"),
+    ("bad UTF-8", r"the meta string of row 1 is not valid UTF-8 \(invalid start byte at byte 0\)"),
+    ("flag 2", r"meta flags must be 0 or 1, rows \[2\] \(1 in all\) are not"),
+    ("absent meta with bytes", r"rows \[0\] \(1 in all\) have no meta but a span of meta bytes"),
+    ("span too long", rf"meta strings longer than {MAX_META_BYTES} bytes in rows \[0\]"),
+    ("stamp size -2", r"stamps must have a size >= 0, or -1 with every other field zero; rows \[1\]"),
+    ("stamp -1 with a digest", r"stamps must have .* rows \[0\] .* \(row 0: size -1, mtime_ns 5\)"),
+])
+def test_a_v2_file_with_a_correct_checksum_but_impossible_meta_is_refused(tmp_path, case, message):
+    meta = ["ab", "cde", "fg"]
+    kw = {"meta": meta}
+    if case == "offset beyond the blob":
+        kw["offsets"] = [0, 2, 5, 900]
+    elif case == "first offset not 0":
+        kw["offsets"] = [2, 2, 5, 7]
+    elif case == "offsets decrease":
+        kw["offsets"] = [0, 4, 3, 7]
+    elif case == "bad UTF-8":
+        kw["blob"] = b"ab\xff\xfeefg"
+    elif case == "flag 2":
+        kw["flags"] = [1, 1, 2]
+    elif case == "absent meta with bytes":
+        kw["flags"] = [0, 1, 1]
+    elif case == "span too long":
+        kw["meta"] = None
+        kw["blob"] = b"x" * (MAX_META_BYTES + 1)
+        kw["offsets"], kw["flags"] = [0, MAX_META_BYTES + 1] * 1 + [MAX_META_BYTES + 1] * 2, [1, 0, 0]
+    elif case == "stamp size -2":
+        kw["stamps"] = [None, (-2, 0, bytes(32)), None]
+    elif case == "stamp -1 with a digest":
+        kw["stamps"] = [(-1, 5, bytes(32)), None, None]
+    path = crafted_meta(tmp_path, **kw)
+    with pytest.raises(IndexFileError, match=rf"{path}: damaged index: {message}"):
+        Searcher.load(path)
+
+
+def test_a_truncated_or_altered_v2_file_is_refused(tmp_path):
+    s = Searcher(4)
+    s.add(unit_rows(6, 3, 4), meta=["one", "twö", None], stamps=[FileStamp(1, 2, bytes(32))] * 3)
+    path = tmp_path / "i.lkx"
+    s.save(path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-3])  # the blob cut short
+    with pytest.raises(IndexFileError, match=rf"{path}: truncated or damaged index: payload is \d+ bytes, header "
+                                             rf"says \d+"):
+        Searcher.load(path)
+    for at in (-2, -(6 + 3 + 4 * 8) - 1, -(6 + 3 + 4 * 8) - 40):  # a blob byte, a flag, a stamp's digest
+        damaged = bytearray(raw)
+        damaged[at] ^= 0x20
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(IndexFileError, match=rf"{path}: checksum mismatch"):
+            Searcher.load(path)
+    line, body = raw.split(b"\n", 1)
+    header = json.loads(line[len(MAGIC):])
+    assert header["meta_bytes"] == 7  # "one" + "twö"
+    header["meta_bytes"] = 10**15  # a header promising a petabyte of meta: refused by size, nothing read
+    path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + body)
+    with pytest.raises(IndexFileError, match=rf"payload is {len(body)} bytes, header says {len(body) - 7 + 10**15}"):
+        Searcher.load(path)
+
+
+@pytest.mark.parametrize("field, value", [("meta_bytes", -1), ("meta_bytes", 2.0), ("stamps", 1),
+                                          ("model_path", 7)])
+def test_v2_header_fields_of_the_wrong_type_are_refused(tmp_path, field, value):
+    path = crafted_meta(tmp_path, meta=["a", "b", "c"], fields={field: value})
+    with pytest.raises(IndexFileError, match=rf"{path}: damaged index header \(.*{field}={value!r}"):
+        Searcher.load(path)
+
+
+def test_concurrent_meta_reads_during_removes():
+    """Readers of meta never see a vector's meta paired with another vector's id."""
+    s = Searcher(2)
+    n = 3000
+    s.add(data(0, n, 2), meta=[f"m{i}" for i in range(n)])
+    stop = threading.Event()
+    bad = []
+
+    def reader():
+        rng = np.random.default_rng(1)
+        while not stop.is_set():
+            ids = s.ids
+            pick = ids[rng.integers(0, len(ids), 16)] if len(ids) else ids
+            try:
+                got = s.meta(pick)
+            except KeyError:  # removed between the two calls
+                continue
+            if got != [f"m{i}" for i in pick.tolist()]:
+                bad.append((pick.tolist(), got))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(0, n - 10, 7):
+            s.remove(np.arange(i, i + 5))
+    finally:
+        stop.set()
+        t.join()
+    assert not bad, bad[:1]
+    assert s.meta() == [f"m{i}" for i in s.ids.tolist()]

@@ -231,7 +231,8 @@ def embed_collection(source, out, *, model=None, actors: int | None = None, batc
                      log=print) -> dict:
     """Embed ``source`` into Parquet shards under ``out`` (see the module docstring); returns a summary dict:
     ``manifest`` (as written), ``embedded`` / ``skipped`` (images this run), ``shards_written`` /
-    ``shards_kept`` (this run), ``seconds`` and ``actors``.
+    ``shards_kept`` (this run), ``seconds``, ``first_result_seconds`` (start-up: until the first embeddings came
+    back; absent when nothing was embedded) and ``actors``.
 
     ``model``: an exported .onnx file (default: the packaged image encoder). ``actors``: size of the actor pool
     (default: one per ``threads`` CPUs of the cluster, or one per ``gpus_per_actor`` GPUs). ``threads``:
@@ -349,6 +350,8 @@ def embed_collection(source, out, *, model=None, actors: int | None = None, batc
                 shards[s] = _write_shard(out, s, pending.pop(s), coll, dim, rows_per_shard, n)
                 summary["shards_written"] += 1
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                if "first_result_seconds" not in summary:  # Ray Data and actor pool start-up until here
+                    summary["first_result_seconds"] = time.perf_counter() - t0
                 ids, ok = batch["id"], batch["ok"]
                 for s in np.unique(ids // rows_per_shard).tolist():
                     p = pending[s]

@@ -1,0 +1,200 @@
+"""engine.scale on one machine: Ray embedding vs the in-process Encoder, sharded search vs one Searcher.
+
+    PYTHONPATH=$PWD NUMBA_CACHE_DIR=$PWD/.numba_cache .venv/bin/python benchmarks/bench_scale.py \
+        [--copies 6] [--rounds 2] [--vectors 200000] [--dim 128]
+
+1. Embedding (issue 16's target: Ray's overhead <= 15%). The fungi photos of ../shared/data (158 JPEGs, longest
+   side 512) copied ``--copies`` times into a temporary folder (distinct files), embedded with the packaged
+   image encoder, batch 32:
+   - peer: ``Encoder(model).encode(paths)`` in this process (onnxruntime's default threads: every core);
+   - Ray, cluster already up: ``embed_collection(folder, out)`` (actor pool start, Ray Data, Parquet shards,
+     manifest), with 2 actors x 1 thread and 1 actor x 2 threads;
+   - Ray with start-up: ``ray.init`` + the same + ``ray.shutdown`` (what ``python -m engine.scale index`` costs);
+   - Ray steady state: the time after the first embeddings came back (``first_result_seconds``: actor pool and
+     Ray Data start-up), scaled to the whole collection (time x n / (n - 32)).
+   Rounds alternate peer and Ray (the machine may be shared); each figure is the best round. Ratios are
+   images/s of Ray over images/s of the peer.
+2. Sharded search: ``--vectors`` random unit vectors of ``--dim`` (cosine), k = 10, at Q = 1 and Q = 256
+   queries per call: one ``Searcher`` in this process vs ``ShardedSearcher`` with 2 and 4 shard actors on this
+   same machine (so the shards share its cores: this measures the fan-out's cost, not a cluster's speed-up),
+   queries/s over >= 2 s per figure, interleaved rounds, best round. Memory per shard: the shard actor's peak
+   RSS (``ru_maxrss``) and the vectors + ids it holds.
+Prints the CPU (``lscpu``), the settings and every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs"
+
+
+def photo_folder(copies: int, tmp: Path) -> list[str]:
+    src = sorted((SHARED / "fungi-sample" / "images").glob("*.jpg"))
+    if not src:
+        raise SystemExit(f"needs the fungi photos in {SHARED / 'fungi-sample' / 'images'}")
+    folder = tmp / "photos"
+    for c in range(copies):
+        d = folder / f"copy{c}"
+        d.mkdir(parents=True)
+        for f in src:
+            shutil.copy(f, d / f.name)
+    return folder
+
+
+def bench_embedding(args, tmp: Path) -> None:
+    import ray
+
+    from engine import Encoder
+    from engine.default_models import default_model
+    from engine.scale.embed import embed_collection
+    from engine.search_cli import list_images
+
+    folder = photo_folder(args.copies, tmp)
+    files = [str(f) for f in list_images(folder)]
+    n = len(files)
+    model = default_model("image")
+    print(f"\n== embedding {n} photos ({args.copies} x 158 fungi JPEGs), {model.name}, batch 32 ==")
+    enc = Encoder(model, batch_size=32)
+    enc.encode(files[:64])  # warm the session
+    best = {}
+
+    def keep(name, seconds):
+        best[name] = min(best.get(name, float("inf")), seconds)
+
+    configs = [("ray 2 actors x 1 thread", 2, 1), ("ray 1 actor x 2 threads", 1, 2)]
+    for r in range(args.rounds):
+        t = time.perf_counter()
+        enc.encode(files)
+        keep("in-process Encoder", time.perf_counter() - t)
+        t0 = time.perf_counter()
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        up = time.perf_counter() - t0
+        took = {}
+        try:
+            for name, actors, threads in configs:
+                out = tmp / f"emb-{r}-{actors}"
+                t = time.perf_counter()
+                res = embed_collection(folder, out, model=model, actors=actors, threads=threads, batch_size=32,
+                                       progress=False, log=lambda m: None)
+                took[name] = time.perf_counter() - t
+                keep(name, took[name])
+                # steady state: the images after the first returned block, over the time after it
+                first = res["first_result_seconds"]
+                keep(name + ", steady state", (took[name] - first) * n / (n - 32))
+                print(f"    {name}: {took[name]:.2f} s, first embeddings back after {first:.2f} s")
+                assert res["embedded"] == n, res
+                shutil.rmtree(out)
+        finally:
+            t = time.perf_counter()
+            ray.shutdown()
+            down = time.perf_counter() - t
+        keep("ray 2 actors x 1 thread + ray.init/shutdown", up + took[configs[0][0]] + down)
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items())
+              + f" (ray.init {up:.1f} s, shutdown {down:.1f} s)")
+    peer = n / best["in-process Encoder"]
+    print(f"{'':44s} {'s':>7s} {'img/s':>8s} {'vs peer':>8s}")
+    for name, sec in best.items():
+        print(f"{name:44s} {sec:7.2f} {n / sec:8.1f} {n / sec / peer:8.2f}x")
+
+
+def shard_memory(s) -> list[tuple[float, float]]:
+    """(peak RSS MiB, vectors + ids MiB) of each shard actor."""
+    import ray
+
+    def probe(self):
+        import resource as res
+
+        n = len(self.searcher)
+        return res.getrusage(res.RUSAGE_SELF).ru_maxrss / 1024, n * (self.searcher.dim * 4 + 8) / 2**20
+
+    return ray.get([a.__ray_call__.remote(probe) for a in s._actors])
+
+
+def qps(fn, q, seconds: float = 2.0) -> float:
+    fn(q)
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn(q)
+        calls += 1
+        el = time.perf_counter() - t0
+        if el >= seconds:
+            return calls * len(q) / el
+
+
+def bench_search(args, tmp: Path) -> None:
+    import ray
+
+    from engine import Searcher
+    from engine.scale.sharded import ShardedSearcher
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.vectors, args.dim)).astype(np.float32)
+    queries = {1: rng.standard_normal((1, args.dim)).astype(np.float32),
+               256: rng.standard_normal((256, args.dim)).astype(np.float32)}
+    print(f"\n== search: {args.vectors} x {args.dim} float32 (cosine), k = 10 ==")
+    one = Searcher(args.dim)
+    one.add(x)
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        sharded = {s: ShardedSearcher.build(tmp / f"idx{s}", x, shards=s) for s in (2, 4)}
+        best = {}
+        for _ in range(args.rounds):
+            for nq, q in queries.items():
+                best[("1 Searcher", nq)] = max(best.get(("1 Searcher", nq), 0), qps(lambda v: one.search(v, 10), q))
+                for s, ss in sharded.items():
+                    key = (f"{s} shards", nq)
+                    best[key] = max(best.get(key, 0), qps(lambda v, ss=ss: ss.search(v, 10), q))
+        print(f"{'':12s} {'Q=1 q/s':>9s} {'ms/query':>9s} {'Q=256 q/s':>10s} {'vs 1 Searcher (Q=1, Q=256)':>28s}")
+        for name in ["1 Searcher", "2 shards", "4 shards"]:
+            a, b = best[(name, 1)], best[(name, 256)]
+            print(f"{name:12s} {a:9.1f} {1000 / a:9.2f} {b:10.1f} {a / best[('1 Searcher', 1)]:13.2f}x "
+                  f"{b / best[('1 Searcher', 256)]:8.2f}x")
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"1 Searcher: vectors + ids {args.vectors * (args.dim * 4 + 8) / 2**20:.1f} MiB "
+              f"(this process's peak RSS {own:.0f} MiB, with everything else in it)")
+        for s, ss in sharded.items():
+            mem = shard_memory(ss)
+            print(f"{s} shards: per shard " + ", ".join(f"RSS {r:.0f} MiB (data {d:.1f} MiB)" for r, d in mem))
+            ss.close()
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--copies", type=int, default=6, help="copies of the 158 fungi photos to embed")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--vectors", type=int, default=200_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--skip-embedding", action="store_true")
+    p.add_argument("--skip-search", action="store_true")
+    args = p.parse_args()
+    print(f"CPU: {cpu_name()}")
+    with tempfile.TemporaryDirectory() as d:
+        if not args.skip_embedding:
+            bench_embedding(args, Path(d))
+        if not args.skip_search:
+            bench_search(args, Path(d))
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,9 @@ hidden entries skipped, links followed, each file once, sorted by relative path)
 given; a repeated path is refused), or a Parquet file (``.parquet``) with a string column ``path`` (row order).
 Ids are stable: the position of the image in that list (0 .. n-1), whatever was skipped or resumed.
 
-Work: ``ray.data`` ``map_batches`` over an actor pool (``concurrency=actors``) of ``Encoder`` sessions. An actor
+Work: ``ray.data`` ``map_batches`` over an actor pool (``ActorPoolStrategy(size=actors)``) of ``Encoder``
+sessions; the model file's bytes travel with the actors (another machine need not have it), the images are
+opened by path on whichever machine runs the actor (on a cluster: a file system every node mounts). An actor
 with a GPU (``gpus_per_actor > 0``) runs onnxruntime's CUDA provider, else the CPU one with ``threads`` intra-op
 threads (and that many CPUs reserved per actor). The input is cut into blocks of ``batch_size`` consecutive ids
 aligned to the start of their shard (``rows_per_shard`` is rounded up to a multiple of ``batch_size``), so the
@@ -49,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import ImageReadError, IndexFileError, InputError
+from engine.errors import ImageReadError, IndexFileError, InputError, LookalikeError
 from engine.fileio import atomic_write, unwritable
 from engine.validate import is_int
 
@@ -61,6 +63,10 @@ BATCH_SIZE = 32  # images per network run in an actor (the Encoder's batch)
 MAX_MANIFEST_BYTES = 1 << 28  # a manifest larger than this is not ours
 _HASH_CHUNK = 1 << 22
 _UNIT_TOL = 1e-4  # an embedding row's norm is 1 (or 0) within this
+
+
+class EmbeddingFailed(LookalikeError, RuntimeError):
+    """The Ray job failed midway (an actor could not start, a node was lost); the shards written are kept."""
 
 
 # -- input ----------------------------------------------------------------------------------------------------
@@ -157,14 +163,21 @@ class EncodeBatch:
     A batch that holds an unreadable image is decoded one image at a time to find it (``read_image``), and the
     readable rest is encoded together; the unreadable rows come back with ``ok`` False and the reason."""
 
-    def __init__(self, model: str, batch_size: int, threads: int | None):
+    def __init__(self, model: str, model_bytes: bytes, batch_size: int, threads: int | None):
+        import tempfile
+
         import ray
 
         from engine.encoder import CPU, CUDA, Encoder
 
         gpu = bool(ray.get_gpu_ids())
-        self.encoder = Encoder(model, providers=[CUDA, CPU] if gpu else [CPU], batch_size=batch_size,
-                               threads=None if gpu else threads)
+        # The model travels with the actor (another machine of the cluster may not have the file): written to a
+        # private temporary file for Encoder, which reads it whole, then removed.
+        with tempfile.TemporaryDirectory(prefix="lookalike-model-") as d:
+            local = Path(d) / Path(model).name
+            local.write_bytes(model_bytes)
+            self.encoder = Encoder(local, providers=[CUDA, CPU] if gpu else [CPU], batch_size=batch_size,
+                                   threads=None if gpu else threads)
         self.floor = self.encoder.preprocess.min_decode_size()
 
     def __call__(self, batch: dict) -> dict:
@@ -264,6 +277,9 @@ def embed_collection(source, out, *, model=None, actors: int | None = None, batc
     probe = Encoder(model, providers=["CPUExecutionProvider"], threads=1)  # identity and dim, checked up front
     identity, dim = probe.identity, probe.dim
     del probe
+    model_bytes = Path(model).read_bytes()
+    if hashlib.sha256(model_bytes).hexdigest() != identity["sha256"]:
+        raise InputError(f"{model} changed while it was being read; try again")
     n = len(coll.files)
     nshards = math.ceil(n / rows_per_shard)
     settings = {
@@ -329,7 +345,8 @@ def embed_collection(source, out, *, model=None, actors: int | None = None, batc
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress bar and summary instead
         ds = ray.data.from_arrow(blocks).map_batches(
-            EncodeBatch, fn_constructor_kwargs={"model": str(model), "batch_size": batch_size, "threads": threads},
+            EncodeBatch, fn_constructor_kwargs={"model": str(model), "model_bytes": model_bytes, "batch_size": batch_size,
+                                   "threads": threads},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=0 if gpus_per_actor else threads, num_gpus=gpus_per_actor or None)
         pending = {s: {"need": min(n, (s + 1) * rows_per_shard) - s * rows_per_shard, "got": 0,
@@ -369,11 +386,16 @@ def embed_collection(source, out, *, model=None, actors: int | None = None, batc
                         write_manifest()
                 if bar is not None:
                     bar.update(len(ids))
+        except ray.exceptions.RayError as e:  # an actor that cannot start, a lost node: resumable, say so
+            first = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+            raise EmbeddingFailed(f"embedding failed on the Ray cluster after {summary['shards_written']} shards were "
+                                  f"written ({type(e).__name__}: {first}); run the same command again to resume"
+                                  ) from e
         finally:
             if bar is not None:
                 bar.close()
         if pending:
-            raise RuntimeError(f"Ray Data returned no results for shards {sorted(pending)}; run again to resume")
+            raise EmbeddingFailed(f"Ray Data returned no results for shards {sorted(pending)}; run again to resume")
     summary["skipped"] = sum(len(shards[s]["skipped"]) for s in todo)
     man = write_manifest()
     summary.update(manifest=man, seconds=time.perf_counter() - t0)

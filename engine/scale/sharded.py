@@ -8,7 +8,9 @@
 Layout: a folder with ``sharded.json`` (``format`` "lookalike-sharded", ``format_version`` 1, ``dim``,
 ``metric``, ``shards``, the shard files and ``next_id``) and one ``engine.Searcher`` index file per shard
 (``shard-000.lkx``, written by ``Searcher.save``, so each is checksummed and written atomically). Each shard
-is loaded by its own Ray actor (scheduling strategy SPREAD: over the machines of the cluster).
+is loaded by its own Ray actor (scheduling strategy SPREAD: over the machines of the cluster; ``actor_options``
+are passed to ``.options()``, e.g. ``num_cpus`` to reserve cores per shard). An actor opens its shard file by
+path, so on a cluster the folder must be on a file system every node mounts.
 
 Routing: the vector with id ``i`` lives in shard ``i % shards`` (sequential ids spread evenly); a shard file
 holding an id of another shard is refused on load.
@@ -470,13 +472,17 @@ class ShardedSearcher:
     def remove(self, ids) -> int:
         """Remove the vectors with these ids (unknown ids are ignored); returns how many were removed."""
         todo = np.unique(_as_ids(ids))
+        todo = todo[todo >= 0]
         removed = 0
         with self._rw.write():
             for i in range(self.shards):
                 part = todo[todo % self.shards == i]
                 if part.size:
-                    removed += int(self._call(i, "remove", part))
-            self._count -= removed
+                    part = part[self._call(i, "present", part)]  # counted before: a retried remove returns 0
+                if part.size:
+                    self._call(i, "remove", part)
+                    removed += int(part.size)
+                    self._count -= int(part.size)
         return removed
 
     def save(self, folder=None) -> None:

@@ -15,8 +15,10 @@
    Rounds alternate peer and Ray (the machine may be shared); each figure is the best round. Ratios are
    images/s of Ray over images/s of the peer.
 2. Sharded search: ``--vectors`` random unit vectors of ``--dim`` (cosine), k = 10, at Q = 1 and Q = 256
-   queries per call: one ``Searcher`` in this process vs ``ShardedSearcher`` with 2 and 4 shard actors on this
-   same machine (so the shards share its cores: this measures the fan-out's cost, not a cluster's speed-up),
+   queries per call: one ``Searcher`` in this process, and ``ShardedSearcher`` with 1, 2 and 4 shard actors on
+   this same machine (so the shards share its cores: this measures the fan-out's cost, not a cluster's speed-up;
+   Ray gives each actor one BLAS thread, printed, where this process has one per core, so "1 shards" is the peer
+   that differs only by the fan-out),
    queries/s over >= 2 s per figure, interleaved rounds, best round. Memory per shard: the shard actor's peak
    RSS (``ru_maxrss``) and the vectors + ids it holds.
 Prints the CPU (``lscpu``), the settings and every figure.
@@ -129,6 +131,17 @@ def shard_memory(s) -> list[tuple[float, float]]:
     return ray.get([a.__ray_call__.remote(probe) for a in s._actors])
 
 
+def _blas_threads() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return ", ".join(f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info()) or "none loaded"
+    except ImportError:
+        import os
+
+        return f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+
+
 def qps(fn, q, seconds: float = 2.0) -> float:
     fn(q)
     calls, t0 = 0, time.perf_counter()
@@ -155,7 +168,9 @@ def bench_search(args, tmp: Path) -> None:
     one.add(x)
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        sharded = {s: ShardedSearcher.build(tmp / f"idx{s}", x, shards=s) for s in (2, 4)}
+        sharded = {s: ShardedSearcher.build(tmp / f"idx{s}", x, shards=s) for s in (1, 2, 4)}
+        blas = ray.get(sharded[1]._actors[0].__ray_call__.remote(lambda self: _blas_threads()))
+        print(f"BLAS threads in a shard actor: {blas} (in this process: {_blas_threads()})")
         best = {}
         for _ in range(args.rounds):
             for nq, q in queries.items():
@@ -164,17 +179,33 @@ def bench_search(args, tmp: Path) -> None:
                     key = (f"{s} shards", nq)
                     best[key] = max(best.get(key, 0), qps(lambda v, ss=ss: ss.search(v, 10), q))
         print(f"{'':12s} {'Q=1 q/s':>9s} {'ms/query':>9s} {'Q=256 q/s':>10s} {'vs 1 Searcher (Q=1, Q=256)':>28s}")
-        for name in ["1 Searcher", "2 shards", "4 shards"]:
+        for name in ["1 Searcher", "1 shards", "2 shards", "4 shards"]:
             a, b = best[(name, 1)], best[(name, 256)]
             print(f"{name:12s} {a:9.1f} {1000 / a:9.2f} {b:10.1f} {a / best[('1 Searcher', 1)]:13.2f}x "
                   f"{b / best[('1 Searcher', 256)]:8.2f}x")
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"1 Searcher: vectors + ids {args.vectors * (args.dim * 4 + 8) / 2**20:.1f} MiB "
               f"(this process's peak RSS {own:.0f} MiB, with everything else in it)")
+        mems = {}
+        sharded.pop(1).close()
         for s, ss in sharded.items():
-            mem = shard_memory(ss)
-            print(f"{s} shards: per shard " + ", ".join(f"RSS {r:.0f} MiB (data {d:.1f} MiB)" for r, d in mem))
+            mems[s] = shard_memory(ss)
+            print(f"{s} shards: per shard " + ", ".join(f"RSS {r:.0f} MiB (data {d:.1f} MiB)" for r, d in mems[s]))
             ss.close()
+        per_vec = (np.mean([r for r, _ in mems[2]]) - np.mean([r for r, _ in mems[4]])) * 2**20 / (
+            args.vectors / 2 - args.vectors / 4)
+        print(f"shard actor memory per stored vector (RSS slope between {args.vectors // 2} and {args.vectors // 4} "
+              f"vectors per shard): {per_vec:.0f} bytes (the float32 row alone: {args.dim * 4} bytes + 8 for its id)")
+        # Fan-out cost alone: shards of 1,000 vectors, where the search itself is negligible.
+        tiny = x[:1000]
+        for s in (1, 2, 4):
+            with ShardedSearcher.build(tmp / f"tiny{s}", tiny, shards=s) as ts:
+                lat = min(1 / qps(lambda v: ts.search(v, 10), queries[1], seconds=1.0) for _ in range(args.rounds))
+            one_tiny = Searcher(args.dim)
+            one_tiny.add(tiny)
+            base = 1 / qps(lambda v: one_tiny.search(v, 10), queries[1], seconds=1.0)
+            print(f"fan-out to {s} shard actor(s) of <= 1000 vectors, Q=1: {lat * 1000:.2f} ms per call "
+                  f"(one in-process Searcher of 1000: {base * 1000:.3f} ms)")
     finally:
         ray.shutdown()
 

@@ -225,7 +225,8 @@ class RaySession:
             try:
                 ray.init(address=self.address, **kwargs)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise InputError(f"cannot connect to the Ray cluster at {self.address!r}: {e}") from None
+                where = f"connect to the Ray cluster at {self.address!r}" if self.address else "start a local Ray"
+                raise InputError(f"cannot {where}: {e}") from None
             self.started = True
         return self
 

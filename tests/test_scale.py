@@ -329,3 +329,14 @@ def test_damaged_shard_files_are_refused_naming_them(cluster, tmp_path):
     f.write_bytes(f.read_bytes()[:-3])
     with pytest.raises(ShardUnavailable, match="shard-000.lkx"):
         ShardedSearcher.load(tmp_path / "idx")
+
+
+def test_the_engine_imports_without_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, engine, engine.scale, engine.scale.embed, engine.scale.sharded, engine.scale.__main__; "
+            "print('ray' in sys.modules, 'pyarrow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == ["False", "False"]

@@ -19,8 +19,9 @@
    this same machine (so the shards share its cores: this measures the fan-out's cost, not a cluster's speed-up;
    Ray gives each actor one BLAS thread, printed, where this process has one per core, so "1 shards" is the peer
    that differs only by the fan-out),
-   queries/s over >= 2 s per figure, interleaved rounds, best round. Memory per shard: the shard actor's peak
-   RSS (``ru_maxrss``) and the vectors + ids it holds.
+   queries/s over >= 2 s per figure, interleaved rounds, best round. Memory per shard: the shard actor's
+   resident memory and the vectors + ids it holds, the slope between shard sizes, and the bytes per vector a
+   ``Searcher.load`` holds in this process.
 Prints the CPU (``lscpu``), the settings and every figure.
 """
 
@@ -30,6 +31,7 @@ import argparse
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -119,16 +121,25 @@ def bench_embedding(args, tmp: Path) -> None:
 
 
 def shard_memory(s) -> list[tuple[float, float]]:
-    """(peak RSS MiB, vectors + ids MiB) of each shard actor."""
+    """(resident MiB now, vectors + ids MiB) of each shard actor (Linux /proc)."""
     import ray
 
     def probe(self):
-        import resource as res
+        import os
 
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         n = len(self.searcher)
-        return res.getrusage(res.RUSAGE_SELF).ru_maxrss / 1024, n * (self.searcher.dim * 4 + 8) / 2**20
+        return resident / 2**20, n * (self.searcher.dim * 4 + 8) / 2**20
 
     return ray.get([a.__ray_call__.remote(probe) for a in s._actors])
+
+
+def _resident() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _blas_threads() -> str:
@@ -196,6 +207,14 @@ def bench_search(args, tmp: Path) -> None:
             args.vectors / 2 - args.vectors / 4)
         print(f"shard actor memory per stored vector (RSS slope between {args.vectors // 2} and {args.vectors // 4} "
               f"vectors per shard): {per_vec:.0f} bytes (the float32 row alone: {args.dim * 4} bytes + 8 for its id)")
+        # A fresh process (this one's heap has freed memory to reuse, which would hide the growth).
+        code = ("import sys, gc; sys.path.insert(0, sys.argv[2]); from benchmarks.bench_scale import _resident; "
+                "from engine import Searcher; gc.collect(); a = _resident(); s = Searcher.load(sys.argv[1]); "
+                "gc.collect(); print((_resident() - a) / len(s))")
+        held = subprocess.run([sys.executable, "-c", code, str(tmp / "idx2" / "shard-000.lkx"), str(ROOT)],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        print(f"Searcher.load of a {args.vectors // 2}-vector shard file in a fresh process: {float(held):.0f} bytes "
+              f"held per vector (rows, ids, the id -> row table)")
         # Fan-out cost alone: shards of 1,000 vectors, where the search itself is negligible.
         tiny = x[:1000]
         for s in (1, 2, 4):

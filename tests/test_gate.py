@@ -22,7 +22,7 @@ from engine.stream import Shot, StreamComparator, Transition
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import video_truth  # noqa: E402
+import video_truth
 
 BUILT = ("cuts", "dissolves", "fades", "mixed")
 

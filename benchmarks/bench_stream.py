@@ -287,6 +287,8 @@ def run_process(setup: str, path, model, work: Path) -> dict:
     import tempfile
 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if setup.startswith("lookalike @"):  # another model, gated (e.g. the seed's 224 px MPNN)
+        model = setup.split("@", 1)[1]
     if setup.startswith("lookalike"):
         out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
         cmd = [sys.executable, "-m", "engine.stream", str(path), "--model", str(model), "--out", str(out)]
@@ -307,8 +309,10 @@ def run_process(setup: str, path, model, work: Path) -> dict:
     return {"wall": wall, "loop": got["seconds"], "pred": [(k, k, "cut") for k in got["cuts"]]}
 
 
-def side_by_side(model, out_dir, *, rounds: int = 3, only=None) -> dict:
-    """Every set-up on every video, ``rounds`` alternating rounds, best (least wall time) of each kept."""
+def side_by_side(model, out_dir, *, rounds: int = 3, only=None, also=()) -> dict:
+    """Every set-up on every video, ``rounds`` alternating rounds, best (least wall time) of each kept;
+    ``also``: more models, run gated beside the others."""
+    setups = (*SETUPS[:2], *(f"lookalike @{m}" for m in also), *SETUPS[2:])
     out_dir = Path(out_dir)
     work = out_dir / "processes"
     work.mkdir(parents=True, exist_ok=True)
@@ -316,7 +320,7 @@ def side_by_side(model, out_dir, *, rounds: int = 3, only=None) -> dict:
     best: dict = {}
     for r in range(rounds):
         for name, (path, truth) in videos.items():
-            for setup in SETUPS:
+            for setup in setups:
                 got = run_process(setup, path, model, work)
                 key = (name, setup)
                 if key not in best or got["wall"] < best[key]["wall"]:
@@ -326,14 +330,15 @@ def side_by_side(model, out_dir, *, rounds: int = 3, only=None) -> dict:
     for name, (path, truth) in videos.items():
         n = truth.frames
         row = {"frames": n}
-        for setup in SETUPS:
+        for setup in setups:
             g = best[(name, setup)]
             row[setup] = {"fps_process": n / g["wall"], "fps_loop": n / g["loop"], "wall": g["wall"],
                           "loop": g["loop"], **score(g["pred"], truth)}
             if "embedded" in g:
                 row[setup].update(embedded=g["embedded"], stages=g["stages"])
         rows[name] = row
-    return {"model": str(model), "rounds": rounds, "cpu": _cpu_name(), "videos": rows}
+    return {"model": str(model), "also": [str(m) for m in also], "rounds": rounds, "cpu": _cpu_name(),
+            "videos": rows}
 
 
 def _cpu_name() -> str:
@@ -359,6 +364,16 @@ def side_by_side_markdown(res: dict) -> str:
                  f"{d['fps_process']:.0f} ({d['fps_loop']:.0f}) | "
                  f"{a['fps_process'] / c['fps_process']:.2f} ({a['fps_loop'] / c['fps_loop']:.2f}) | "
                  f"{a['f1']:.2f} / {c['f1']:.2f} / {d['f1']:.2f} | {a['embedded']}/{row['frames']} |")
+    for m in res.get("also", []):
+        k = f"lookalike @{m}"
+        L += ["", f"gated with {m}:", "",
+              "| video | frames/s process (loop) | ratio to content, process (loop) | F1 | embedded |",
+              "|---|---|---|---|---|"]
+        for name, row in res["videos"].items():
+            a, c = row[k], row["content"]
+            L.append(f"| {name} | {a['fps_process']:.0f} ({a['fps_loop']:.0f}) | "
+                     f"{a['fps_process'] / c['fps_process']:.2f} ({a['fps_loop'] / c['fps_loop']:.2f}) | "
+                     f"{a['f1']:.2f} | {a['embedded']}/{row['frames']} |")
     L += ["", ("lookalike (gated), seconds per stage summed over threads, and the process's wall time outside "
                "the loop (start-up, model load, report):"), "",
           "| video | decode | preprocess | gate | network | compare | write | outside the loop |",
@@ -430,6 +445,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/bench_stream", help="videos and results.json go here")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the side-by-side run (best kept)")
     ap.add_argument("--only", action="append", help="only the videos whose name contains this (repeatable)")
+    ap.add_argument("--also-model", action="append", default=[], help="another exported MPNN run gated beside "
+                    "the others in the side-by-side table (repeatable; e.g. the seed's 224 px one)")
     ap.add_argument("--details", action="store_true", help="also every PySceneDetect detector's F1, the "
                     "in-process set-ups, stage costs and onnxruntime settings (slow)")
     ap.add_argument("--skip-quality", action="store_true", help="with --details: only the speed measurements")
@@ -437,7 +454,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"side_by_side": side_by_side(args.model, out, rounds=args.rounds, only=args.only)}
+    results: dict = {"side_by_side": side_by_side(args.model, out, rounds=args.rounds, only=args.only,
+                                                  also=args.also_model)}
     print(side_by_side_markdown(results["side_by_side"]), flush=True)
     if not args.details:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float))

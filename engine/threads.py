@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,14 +53,19 @@ def numba_parallel_guard():
 
 
 _blas_controller = None  # threadpoolctl controller of the loaded BLAS libraries, False if none
+_blas_seen_modules = -1  # len(sys.modules) when the controller was built
 _blas_lock = threading.Lock()
 _blas_limiter = None
 _blas_users = 0
 
 
 def _blas():
-    global _blas_controller
-    if _blas_controller is None:
+    """The controller of every BLAS loaded now. A BLAS loads with an import (scipy brings its own OpenBLAS
+    beside numpy's), so the libraries are scanned again whenever the set of imported modules has grown; between
+    imports the scan is cached (it costs milliseconds, a search call microseconds)."""
+    global _blas_controller, _blas_seen_modules
+    if _blas_controller is None or (_blas_users == 0 and len(sys.modules) != _blas_seen_modules):
+        _blas_seen_modules = len(sys.modules)
         try:
             from threadpoolctl import ThreadpoolController
 

@@ -168,7 +168,7 @@ def photos(tmp_path_factory) -> Path:
 
 def test_index_and_query_match_python_m_engine_search(model, photos, tmp_path, capsys):
     """`lookalike index` writes the index `python -m engine.search index` writes; `lookalike query` on it prints
-    what `python -m engine.search query` prints, and each photo finds itself first."""
+    what `python -m engine.search query` prints, and each indexed photo is left out of its own results."""
     from engine.cli import main as lookalike
     from engine.search_cli import main as search_main
 
@@ -184,7 +184,8 @@ def test_index_and_query_match_python_m_engine_search(model, photos, tmp_path, c
     assert runs["lookalike"] == runs["twin"]
     lines = runs["lookalike"][1].strip().split("\n")
     for i, query in enumerate(queries):
-        head, first = lines[4 * i], lines[4 * i + 1]
+        head, results = lines[4 * i], lines[4 * i + 1 : 4 * i + 4]
         assert head.endswith(Path(query).name)
-        assert first.startswith("   1. 1.0000") or first.startswith("   1. 0.9999"), first
-        assert first.endswith(Path(query).name)
+        scores = [float(r.split()[1]) for r in results]
+        assert scores == sorted(scores, reverse=True) and len(results) == 3
+        assert not any(r.endswith(Path(query).name) for r in results), results

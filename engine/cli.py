@@ -6,6 +6,7 @@
     lookalike stream VIDEO ...                                         # python -m engine.stream VIDEO ...
     lookalike train la --data photos                                   # python -m train.la ...   ([train] extra)
     lookalike export all                                               # python -m export all     ([train] extra)
+    lookalike scale index PHOTOS --out emb                             # python -m engine.scale ... ([scale] extra)
 
 Everything after the subcommand goes to the twin untouched: its options, its ``--help``, its errors and its exit
 status are the twin's. This module imports nothing heavy itself, so ``lookalike --help`` answers at once; the
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 TRAINERS = ("la", "ae", "mpnn", "siamese")
 TRAIN_EXTRA = "pip install 'lookalike[train]'"
+SCALE_EXTRA = "pip install 'lookalike[scale]'"
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,8 @@ class Command:
     usage: str  # the command with its main argument, as the overview lists it
     help: str  # one line for the overview
     twin: str  # the python -m command that does the same
-    needs: tuple[str, ...] = ()  # top-level packages of the [train] extra it cannot run without
+    needs: tuple[str, ...] = ()  # top-level packages of an extra it cannot run without
+    extra: str = "training"  # that extra: "training" ([train]) or "scale" ([scale])
 
 
 COMMANDS = {
@@ -44,6 +47,8 @@ COMMANDS = {
                      "python -m train.MODEL", needs=("torch", "torchvision")),
     "export": Command("export NAME...", "export trained runs to ONNX files the engine runs ([train] extra)",
                       "python -m export", needs=("torch", "onnx")),
+    "scale": Command("scale index|shard", "embed a collection with Ray, split it into shards ([scale] extra)",
+                     "python -m engine.scale", needs=("ray", "pyarrow"), extra="scale"),
 }
 
 
@@ -57,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search images and compare video frames with ONNX encoders; train and export your own.",
         epilog=f"commands:\n{listing}\n\n'lookalike COMMAND --help' shows a command's own options. Each command "
                f"runs the same code as its python -m twin:\n{twins}\n\ntrain and export need the training "
-               f"extra: {TRAIN_EXTRA}",
+               f"extra: {TRAIN_EXTRA}; scale needs the scale extra (Ray): {SCALE_EXTRA}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -74,8 +79,10 @@ def main(argv=None) -> int:
         parser.error(f"unknown command {name!r}; expected one of {', '.join(COMMANDS)}")
     missing = [m for m in COMMANDS[name].needs if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"error: lookalike {name} needs the training extra, which is not installed (no {', '.join(missing)} "
-              f"here): {TRAIN_EXTRA}", file=sys.stderr)
+        command = COMMANDS[name]
+        how = SCALE_EXTRA if command.extra == "scale" else TRAIN_EXTRA
+        print(f"error: lookalike {name} needs the {command.extra} extra, which is not installed (no "
+              f"{', '.join(missing)} here): {how}", file=sys.stderr)
         return 2
     if name in ("index", "query", "dups"):
         from engine.search_cli import main as search_main
@@ -87,6 +94,8 @@ def main(argv=None) -> int:
         return stream_main(rest)
     if name == "export":
         return _run_module("export", rest)
+    if name == "scale":
+        return _run_module("engine.scale", rest)
     return _train(parser, rest)
 
 

@@ -64,6 +64,8 @@ TWINS = [
     (["query"], "engine.search", ["query"], "usage: python -m engine.search query"),
     (["dups"], "engine.search", ["dups"], "usage: python -m engine.search dups"),
     (["stream"], "engine.stream", [], "usage: python -m engine.stream"),
+    (["scale"], "engine.scale", [], "usage: python -m engine.scale"),
+    (["scale", "index"], "engine.scale", ["index"], "usage: python -m engine.scale index"),
 ]
 
 
@@ -98,7 +100,7 @@ def test_overview_lists_every_command_and_loads_nothing_heavy(argv):
         return
     assert out.startswith("usage: lookalike COMMAND")
     listed = [line.split()[0] for line in out.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()]
-    assert listed == list(COMMANDS) == ["index", "query", "dups", "stream", "train", "export"]
+    assert listed == list(COMMANDS) == ["index", "query", "dups", "stream", "train", "export", "scale"]
     assert "pip install 'lookalike[train]'" in out
 
 
@@ -114,8 +116,8 @@ def test_python_m_engine_and_the_console_script_run_the_dispatcher():
 
 @pytest.mark.parametrize("argv,words", [
     (["nosuch"], "lookalike: error: unknown command 'nosuch'; expected one of index, query, dups, stream, train, "
-                 "export"),
-    ([], "lookalike: error: expected a command: index, query, dups, stream, train, export"),
+                 "export, scale"),
+    ([], "lookalike: error: expected a command: index, query, dups, stream, train, export, scale"),
     (["train", "nosuch"], "lookalike: error: unknown model 'nosuch' for train; expected one of la, ae, mpnn, siamese"),
     (["train"], "lookalike: error: expected a model to train: la, ae, mpnn, siamese"),
 ])

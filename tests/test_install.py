@@ -111,14 +111,15 @@ def test_the_engine_installs_without_the_training_packages(venv, tmp_path):
 
 
 @pytest.mark.slow
-def test_lookalike_says_train_and_export_need_the_extra(venv, tmp_path):
+def test_lookalike_says_train_export_and_scale_need_their_extra(venv, tmp_path):
     r = venv.run("lookalike", "--help", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("usage: lookalike COMMAND")
-    for argv in (["train", "la"], ["train", "mpnn", "--help"], ["export", "all"]):
+    for argv, extra, pip in ((["train", "la"], "training", "train"), (["train", "mpnn", "--help"], "training", "train"),
+                             (["export", "all"], "training", "train"), (["scale", "index", "x"], "scale", "scale")):
         r = venv.run("lookalike", *argv, cwd=tmp_path)
         assert r.returncode == 2, (argv, r.stdout, r.stderr)
-        assert r.stderr.startswith(f"error: lookalike {argv[0]} needs the training extra")
-        assert "pip install 'lookalike[train]'" in r.stderr and "Traceback" not in r.stderr
+        assert r.stderr.startswith(f"error: lookalike {argv[0]} needs the {extra} extra")
+        assert f"pip install 'lookalike[{pip}]'" in r.stderr and "Traceback" not in r.stderr
 
 
 def model_for(kind: str, request) -> Path:

@@ -66,6 +66,7 @@ TWINS = [
     (["stream"], "engine.stream", [], "usage: python -m engine.stream"),
     (["scale"], "engine.scale", [], "usage: python -m engine.scale"),
     (["scale", "index"], "engine.scale", ["index"], "usage: python -m engine.scale index"),
+    (["scale", "shard"], "engine.scale", ["shard"], "usage: python -m engine.scale shard"),
 ]
 
 

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shard", help="split embeddings into N Searcher index files for ShardedSearcher")
     sh.add_argument("embeddings", metavar="EMB", help="folder written by `index`")
     sh.add_argument("--out", required=True, help="folder for the shard index files and sharded.json")
-    sh.add_argument("--shards", type=int, required=True, help="number of shards (id % N)")
+    sh.add_argument("--shards", type=int, required=True, help="number of shards (id %% N)")
     return p
 
 

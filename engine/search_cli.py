@@ -26,10 +26,11 @@ the file), and the command says which.
 ``query`` embeds each query image (files, and folders expanded as ``index`` lists them) with the index's model
 (``--model``, else the file recorded in the index when it is still there, else the default image model; a
 model whose identity differs from the one recorded is refused), leaves the query itself out of its own results
-(an entry with the same path, resolved, or the same content sha256), prints the top-k results with their cosine
-scores (k at most the number of indexed images), ``--json`` prints them as JSON instead (schema in
-``query --help``), and ``--out`` writes a PNG with one row per query: the query, then its results with rank,
-score and file name.
+(the entries with its path, as given or resolved; for a query outside the index, the entries with its content
+sha256: the same image stored under another path; a byte-identical copy of an indexed query is a result like any
+other), prints the top-k results with their cosine scores (k at most the number of indexed images), ``--json``
+prints them as JSON instead (schema in ``query --help``), and ``--out`` writes a PNG with one row per query: the
+query, then its results with rank, score and file name.
 
 It reads any index ``Searcher.save`` wrote: paths come from the meta (an index whose vectors have no meta
 names its results by id only), and a version-1 index with the ``<index>.paths.json`` sidecar older versions
@@ -516,7 +517,7 @@ def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, lo
         ex = set()
         for key in {meta_text(q), meta_text(q.absolute()), meta_text(q.resolve())}:  # as given, too (API meta)
             ex.update(by_path.get(key, ()))
-        if by_sha:
+        if by_sha and not ex:  # not indexed by its path: the same content stored elsewhere is the query itself
             try:
                 ex.update(by_sha.get(FileStamp.of(q).sha256, ()))
             except OSError:

@@ -463,6 +463,23 @@ def test_a_huge_k_gives_the_whole_index(indexed, photos, tmp_path, capsys):
     assert img.shape[:2] == (230, 7 * 200)  # the query and the 6 images of the index: no empty columns
 
 
+def test_a_byte_identical_copy_of_an_indexed_query_is_a_result(model, photos, tmp_path, capsys):
+    """Only the query's own entry is left out: its copy under another name is found first, at cosine 1."""
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    for p in photos[:4]:
+        shutil.copy(p, folder / Path(p).name)
+    query = folder / Path(photos[0]).name
+    shutil.copy(query, folder / "copy.jpg")
+    index = tmp_path / "copies.idx"
+    assert search_main(["index", str(folder), "--model", str(model), "--index", str(index), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert search_main(["query", str(query), "--index", str(index), "-k", "4"]) == 0
+    rows = parse_results(capsys.readouterr().out, [str(query)])[str(query)]
+    assert [Path(r[3]).name for r in rows][0] == "copy.jpg" and rows[0][1] >= 0.9999
+    assert len(rows) == 4 and Path(query).name not in [Path(r[3]).name for r in rows]
+
+
 # -- one index file for the API and the command line ---------------------------------------------------------
 
 def test_the_cli_reads_an_api_index_and_the_api_reads_a_cli_index(model, photos, tmp_path, capsys):

@@ -100,7 +100,7 @@ from engine.result_size import ResultTooLarge, answer_columns
 from engine.threads import blas_controllable, blas_single_thread, default_threads, worker_pool
 from engine.searcher import (METRICS, _MAX_ID, _check_digests, _contents_problem, _ids_problem, _Mapping,
                              _normalised, _rows_named, _RWLock, _sha256, _sq_norms, _bytes_of, checked_rows,
-                             coerce_ids, header_line, shaped_rows)
+                             coerce_ids, header_line, pread_exact, shaped_rows)
 from engine.validate import positive_int as _positive_int
 
 MAGIC = b"LOOKALIKE-IVF "
@@ -232,11 +232,14 @@ class IVFSearcher:
             if self.mapped:
                 self._mapping.verify(self._metric)
 
-    def _unmap(self) -> None:
-        """Copy on first write: verify the mapped vectors, then hold them in memory; caller holds the write lock."""
+    def _unmap(self, *, copy: bool) -> None:
+        """Before the first write: verify the mapped vectors and, with ``copy``, hold them in memory (``add`` and
+        ``train`` need no copy: they lay every list out afresh, a mapped index having no slack); caller holds the
+        write lock."""
         if self.mapped:
             self._mapping.verify(self._metric)
-            self._vectors = np.array(self._vectors)
+            if copy:
+                self._vectors = np.array(self._vectors)
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained else "untrained"
@@ -270,7 +273,7 @@ class IVFSearcher:
             raise InputError(f"training needs at least nlist = {self._nlist} vectors, got {x.shape[0]}")
         centroids = self._kmeans(x)
         with self._lock.write():
-            self._unmap()
+            self._unmap(copy=False)  # the stored rows are copied out below
             stored = self._used_rows()
             vectors, ids = self._vectors[stored], self._ids[stored]
             self._centroids = centroids
@@ -348,7 +351,7 @@ class IVFSearcher:
             new_ids = self._new_ids(m, ids)
             if m == 0:
                 return new_ids
-            self._unmap()  # a mapped index has no slack: the lists are laid out afresh below anyway
+            self._unmap(copy=False)  # no slack in a mapped index: the lists are laid out afresh in memory below
             if self._centroids is None and self._n + m >= TRAIN_MIN_PER_LIST * self._nlist:
                 stored = self._used_rows()
                 everything = np.concatenate([self._vectors[stored], x])
@@ -393,7 +396,7 @@ class IVFSearcher:
         removed = 0
         with self._lock.write():
             if self.mapped and any(id_ in self._row for id_ in todo.tolist()):
-                self._unmap()
+                self._unmap(copy=True)
             starts, sizes = self._starts, self._sizes
             for id_ in todo.tolist():
                 row = self._row.pop(id_, None)
@@ -575,7 +578,7 @@ class IVFSearcher:
             s._centroids = centroids.astype(np.float32)
         sizes = np.diff(offsets).astype(np.int64)
         if mapping is not None:  # the file's layout: lists back to back, no slack
-            s._set_layout(sizes, vectors, ids.astype(np.int64), offsets.astype(np.int64))
+            s._set_layout(sizes, vectors, ids.astype(np.int64, copy=False), offsets.astype(np.int64))
             s._mapping = mapping
             s._row = None  # built on first use
         else:
@@ -703,7 +706,7 @@ def _map_file(path: Path):
             parts = {}
             for name, (at, size) in sections.items():
                 if name != "vectors":
-                    parts[name] = os.pread(f.fileno(), size, start + at)
+                    parts[name] = pread_exact(f.fileno(), size, start + at)
                     if len(parts[name]) != size:
                         raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
                                              f"{len(parts[name])} bytes, header says {size}")

@@ -701,11 +701,12 @@ class Searcher:
         s._model_path = header.get("model_path")
         if s._model_path is None and encoder is not None and getattr(encoder, "path", None):
             s._model_path = str(Path(encoder.path).resolve())
-        s._ids = ids.astype(np.int64)
         if mapping is None:
+            s._ids = ids.astype(np.int64)
             s._vectors = vectors.astype(np.float32)  # native, writable copy
             s._row = dict(zip(s._ids.tolist(), range(count)))
         else:
+            s._ids = ids.astype(np.int64, copy=False)  # read into a buffer of its own: no second copy
             s._vectors = vectors  # read-only, in the file; copied into memory on the first add / remove
             s._mapping = mapping
             s._row = None  # built on first use
@@ -890,7 +891,7 @@ def _map_index_file(path: Path) -> tuple[dict, dict, _Mapping] | None:
             parts = {}
             for name, (at, size) in sections.items():
                 if name != "vectors":
-                    parts[name] = os.pread(f.fileno(), size, start + at)
+                    parts[name] = pread_exact(f.fileno(), size, start + at)
                     if len(parts[name]) != size:  # the file shrank meanwhile
                         raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
                                              f"{len(parts[name])} bytes, header says {size}")
@@ -911,6 +912,19 @@ def _map_index_file(path: Path) -> tuple[dict, dict, _Mapping] | None:
     except (OSError, ValueError) as e:  # ValueError: mmap of a file that changed size meanwhile
         raise IndexFileError(f"cannot map index file {path}: {getattr(e, 'strerror', None) or e}") from e
     return header, parts, _Mapping(path, vectors, header["section_sha256"]["vectors"])
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytearray:
+    """``size`` bytes of the file ``fd`` from ``offset`` into a new (writable) buffer, fewer only at the file's
+    end (one read returns at most ~2 GiB on Linux)."""
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return buf if got == size else buf[:got]
 
 
 def _sections(header: dict) -> dict:

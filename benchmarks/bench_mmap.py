@@ -209,7 +209,8 @@ def brute_force(path: Path, q: np.ndarray, k: int, dim: int, rows: int):
 def fmt(r: dict) -> str:
     keys = ["open_s", "rss_open_mib", "first_query_s", "rss_query_mib", "peak_rss_mib", "qps_Q1", "qps_Q16",
             "verify_s", "rss_verify_mib"]
-    return ", ".join(f"{k} {r[k]:.3f}" if k.endswith("_s") else f"{k} {r[k]:.0f}" for k in keys if k in r)
+    return ", ".join(f"{k} {r[k]:.3f}" if k.endswith("_s") or k.startswith("qps") else f"{k} {r[k]:.0f}"
+                     for k in keys if k in r)
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ need not be below ``count``: removals leave gaps.)
 Memory-mapped load (``load(path, mmap=True)``, larger than memory): the vectors stay in the file, mapped
 read-only (``mmap.ACCESS_READ``, no commit charge), and are paged in by the searches that touch them; the
 header, the ids, the stamps and the meta are read, checked against their section digests and parsed at
-open, as are the header's promises (sizes against the file's length, a regular file, the vectors' alignment)
+open (an index without stamps or meta holds no list of Nones for them until its first write), as are the header's promises (sizes against the file's length, a regular file, the vectors' alignment)
 and the ids (>= 0, distinct, below ``next_id``), so a damaged or crafted file is refused at open with the
 message a plain load gives for those parts. The vectors cannot be checked without reading them all, which
 opening must not do: ``verify()`` (or ``load(path, mmap="verify")``) reads them once, checks their section
@@ -105,6 +105,7 @@ whose identity differs from the one recorded in the file (``ModelError`` naming 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import mmap as _mmap
 import os
@@ -112,6 +113,7 @@ import stat
 import threading
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -190,6 +192,29 @@ class _RWLock:
 
     def write(self):
         return self._Held(self.acquire_write, self.release_write)
+
+
+class _Nones(Sequence):
+    """``n`` Nones without a list of them: the meta or stamps of a mapped index that has none (10M rows would
+    take 80 MB a list); ``add`` and ``remove`` turn it into a list first."""
+
+    __slots__ = ("_n",)
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [None] * len(range(*i.indices(self._n)))
+        if not -self._n <= i < self._n:
+            raise IndexError(f"row {i} out of range for {self._n} rows")
+        return None
+
+    def __iter__(self):
+        return itertools.repeat(None, self._n)
 
 
 def _rows_named(mask: np.ndarray) -> str:
@@ -452,6 +477,7 @@ class Searcher:
                 return new_ids
             if self.mapped:  # copy on first write: checked, then copied into memory by _reserve (cap == n)
                 self._mapping.verify(self._metric)
+            self._lists()
             self._reserve(self._n + m)
             n0 = self._n
             self._vectors[n0 : n0 + m] = x
@@ -462,6 +488,13 @@ class Searcher:
             self._n = n0 + m
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
             return new_ids.copy()
+
+    def _lists(self) -> None:
+        """Meta and stamps as lists, before a write (a mapped load without any holds ``_Nones``)."""
+        if not isinstance(self._meta, list):
+            self._meta = list(self._meta)
+        if not isinstance(self._stamps, list):
+            self._stamps = list(self._stamps)
 
     def _reserve(self, needed: int) -> None:
         """Grow the storage geometrically (x1.5) to hold ``needed`` rows; caller holds the write lock."""
@@ -483,6 +516,7 @@ class Searcher:
             if self.mapped and any(id_ in self._row for id_ in todo.tolist()):  # copy on first write
                 self._mapping.verify(self._metric)
                 self._vectors = np.array(self._vectors[: self._n])
+                self._lists()
             for id_ in todo.tolist():
                 row = self._row.pop(id_, None)
                 if row is None:
@@ -616,11 +650,11 @@ class Searcher:
             ids = np.ascontiguousarray(self._ids[:n], dtype="<i8")
             vectors = np.ascontiguousarray(self._vectors[:n], dtype="<f4")  # a mapped array is not copied
             sections = {"ids": [ids], "vectors": [vectors]}
-            has_stamps = any(st is not None for st in self._stamps)
+            has_stamps = not isinstance(self._stamps, _Nones) and any(st is not None for st in self._stamps)
             if has_stamps:
                 sections["stamps"] = [_pack_stamps(self._stamps)]
             meta_bytes = None
-            if any(t is not None for t in self._meta):
+            if not isinstance(self._meta, _Nones) and any(t is not None for t in self._meta):
                 offsets, flags, blob = _pack_meta(self._meta)
                 sections["meta"] = [offsets, flags, blob]
                 meta_bytes = int(blob.size)
@@ -671,12 +705,12 @@ class Searcher:
         else:
             vectors = mapping.vectors
             problem = _ids_problem(ids, next_id)  # the vectors: verify()
-        stamps = [None] * count
+        stamps = [None] * count if mapping is None else _Nones(count)
         if "stamps" in parts:
             raw = np.frombuffer(parts["stamps"], dtype=_STAMP, count=count)
             stamps, stamp_problem = _unpack_stamps(raw)
             problem = problem or stamp_problem
-        meta = [None] * count
+        meta = [None] * count if mapping is None else _Nones(count)
         if "meta" in parts:
             section = parts["meta"]
             offsets = np.frombuffer(section, dtype="<u8", count=count + 1)

@@ -315,6 +315,28 @@ def test_add_and_remove_copy_into_memory_first_and_leave_the_file_alone(tmp_path
         assert path.read_bytes() == raw  # never written through the mapping
 
 
+def test_a_mapped_index_without_meta_reads_and_writes_meta_like_a_plain_one(tmp_path):
+    s = Searcher(6)
+    s.add(unit_rows(8, 40, 6), ids=np.arange(10, 50))
+    path = tmp_path / "i.lkx"
+    s.save(path)
+    for op in ("read", "add", "remove"):
+        m, twin = Searcher.load(path, mmap=True), Searcher.load(path)
+        assert m.meta() == twin.meta() == [None] * 40 and m.stamps() == [None] * 40
+        assert m.meta([12, 49]) == [None, None] and m.stamps([11]) == [None]
+        with pytest.raises(KeyError, match="id 5 is not in the index"):
+            m.meta([5])
+        if op == "add":
+            for t in (m, twin):
+                t.add(unit_rows(9, 2, 6), meta=["x", None], stamps=[FileStamp(3, 4, bytes(32)), None])
+        elif op == "remove":
+            assert m.remove([10, 33]) == twin.remove([10, 33]) == 2
+        assert m.meta() == twin.meta() and m.stamps() == twin.stamps()
+        m.save(tmp_path / "m.lkx")
+        twin.save(tmp_path / "t.lkx")
+        assert (tmp_path / "m.lkx").read_bytes() == (tmp_path / "t.lkx").read_bytes()
+
+
 def test_saving_over_the_mapped_file_keeps_the_mapping_valid(tmp_path):
     rng = np.random.default_rng(6)
     x = rng.standard_normal((300, 8))

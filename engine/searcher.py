@@ -79,9 +79,10 @@ need not be below ``count``: removals leave gaps.)
 Memory-mapped load (``load(path, mmap=True)``, larger than memory): the vectors stay in the file, mapped
 read-only (``mmap.ACCESS_READ``, no commit charge), and are paged in by the searches that touch them; the
 header, the ids, the stamps and the meta are read, checked against their section digests and parsed at
-open (an index without stamps or meta holds no list of Nones for them until its first write), as are the header's promises (sizes against the file's length, a regular file, the vectors' alignment)
-and the ids (>= 0, distinct, below ``next_id``), so a damaged or crafted file is refused at open with the
-message a plain load gives for those parts. The vectors cannot be checked without reading them all, which
+open (an index without stamps or meta holds no list of Nones for them until its first write), as are the
+header's promises (sizes against the file's length, a regular file, the vectors' alignment) and the ids
+(>= 0, distinct, below ``next_id``), so a damaged or crafted file is refused at open with the message a plain
+load gives for those parts. The vectors cannot be checked without reading them all, which
 opening must not do: ``verify()`` (or ``load(path, mmap="verify")``) reads them once, checks their section
 digest and the contents checks above (``IndexFileError`` naming the path). The id -> row table is built on
 first use (``get``, ``meta``, ``add``, ``remove``, ``in``), not at open. A mapped index is unchanged until
@@ -1017,9 +1018,9 @@ def _index_header(path: Path, text: bytes) -> dict:
         digests = header.get("section_sha256")
         if not (isinstance(digests, dict) and set(digests) == set(SECTIONS)
                 and all(isinstance(digests[k], str) if present[k] else digests[k] is None for k in SECTIONS)):
+            wanted = ", ".join(k for k in SECTIONS if present[k])
             raise IndexFileError(f"{path}: damaged index header (section_sha256={digests!r}, expected an object "
-                                 f"with a sha256 for each section present: {', '.join(k for k in SECTIONS if present[k])}"
-                                 f", null for the others)"[:500])
+                                 f"with a sha256 for each section present: {wanted}, null for the others)"[:500])
     return header
 
 

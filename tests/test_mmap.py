@@ -7,6 +7,7 @@ The large-file figures (10M x 128) are in benchmarks/bench_mmap.py, not here.
 """
 
 import gzip
+import hashlib
 import json
 import os
 import tracemalloc
@@ -207,8 +208,6 @@ def test_crafted_files_with_right_digests_are_refused_at_open(tmp_path, case, me
         line, body = raw.split(b"\n", 1)
         header = json.loads(line[len(MAGIC):])
         body = body[:-2] + b"\xff" + body[-1:]
-        import hashlib
-
         header["section_sha256"]["meta"] = hashlib.sha256(body[3 * 8 + 3 * 20 :]).hexdigest()
         del header["sha256"]
         path = write_raw_v3(path, header, body)
@@ -220,8 +219,6 @@ def test_crafted_files_with_right_digests_are_refused_at_open(tmp_path, case, me
 
 
 def write_raw_v3(path, header, body):
-    import hashlib
-
     line = MAGIC + json.dumps({**header, "sha256": hashlib.sha256(json.dumps(header, sort_keys=True).encode())
                                .hexdigest()}, sort_keys=True).encode()
     path.write_bytes(line + b" " * (-(len(line) + 1) % 64) + b"\n" + body)
@@ -240,7 +237,8 @@ def test_crafted_vectors_with_right_digests_open_and_fail_verify(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"count": 10**15}, r"payload is \d+ bytes, header says 28000000000000000"),  # (8 + 4 * 5) bytes a vector: refused by size, nothing read
+    # (8 + 4 * 5) bytes a vector: refused by its size, nothing read
+    ({"count": 10**15}, r"payload is \d+ bytes, header says 28000000000000000"),
     ({"dim": 2**40}, r"payload is \d+ bytes, header says"),
     ({"section_sha256": None}, r"damaged index header \(section_sha256=None"),
     ({"section_sha256": {"ids": "0", "vectors": "0"}}, r"damaged index header \(section_sha256="),
@@ -302,7 +300,8 @@ def test_add_and_remove_copy_into_memory_first_and_leave_the_file_alone(tmp_path
         m, twin = Searcher.load(path, mmap=True), Searcher.load(path)
         if op == "add":
             y = rng.standard_normal((7, 16))
-            assert m.add(y, meta=["new"] * 7).tolist() == twin.add(y, meta=["new"] * 7).tolist() == list(range(500, 507))
+            got = m.add(y, meta=["new"] * 7)
+            assert got.tolist() == twin.add(y, meta=["new"] * 7).tolist() == list(range(500, 507))
             assert not m.mapped
         elif op == "remove":
             assert m.remove([3, 499, 10**9]) == twin.remove([3, 499, 10**9]) == 2

@@ -48,19 +48,32 @@ Search: the coarse scores are one BLAS product (queries x centroids); then
 Small searches (below ``SMALL_WORK`` multiply-adds) stay in the calling thread. Memory beyond the index:
 the heaps, the coarse scores (nq, nlist), the probe table and a ``SCORE_BUFFER_FLOATS`` buffer per worker.
 
-File format (``save`` / ``load``), version 1: one header line ``LOOKALIKE-IVF {json}\\n``, then the payload:
-the centroids (nlist x dim float32; absent while untrained), the list offsets (lists + 1, int64: list ``l``
-is rows ``offsets[l] .. offsets[l+1]-1``; one list while untrained), the ids (count int64) and the vectors
-(count x dim float32), all little-endian, the vectors and ids sorted by list. The header holds
+File format (``save`` / ``load``), version 2 (``save`` writes it; ``load`` reads versions 1 and 2): one header
+line ``LOOKALIKE-IVF {json}`` padded with spaces to a multiple of 64 bytes including its closing ``\\n``
+(``engine.searcher.header_line``), then the payload: the centroids (nlist x dim float32; absent while
+untrained), the list offsets (lists + 1, int64: list ``l`` is rows ``offsets[l] .. offsets[l+1]-1``; one
+list while untrained), the ids (count int64) and the vectors (count x dim float32, at a multiple of 4 bytes
+in the file: np.memmap-able), all little-endian, the vectors and ids sorted by list. The header holds
 ``format_version``, ``dim``, ``metric``, ``count``, ``next_id``, ``nlist``, ``nprobe``, ``train_size``,
-``seed``, ``trained`` and ``sha256``, the digest of the header's other fields (canonical JSON) followed by the
-payload. Written atomically (``engine.fileio.atomic_write``). ``load`` reads the header line first and the
-payload only when the file's size is the one the header gives, checks the digest, and refuses with
-``IndexFileError`` naming the path, even under a correct digest, what ``add`` / ``train`` could never have
-written: offsets that do not rise from 0 to count, a negative or repeated id, a ``next_id`` not above every
-id, NaN or inf, a cosine vector neither unit nor zero, an ip vector whose squared norm exceeds float32's
-range, a centroid neither unit nor zero. (Whether each vector sits in its centroid's list is not checked:
-a misplaced vector costs recall, never a wrong score; ``nprobe >= nlist`` still finds it.)
+``seed``, ``trained``, ``section_sha256`` (the sha256 of each section's bytes: ``centroids``, ``offsets``,
+``ids``, ``vectors``) and ``sha256``, the digest of the header's other fields (canonical JSON). Version 1
+(still read) has no padding and no ``section_sha256``; its ``sha256`` is the digest of the header's other
+fields followed by the payload. Written atomically (``engine.fileio.atomic_write``). ``load`` reads the
+header line first and the payload only when the file's size is the one the header gives, checks the
+digests, and refuses with ``IndexFileError`` naming the path, even under a correct digest, what ``add`` /
+``train`` could never have written: offsets that do not rise from 0 to count, a negative or repeated id, a
+``next_id`` not above every id, NaN or inf, a cosine vector neither unit nor zero, an ip vector whose squared
+norm exceeds float32's range, a centroid neither unit nor zero. (Whether each vector sits in its centroid's
+list is not checked: a misplaced vector costs recall, never a wrong score; ``nprobe >= nlist`` still finds it.)
+
+Memory-mapped load (``load(path, mmap=True)``), as for ``engine.searcher.Searcher``: the vectors stay in the
+file, mapped read-only, laid out as the file has them (each list's rows contiguous, no slack); the header,
+centroids, offsets and ids are read and checked (digests, sizes against the file's length, offsets, ids) at
+open; ``verify()`` (or ``mmap="verify"``) checks the vectors. ``add``, ``remove`` and ``train`` verify the
+mapped vectors and then copy them into memory (``add`` and ``train`` lay every list out afresh, with slack,
+as they would anyway when a list is full); ``mapped`` is False from then on. ``save`` writes atomically, also
+over the mapped file. Version 1 cannot be mapped: ``mmap=True`` reads it whole with a ``UserWarning``. The id
+-> row table is built on first use, not at open.
 """
 
 from __future__ import annotations
@@ -69,6 +82,10 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap as _mmap
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +98,15 @@ from engine.kernels.kmeans import spherical_kmeans
 from engine.kernels.topk import heap_init, heap_sort, merge_heaps
 from engine.result_size import ResultTooLarge, answer_columns
 from engine.threads import blas_controllable, blas_single_thread, default_threads, worker_pool
-from engine.searcher import (METRICS, _MAX_ID, _RWLock, _contents_problem, _normalised, _rows_named, _sq_norms,
-                             checked_rows, coerce_ids, shaped_rows)
+from engine.searcher import (METRICS, _MAX_ID, _check_digests, _contents_problem, _ids_problem, _Mapping,
+                             _normalised, _rows_named, _RWLock, _sha256, _sq_norms, _bytes_of, checked_rows,
+                             coerce_ids, header_line, pread_exact, shaped_rows)
 from engine.validate import positive_int as _positive_int
 
 MAGIC = b"LOOKALIKE-IVF "
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
+SECTIONS = ("centroids", "offsets", "ids", "vectors")  # version 2: each has its sha256 in the header
 TRAIN_MIN_PER_LIST = 32  # the index trains itself once it holds this many vectors per list
 TRAIN_PER_LIST = 64  # default k-means sample: this many vectors per list
 KMEANS_ITERATIONS = 20
@@ -123,7 +143,8 @@ class IVFSearcher:
         self._method = "numba"  # how lists are scored: "numba" (scan_grouped) or "blas" (measured slower)
         self._lock = _RWLock()
         self._set_layout(np.zeros(1, np.int64), *_empty_storage(0, self._dim))
-        self._row = {}  # id -> row
+        self._row_map = {}  # id -> row; None: to be built on first use (a mapped load)
+        self._mapping = None  # engine.searcher._Mapping of a load(mmap=True), until the first write
         self._n = 0
         self._next_id = 0
 
@@ -183,6 +204,43 @@ class IVFSearcher:
     def __contains__(self, id_) -> bool:
         return id_ in self._row
 
+    @property
+    def _row(self) -> dict:
+        """id -> row, built from the ids on first use after a mapped load."""
+        rows = self._row_map
+        if rows is None:  # concurrent readers may both build it: the same table, harmless
+            used = self._used_rows()
+            rows = self._row_map = dict(zip(self._ids[used].tolist(), used.tolist()))
+        return rows
+
+    @_row.setter
+    def _row(self, rows: dict) -> None:
+        self._row_map = rows
+
+    @property
+    def mapped(self) -> bool:
+        """True while the vectors are read from the memory-mapped file (``load(path, mmap=True)``, before any
+        ``add``, ``remove`` or ``train``)."""
+        m = self._mapping
+        return m is not None and self._vectors is m.vectors
+
+    def verify(self) -> None:
+        """Check the vectors of a memory-mapped index (read once, block by block) against the file's sha256
+        and the contents checks of a plain ``load``; ``IndexFileError`` naming the path. Nothing to do for an
+        index in memory (its ``load`` checked everything)."""
+        with self._lock.read():
+            if self.mapped:
+                self._mapping.verify(self._metric)
+
+    def _unmap(self, *, copy: bool) -> None:
+        """Before the first write: verify the mapped vectors and, with ``copy``, hold them in memory (``add`` and
+        ``train`` need no copy: they lay every list out afresh, a mapped index having no slack); caller holds the
+        write lock."""
+        if self.mapped:
+            self._mapping.verify(self._metric)
+            if copy:
+                self._vectors = np.array(self._vectors)
+
     def __repr__(self) -> str:
         state = "trained" if self.is_trained else "untrained"
         return (f"IVFSearcher(dim={self._dim}, metric={self._metric!r}, nlist={self._nlist}, "
@@ -215,6 +273,7 @@ class IVFSearcher:
             raise InputError(f"training needs at least nlist = {self._nlist} vectors, got {x.shape[0]}")
         centroids = self._kmeans(x)
         with self._lock.write():
+            self._unmap(copy=False)  # the stored rows are copied out below
             stored = self._used_rows()
             vectors, ids = self._vectors[stored], self._ids[stored]
             self._centroids = centroids
@@ -292,6 +351,7 @@ class IVFSearcher:
             new_ids = self._new_ids(m, ids)
             if m == 0:
                 return new_ids
+            self._unmap(copy=False)  # no slack in a mapped index: the lists are laid out afresh in memory below
             if self._centroids is None and self._n + m >= TRAIN_MIN_PER_LIST * self._nlist:
                 stored = self._used_rows()
                 everything = np.concatenate([self._vectors[stored], x])
@@ -335,6 +395,8 @@ class IVFSearcher:
         todo = self._coerce_ids(ids)
         removed = 0
         with self._lock.write():
+            if self.mapped and any(id_ in self._row for id_ in todo.tolist()):
+                self._unmap(copy=True)
             starts, sizes = self._starts, self._sizes
             for id_ in todo.tolist():
                 row = self._row.pop(id_, None)
@@ -457,37 +519,55 @@ class IVFSearcher:
         }
 
     def save(self, path) -> None:
-        """Write the index to ``path`` atomically (see the module docstring for the format)."""
+        """Write the index to ``path`` atomically (see the module docstring for the format), also over the file a
+        mapped index reads from."""
         path = Path(path)
         with self._lock.read():
             rows = self._used_rows()
             centroids = np.zeros((0, self._dim), "<f4") if self._centroids is None else self._centroids
+            vectors = self._vectors if self.mapped else self._vectors[rows]  # mapped: already list by list
             arrays = (np.ascontiguousarray(centroids, dtype="<f4"),
                       np.concatenate([[0], np.cumsum(self._sizes)]).astype("<i8"),
                       np.ascontiguousarray(self._ids[rows], dtype="<i8"),
-                      np.ascontiguousarray(self._vectors[rows], dtype="<f4"))
-            header = self._header()
-        digest = _digest(header, arrays)
-        line = MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n"
-        atomic_write(path, line, *(memoryview(a.reshape(-1)).cast("B") for a in arrays))
+                      np.ascontiguousarray(vectors, dtype="<f4"))
+            digests = {name: _sha256((a,)) for name, a in zip(SECTIONS, arrays)}
+            if self.mapped and digests["vectors"] != self._mapping.sha256:
+                raise IndexFileError(f"{self._mapping.path}: checksum mismatch in the vectors section: the mapped "
+                                     f"file changed or was damaged since it was opened; not saved to {path}")
+            header = {**self._header(), "section_sha256": digests}
+            atomic_write(path, header_line(MAGIC, header), *(_bytes_of(a) for a in arrays))
 
     @classmethod
-    def load(cls, path, *, threads=None) -> "IVFSearcher":
-        """Read an index written by ``save``; damaged files raise ``IndexFileError`` naming the path."""
+    def load(cls, path, *, threads=None, mmap=False) -> "IVFSearcher":
+        """Read an index written by ``save`` (format 1 or 2); damaged files raise ``IndexFileError`` naming the
+        path. ``mmap=True`` maps the vectors instead of reading them (format 2; see the module docstring);
+        ``mmap="verify"`` maps them and runs ``verify()`` before returning."""
         path = Path(path)
-        header, digest, body = _read_file(path)
+        if not (mmap is False or mmap is True or mmap == "verify"):
+            raise InputError(f"mmap must be False, True or 'verify', got {mmap!r}")
+        opened = _map_file(path) if mmap else None
+        if opened is None:
+            header, digest, body = _read_file(path)
+            view = memoryview(body)
+            parts = {name: view[at : at + size] for name, (at, size) in _sections(header).items()}
+            if header["format_version"] >= 2:
+                _check_digests(path, header, digest, parts)
+            mapping = None
+        else:
+            header, parts, mapping = opened
         dim, count, nlist, trained = header["dim"], header["count"], header["nlist"], header["trained"]
-        lists = nlist if trained else 1
-        sizes = (nlist * dim if trained else 0, lists + 1, count, count * dim)
-        ends = np.cumsum([0, sizes[0] * 4, sizes[1] * 8, sizes[2] * 8, sizes[3] * 4])
-        centroids = np.frombuffer(body, "<f4", sizes[0], int(ends[0])).reshape(-1, dim)
-        offsets = np.frombuffer(body, "<i8", sizes[1], int(ends[1]))
-        ids = np.frombuffer(body, "<i8", sizes[2], int(ends[2]))
-        vectors = np.frombuffer(body, "<f4", sizes[3], int(ends[3])).reshape(count, dim)
-        if _digest(header, (centroids, offsets, ids, vectors)) != digest:
-            raise IndexFileError(f"{path}: checksum mismatch, the index file was altered or damaged")
-        problem = _layout_problem(offsets, count) or _contents_problem(ids, vectors, header["metric"],
-                                                                       header["next_id"])
+        centroids = np.frombuffer(parts["centroids"], "<f4").reshape(-1, dim)
+        offsets = np.frombuffer(parts["offsets"], "<i8")
+        ids = np.frombuffer(parts["ids"], "<i8")
+        if mapping is None:
+            vectors = np.frombuffer(parts["vectors"], "<f4").reshape(count, dim)
+            if header["format_version"] < 2 and _digest(header, (centroids, offsets, ids, vectors)) != digest:
+                raise IndexFileError(f"{path}: checksum mismatch, the index file was altered or damaged")
+            problem = _layout_problem(offsets, count) or _contents_problem(ids, vectors, header["metric"],
+                                                                           header["next_id"])
+        else:
+            vectors = mapping.vectors
+            problem = _layout_problem(offsets, count) or _ids_problem(ids, header["next_id"])  # vectors: verify()
         if problem is None and trained:
             problem = _centroid_problem(centroids)
         if problem:
@@ -497,15 +577,22 @@ class IVFSearcher:
         if trained:
             s._centroids = centroids.astype(np.float32)
         sizes = np.diff(offsets).astype(np.int64)
-        starts = _starts_for(sizes)
-        new_vectors, new_ids = _empty_storage(int(starts[-1]), dim)
-        s._set_layout(sizes, new_vectors, new_ids, starts)
-        rows = s._used_rows()  # the file's rows, list by list, in the new layout (with slack)
-        new_vectors[rows] = vectors
-        new_ids[rows] = ids
-        s._row = dict(zip(ids.tolist(), rows.tolist()))
+        if mapping is not None:  # the file's layout: lists back to back, no slack
+            s._set_layout(sizes, vectors, ids.astype(np.int64, copy=False), offsets.astype(np.int64))
+            s._mapping = mapping
+            s._row = None  # built on first use
+        else:
+            starts = _starts_for(sizes)
+            new_vectors, new_ids = _empty_storage(int(starts[-1]), dim)
+            s._set_layout(sizes, new_vectors, new_ids, starts)
+            rows = s._used_rows()  # the file's rows, list by list, in the new layout (with slack)
+            new_vectors[rows] = vectors
+            new_ids[rows] = ids
+            s._row = dict(zip(ids.tolist(), rows.tolist()))
         s._n = count
         s._next_id = header["next_id"]
+        if mmap == "verify":
+            s.verify()
         return s
 
 
@@ -557,21 +644,35 @@ def _centroid_problem(centroids: np.ndarray) -> str | None:
     return None
 
 
+def _read_header(f, path: Path) -> dict:
+    line = f.read(len(MAGIC))
+    if line == MAGIC:
+        line += f.readline(MAX_HEADER)
+    if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+        raise IndexFileError(
+            f"{path} is not a lookalike IVF index file (no '{MAGIC.decode().strip()}' header line)")
+    return _header_fields(path, line[len(MAGIC) :])
+
+
+def _sections(header: dict) -> dict:
+    """{section: (offset in the payload, bytes)}, in file order."""
+    count, dim, nlist, trained = header["count"], header["dim"], header["nlist"], header["trained"]
+    sizes = {"centroids": nlist * dim * 4 if trained else 0, "offsets": ((nlist if trained else 1) + 1) * 8,
+             "ids": count * 8, "vectors": count * dim * 4}
+    out, at = {}, 0
+    for name, size in sizes.items():
+        out[name] = (at, size)
+        at += size
+    return out
+
+
 def _read_file(path: Path) -> tuple[dict, str, bytes]:
     """(header without its sha256, that sha256, payload), the header's fields checked, the payload read only
     when its size is the one the header gives."""
     try:
         with open(path, "rb") as f:
-            line = f.read(len(MAGIC))
-            if line == MAGIC:
-                line += f.readline(MAX_HEADER)
-            if not line.startswith(MAGIC) or not line.endswith(b"\n"):
-                raise IndexFileError(
-                    f"{path} is not a lookalike IVF index file (no '{MAGIC.decode().strip()}' header line)")
-            header = _header_fields(path, line[len(MAGIC) :])
-            count, dim, nlist = header["count"], header["dim"], header["nlist"]
-            lists = nlist if header["trained"] else 1
-            expected = (nlist * dim * 4 if header["trained"] else 0) + (lists + 1) * 8 + count * (8 + dim * 4)
+            header = _read_header(f, path)
+            expected = sum(size for _, size in _sections(header).values())
             body = read_payload(f, expected, lambda found: IndexFileError(
                 f"{path}: truncated or damaged index: payload is {found} bytes, header says {expected}"))
     except IndexFileError:
@@ -580,6 +681,52 @@ def _read_file(path: Path) -> tuple[dict, str, bytes]:
         raise IndexFileError(f"cannot read index file {path}: {e.strerror or e}") from e
     digest = header.pop("sha256")
     return header, digest, body
+
+
+def _map_file(path: Path):
+    """(header, {section: bytes} of the centroids, offsets and ids, the vectors' ``_Mapping``) of a version-2
+    file, all but the vectors checked against their digests; None, with a ``UserWarning``, for version 1."""
+    try:
+        with open(path, "rb") as f:
+            header = _read_header(f, path)
+            if header["format_version"] < 2:
+                warnings.warn(f"{path}: IVF index format version {header['format_version']} cannot be memory-mapped "
+                              f"(no aligned vectors, no checksum of their own): read whole instead; save it again "
+                              f"(this build writes version {FORMAT_VERSION}) to map it", UserWarning, stacklevel=3)
+                return None
+            start = f.tell()
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise IndexFileError(f"{path}: cannot memory-map an index that is not a regular file")
+            sections = _sections(header)
+            expected = sum(size for _, size in sections.values())
+            if st.st_size - start != expected:
+                raise IndexFileError(f"{path}: truncated or damaged index: payload is {st.st_size - start} bytes, "
+                                     f"header says {expected}")
+            parts = {}
+            for name, (at, size) in sections.items():
+                if name != "vectors":
+                    parts[name] = pread_exact(f.fileno(), size, start + at)
+                    if len(parts[name]) != size:
+                        raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
+                                             f"{len(parts[name])} bytes, header says {size}")
+            digest = header.pop("sha256")
+            _check_digests(path, header, digest, parts)
+            at, size = sections["vectors"]
+            count, dim = header["count"], header["dim"]
+            if (start + at) % 4:
+                raise IndexFileError(f"{path}: damaged index: the vectors start at byte {start + at}, not a multiple "
+                                     f"of 4 (save aligns them), so they cannot be mapped")
+            if size == 0:
+                vectors = np.zeros((count, dim), dtype=np.float32)
+            else:
+                mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the array keeps it open
+                vectors = np.frombuffer(mm, dtype="<f4", count=count * dim, offset=start + at).reshape(count, dim)
+    except IndexFileError:
+        raise
+    except (OSError, ValueError) as e:
+        raise IndexFileError(f"cannot map index file {path}: {getattr(e, 'strerror', None) or e}") from e
+    return header, parts, _Mapping(path, vectors, header["section_sha256"]["vectors"])
 
 
 _FIELDS = ("sha256", "dim", "metric", "count", "next_id", "nlist", "nprobe", "train_size", "seed", "trained")
@@ -593,9 +740,9 @@ def _header_fields(path: Path, text: bytes) -> dict:
         version = header["format_version"]
     except (ValueError, KeyError, TypeError) as e:
         raise IndexFileError(f"{path}: damaged index header ({e})") from e
-    if version != FORMAT_VERSION:
-        raise IndexFileError(f"{path}: IVF index format version {version!r}; this build reads version "
-                             f"{FORMAT_VERSION}")
+    if version not in READS_VERSIONS or not _is_int(version):
+        raise IndexFileError(f"{path}: IVF index format version {version!r}; this build reads versions "
+                             f"{' and '.join(map(str, READS_VERSIONS))}")
     missing = [key for key in _FIELDS if key not in header]
     if missing:
         raise IndexFileError(f"{path}: damaged index header (no {', '.join(missing)})")
@@ -619,6 +766,12 @@ def _header_fields(path: Path, text: bytes) -> dict:
         raise bad("train_size", f"at least nlist = {header['nlist']}")
     if not isinstance(header["sha256"], str):
         raise bad("sha256", "a hex string")
+    if version >= 2:
+        digests = header.get("section_sha256")
+        if not (isinstance(digests, dict) and set(digests) == set(SECTIONS)
+                and all(isinstance(v, str) for v in digests.values())):
+            raise IndexFileError(f"{path}: damaged index header (section_sha256={digests!r}, expected an object "
+                                 f"with a sha256 for each of {', '.join(SECTIONS)})"[:500])
     return header
 
 

@@ -300,10 +300,11 @@ def _peek_v2(index) -> dict:
         return {}
 
 
-def open_index(index, *, model=None, log=print):
+def open_index(index, *, model=None, log=print, mmap=False):
     """(Searcher with its encoder attached, True when it came from a version-1 index + sidecar) for an existing
-    index file: version 2 (its meta are the paths), or version 1 with its sidecar (the sidecar's paths become
-    the meta, absolute). Refuses a model whose identity differs from the one recorded (ModelError)."""
+    index file: version 2 or 3 (its meta are the paths), or version 1 with its sidecar (the sidecar's paths become
+    the meta, absolute). Refuses a model whose identity differs from the one recorded (ModelError). ``mmap``:
+    ``Searcher.load``'s (a version-1 index is read whole)."""
     from engine.searcher import Searcher, meta_text
 
     index = Path(index)
@@ -326,7 +327,7 @@ def open_index(index, *, model=None, log=print):
         return searcher, True
     recorded = _peek_v2(index).get("model_path")
     encoder = choose_model(model, recorded if isinstance(recorded, str) else None, log=log)
-    return Searcher.load(index, encoder=encoder), False
+    return Searcher.load(index, encoder=encoder, mmap=mmap), False
 
 
 # -- index ------------------------------------------------------------------------------------------------
@@ -495,15 +496,16 @@ def expand_queries(items) -> list[Path]:
     return out
 
 
-def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, log=None) -> dict:
+def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, log=None, mmap=False) -> dict:
     """Search ``images`` in ``index``, each query left out of its own results; returns {"queries", "scores"
-    (nq, k), "ids" (nq, k), "paths" (id -> path or None), "excluded" (per query), "model"}."""
+    (nq, k), "ids" (nq, k), "paths" (id -> path or None), "excluded" (per query), "model"}. ``mmap=True`` maps
+    the index file instead of reading it whole (``Searcher.load(path, mmap=True)``)."""
     import numpy as np
 
     from engine.searcher import FileStamp, meta_text
 
     queries = expand_queries(images)
-    searcher, _ = open_index(index, model=model, log=log or (lambda *a, **kw: None))
+    searcher, _ = open_index(index, model=model, log=log or (lambda *a, **kw: None), mmap=mmap)
     searcher.encoder.batch_size = batch_size
     ids = searcher.ids.tolist()
     by_path, by_sha = {}, {}
@@ -731,6 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--out", default=None, metavar="results.png",
                     help="write a PNG: each query beside its top-k results with their scores")
     pq.add_argument("--batch-size", type=int, default=32, help="images per network call (default: 32)")
+    pq.add_argument("--mmap", action="store_true",
+                    help="map the index file instead of reading it whole (for an index larger than memory: the "
+                         "vectors are read as the search touches them; older index files are read whole)")
     pd = sub.add_parser("dups", help="find groups of near-duplicate images under a folder",
                         description="Embed every image under FOLDER (into --index incrementally when given), join "
                                     "every two images whose cosine similarity is at least --threshold, and write "
@@ -772,7 +777,7 @@ def main(argv=None) -> int:
         if args.out:
             check_output(args.out, "results picture")
         res = run_query(args.images, index=args.index, model=args.model, k=args.k, batch_size=args.batch_size,
-                        log=lambda *a, **kw: _log(*a, file=sys.stderr))
+                        log=lambda *a, **kw: _log(*a, file=sys.stderr), mmap=args.mmap)
         print(results_json(res) if args.json else format_results(res))
         if args.out:
             written = results_picture(res, args.out)

@@ -43,11 +43,12 @@ Contract
   stored rows, each block's scores merged into per-query heaps by numba); memory beyond the index is
   bounded (a 4 MiB score buffer, 16 MiB for small searches, the heaps and the answer).
 
-File format (``save`` / ``load``), version 2 (``save`` writes it; ``load`` reads versions 1 and 2): one
-header line ``LOOKALIKE-INDEX {json}\\n`` then the payload, every number little-endian:
+File format (``save`` / ``load``), version 3 (``save`` writes it; ``load`` reads versions 1, 2 and 3): one
+header line ``LOOKALIKE-INDEX {json}`` padded with spaces to a multiple of ``ALIGN`` (64) bytes including its
+closing ``\\n``, then the payload, every number little-endian:
 
-    ids        count int64
-    vectors    count x dim float32, row major
+    ids        count int64                                  (at a multiple of 64 bytes in the file)
+    vectors    count x dim float32, row major               (at a multiple of 8: np.memmap-able)
     stamps     (only when the header's ``stamps`` is true) count records of 48 bytes: size int64 (-1: no
                stamp, then the other fields are zero), mtime_ns int64, sha256 32 bytes
     meta       (only when the header's ``meta_bytes`` is an int, not null) ``count + 1`` uint64 byte offsets
@@ -57,11 +58,14 @@ header line ``LOOKALIKE-INDEX {json}\\n`` then the payload, every number little-
 
 The header holds ``format_version``, ``dim``, ``metric``, ``count``, ``next_id``, ``model`` (the identity of
 the attached image encoder, or null), ``model_path`` (the file that encoder was loaded from, or null: a hint
-for the command line, never loaded unless its identity matches), ``stamps``, ``meta_bytes`` and ``sha256``,
-the digest of the header's other fields (canonical JSON) followed by the whole payload. Version 1 is the same
-without the ``model_path``, ``stamps`` and ``meta_bytes`` fields and their sections (ids and vectors only);
-it loads with no meta and no stamps. The file is written atomically (temporary file in the same
-folder, fsync, ``os.replace``); a truncated or altered file, or another format version, is refused with
+for the command line, never loaded unless its identity matches), ``stamps``, ``meta_bytes``,
+``section_sha256`` (an object: the sha256 of each section's bytes, ``ids``, ``vectors``, ``stamps``, ``meta``,
+null for an absent section) and ``sha256``, the digest of the header's other fields (canonical JSON), which
+so covers every section through its digest. Versions 1 and 2 (still read) have no padding and no
+``section_sha256``; their ``sha256`` is the digest of the header's other fields followed by the whole payload.
+Version 1 is version 2 without the ``model_path``, ``stamps`` and ``meta_bytes`` fields and their sections (ids
+and vectors only); it loads with no meta and no stamps. The file is written atomically (temporary file in the
+same folder, fsync, ``os.replace``); a truncated or altered file, or another format version, is refused with
 ``IndexFileError`` naming the path. ``load`` reads the header line first and the payload only when the
 file's size is the one the header gives (no reading ``/dev/zero`` or a huge sparse file; the sections'
 sizes follow from ``count``, ``dim``, ``stamps`` and ``meta_bytes``), unpickles nothing, and refuses, even
@@ -72,6 +76,27 @@ not above every id (the next automatic id would repeat one), NaN or inf, a cosin
 length nor zero (within float32 rounding), an ip vector whose squared norm exceeds float32's range. (Ids
 need not be below ``count``: removals leave gaps.)
 
+Memory-mapped load (``load(path, mmap=True)``, larger than memory): the vectors stay in the file, mapped
+read-only (``mmap.ACCESS_READ``, no commit charge), and are paged in by the searches that touch them; the
+header, the ids, the stamps and the meta are read, checked against their section digests and parsed at
+open (an index without stamps or meta holds no list of Nones for them until its first write), as are the
+header's promises (sizes against the file's length, a regular file, the vectors' alignment) and the ids
+(>= 0, distinct, below ``next_id``), so a damaged or crafted file is refused at open with the message a plain
+load gives for those parts. The vectors cannot be checked without reading them all, which
+opening must not do: ``verify()`` (or ``load(path, mmap="verify")``) reads them once, checks their section
+digest and the contents checks above (``IndexFileError`` naming the path). The id -> row table is built on
+first use (``get``, ``meta``, ``add``, ``remove``, ``in``), not at open. A mapped index is unchanged until
+written to: ``add`` and ``remove`` first verify the mapped vectors and copy them into memory (what a plain
+load does; ``mapped`` is False from then on), so the file is never written through the mapping. ``save``
+still writes a new file atomically, also over the very file that is mapped (the rename leaves the mapping on
+the old file's data, which stays valid until the index is dropped; on Linux, not Windows); saving vectors
+still mapped compares their digest with the file's and refuses (``IndexFileError``) vectors that changed on
+disk since the open. Versions 1 and 2 cannot be mapped (no aligned vectors, no section digests): ``mmap=True``
+reads them whole with a ``UserWarning`` saying so; saving them again writes version 3. (Truncating a mapped
+file in place, not through ``save``, makes the pages past its new end unreadable: the process gets SIGBUS,
+as with any memory map.) The searches read the mapped (C-contiguous float32) array block by block; nothing
+copies it whole.
+
 Images: with an encoder attached (``Searcher(encoder=enc)``, ``Searcher.from_model(path)``, or
 ``Searcher.from_model()`` for the packaged default image model ``engine.default_models.default_model("image")``),
 ``add_images`` / ``search_images`` encode images first. ``load(path, encoder=enc)`` refuses an encoder
@@ -81,10 +106,15 @@ whose identity differs from the one recorded in the file (``ModelError`` naming 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import mmap as _mmap
 import os
+import stat
 import threading
+import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -97,8 +127,11 @@ from engine.validate import is_int, listed_rows, positive_int
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
-FORMAT_VERSION = 2
-READS_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READS_VERSIONS = (1, 2, 3)
+ALIGN = 64  # version 3: the header line is padded so that the payload starts at a multiple of this
+SECTIONS = ("ids", "vectors", "stamps", "meta")  # version 3: each has its sha256 in the header
+_VERIFY_ROWS = 1 << 16  # rows hashed at a time when the mapped vectors are verified
 MAX_META_BYTES = 1 << 16  # one vector's meta string, UTF-8 encoded (a path, a short JSON record)
 _STAMP = np.dtype([("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "V32")])  # 48 bytes per vector in the file
 # A cosine row is normalised in float64 and rounded to float32: each component moves by at most 2**-24 of
@@ -160,6 +193,29 @@ class _RWLock:
 
     def write(self):
         return self._Held(self.acquire_write, self.release_write)
+
+
+class _Nones(Sequence):
+    """``n`` Nones without a list of them: the meta or stamps of a mapped index that has none (10M rows would
+    take 80 MB a list); ``add`` and ``remove`` turn it into a list first."""
+
+    __slots__ = ("_n",)
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [None] * len(range(*i.indices(self._n)))
+        if not -self._n <= i < self._n:
+            raise IndexError(f"row {i} out of range for {self._n} rows")
+        return None
+
+    def __iter__(self):
+        return itertools.repeat(None, self._n)
 
 
 def _rows_named(mask: np.ndarray) -> str:
@@ -315,7 +371,8 @@ class Searcher:
         self._model = dict(encoder.identity) if encoder is not None else None
         self._vectors = np.zeros((0, self._dim), dtype=np.float32)  # (capacity, dim); rows [:n] in use
         self._ids = np.zeros(0, dtype=np.int64)  # (capacity,) id of each row
-        self._row = {}  # id -> row
+        self._row_map = {}  # id -> row; None: to be built from the ids on first use (a mapped load)
+        self._mapping = None  # _Mapping of a load(mmap=True) (the vectors stay in the file until written to)
         self._meta = []  # (n,) meta string or None of each row
         self._stamps = []  # (n,) FileStamp or None of each row
         self._model_path = str(Path(encoder.path).resolve()) if getattr(encoder, "path", None) else None
@@ -349,7 +406,36 @@ class Searcher:
         return id_ in self._row
 
     def __repr__(self) -> str:
-        return f"Searcher(dim={self._dim}, metric={self._metric!r}, count={self._n})"
+        mapped = ", mapped" if self.mapped else ""
+        return f"Searcher(dim={self._dim}, metric={self._metric!r}, count={self._n}{mapped})"
+
+    @property
+    def _row(self) -> dict:
+        """id -> row, built from the ids on first use after a mapped load (10M ids take seconds and ~1 GB)."""
+        rows = self._row_map
+        if rows is None:  # concurrent readers may both build it: the same table, harmless
+            rows = self._row_map = dict(zip(self._ids[: self._n].tolist(), range(self._n)))
+        return rows
+
+    @_row.setter
+    def _row(self, rows: dict) -> None:
+        self._row_map = rows
+
+    @property
+    def mapped(self) -> bool:
+        """True while the vectors are read from the memory-mapped file (``load(path, mmap=True)``, before any
+        ``add`` or ``remove``)."""
+        m = self._mapping
+        return m is not None and self._vectors is m.vectors
+
+    def verify(self) -> None:
+        """Check the vectors of a memory-mapped index (read once, block by block): their sha256 against the
+        file's and the contents a plain ``load`` checks (finite; unit or zero rows under cosine; squared norms
+        within float32's range under ip). Raises ``IndexFileError`` naming the path. An index in memory was
+        checked whole by its ``load``: nothing to do."""
+        with self._lock.read():
+            if self.mapped:
+                self._mapping.verify(self._metric)
 
     # -- input coercion ----------------------------------------------------------------------------
     def _coerce(self, x, what: str, *, allow_1d: bool) -> np.ndarray:
@@ -390,6 +476,9 @@ class Searcher:
                     raise InputError(f"id {present[0]} is already in the index{more}")
             if m == 0:
                 return new_ids
+            if self.mapped:  # copy on first write: checked, then copied into memory by _reserve (cap == n)
+                self._mapping.verify(self._metric)
+            self._lists()
             self._reserve(self._n + m)
             n0 = self._n
             self._vectors[n0 : n0 + m] = x
@@ -400,6 +489,13 @@ class Searcher:
             self._n = n0 + m
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
             return new_ids.copy()
+
+    def _lists(self) -> None:
+        """Meta and stamps as lists, before a write (a mapped load without any holds ``_Nones``)."""
+        if not isinstance(self._meta, list):
+            self._meta = list(self._meta)
+        if not isinstance(self._stamps, list):
+            self._stamps = list(self._stamps)
 
     def _reserve(self, needed: int) -> None:
         """Grow the storage geometrically (x1.5) to hold ``needed`` rows; caller holds the write lock."""
@@ -418,6 +514,10 @@ class Searcher:
         todo = self._coerce_ids(ids)
         removed = 0
         with self._lock.write():
+            if self.mapped and any(id_ in self._row for id_ in todo.tolist()):  # copy on first write
+                self._mapping.verify(self._metric)
+                self._vectors = np.array(self._vectors[: self._n])
+                self._lists()
             for id_ in todo.tolist():
                 row = self._row.pop(id_, None)
                 if row is None:
@@ -543,21 +643,26 @@ class Searcher:
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write the index to ``path`` atomically (see the module docstring for the format)."""
+        """Write the index to ``path`` atomically (see the module docstring for the format), also over the file a
+        mapped index reads from."""
         path = Path(path)
         with self._lock.read():
             n = self._n
             ids = np.ascontiguousarray(self._ids[:n], dtype="<i8")
-            vectors = np.ascontiguousarray(self._vectors[:n], dtype="<f4")
-            sections = [ids, vectors]
-            has_stamps = any(st is not None for st in self._stamps)
+            vectors = np.ascontiguousarray(self._vectors[:n], dtype="<f4")  # a mapped array is not copied
+            sections = {"ids": [ids], "vectors": [vectors]}
+            has_stamps = not isinstance(self._stamps, _Nones) and any(st is not None for st in self._stamps)
             if has_stamps:
-                sections.append(_pack_stamps(self._stamps))
+                sections["stamps"] = [_pack_stamps(self._stamps)]
             meta_bytes = None
-            if any(t is not None for t in self._meta):
+            if not isinstance(self._meta, _Nones) and any(t is not None for t in self._meta):
                 offsets, flags, blob = _pack_meta(self._meta)
-                sections += [offsets, flags, blob]
+                sections["meta"] = [offsets, flags, blob]
                 meta_bytes = int(blob.size)
+            digests = {name: _sha256(sections[name]) if name in sections else None for name in SECTIONS}
+            if self.mapped and digests["vectors"] != self._mapping.sha256:
+                raise IndexFileError(f"{self._mapping.path}: checksum mismatch in the vectors section: the mapped "
+                                     f"file changed or was damaged since it was opened; not saved to {path}")
             header = {
                 "format_version": FORMAT_VERSION,
                 "dim": self._dim,
@@ -568,38 +673,51 @@ class Searcher:
                 "model_path": self._model_path,
                 "stamps": has_stamps,
                 "meta_bytes": meta_bytes,
+                "section_sha256": digests,
             }
-            digest = _digest(header, sections)
-            line = MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n"
-            atomic_write(path, line, *(memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B") for a in sections))
+            atomic_write(path, header_line(MAGIC, header),
+                         *(_bytes_of(a) for name in SECTIONS for a in sections.get(name, ())))
 
     @classmethod
-    def load(cls, path, encoder=None) -> Searcher:
-        """Read an index written by ``save`` (format 1 or 2); damaged files raise ``IndexFileError`` naming the
-        path."""
+    def load(cls, path, encoder=None, *, mmap=False) -> Searcher:
+        """Read an index written by ``save`` (format 1, 2 or 3); damaged files raise ``IndexFileError`` naming the
+        path. ``mmap=True`` maps the vectors instead of reading them (format 3; see "Memory-mapped load" in the
+        module docstring); ``mmap="verify"`` maps them and runs ``verify()`` before returning."""
         path = Path(path)
-        header, digest, body = _read_index_file(path)
+        if not (mmap is False or mmap is True or mmap == "verify"):
+            raise InputError(f"mmap must be False, True or 'verify', got {mmap!r}")
+        opened = _map_index_file(path) if mmap else None
+        if opened is None:  # read whole: mmap=False, or a version that cannot be mapped
+            header, digest, body = _read_index_file(path)
+            view = memoryview(body)
+            parts = {name: view[at : at + size] for name, (at, size) in _sections(header).items()}
+            if header["format_version"] >= 3:
+                _check_digests(path, header, digest, parts)
+            elif _digest(header, (body,)) != digest:
+                raise IndexFileError(f"{path}: checksum mismatch, the index file was altered or damaged")
+            mapping = None
+        else:
+            header, parts, mapping = opened
         dim, count, metric, next_id, model = (header[key] for key in ("dim", "count", "metric", "next_id", "model"))
-        if _digest(header, (body,)) != digest:
-            raise IndexFileError(f"{path}: checksum mismatch, the index file was altered or damaged")
-        ids = np.frombuffer(body, dtype="<i8", count=count)
-        at = count * 8
-        vectors = np.frombuffer(body, dtype="<f4", offset=at, count=count * dim).reshape(count, dim)
-        at += count * dim * 4
-        problem = _contents_problem(ids, vectors, metric, next_id)
-        stamps = [None] * count
-        if header.get("stamps"):
-            raw = np.frombuffer(body, dtype=_STAMP, offset=at, count=count)
-            at += count * _STAMP.itemsize
+        ids = np.frombuffer(parts["ids"], dtype="<i8", count=count)
+        if mapping is None:
+            vectors = np.frombuffer(parts["vectors"], dtype="<f4", count=count * dim).reshape(count, dim)
+            problem = _contents_problem(ids, vectors, metric, next_id)
+        else:
+            vectors = mapping.vectors
+            problem = _ids_problem(ids, next_id)  # the vectors: verify()
+        stamps = [None] * count if mapping is None else _Nones(count)
+        if "stamps" in parts:
+            raw = np.frombuffer(parts["stamps"], dtype=_STAMP, count=count)
             stamps, stamp_problem = _unpack_stamps(raw)
             problem = problem or stamp_problem
-        meta = [None] * count
-        if header.get("meta_bytes") is not None:
-            offsets = np.frombuffer(body, dtype="<u8", offset=at, count=count + 1)
-            at += (count + 1) * 8
-            flags = np.frombuffer(body, dtype="u1", offset=at, count=count)
-            at += count
-            meta, meta_problem = _unpack_meta(offsets, flags, body[at:], header["meta_bytes"])
+        meta = [None] * count if mapping is None else _Nones(count)
+        if "meta" in parts:
+            section = parts["meta"]
+            offsets = np.frombuffer(section, dtype="<u8", count=count + 1)
+            flags = np.frombuffer(section, dtype="u1", offset=(count + 1) * 8, count=count)
+            blob = bytes(section[(count + 1) * 8 + count :])
+            meta, meta_problem = _unpack_meta(offsets, flags, blob, header["meta_bytes"])
             problem = problem or meta_problem
         if problem:
             raise IndexFileError(f"{path}: damaged index: {problem}")
@@ -618,14 +736,75 @@ class Searcher:
         s._model_path = header.get("model_path")
         if s._model_path is None and encoder is not None and getattr(encoder, "path", None):
             s._model_path = str(Path(encoder.path).resolve())
-        s._vectors = vectors.astype(np.float32)  # native, writable copy
-        s._ids = ids.astype(np.int64)
-        s._row = dict(zip(s._ids.tolist(), range(count)))
+        if mapping is None:
+            s._ids = ids.astype(np.int64)
+            s._vectors = vectors.astype(np.float32)  # native, writable copy
+            s._row = dict(zip(s._ids.tolist(), range(count)))
+        else:
+            s._ids = ids.astype(np.int64, copy=False)  # read into a buffer of its own: no second copy
+            s._vectors = vectors  # read-only, in the file; copied into memory on the first add / remove
+            s._mapping = mapping
+            s._row = None  # built on first use
         s._meta = meta
         s._stamps = stamps
         s._n = count
         s._next_id = next_id
+        if mmap == "verify":
+            s.verify()
         return s
+
+
+class _Mapping(NamedTuple):
+    """The vectors of a ``load(path, mmap=True)``: the read-only array over the file's mapping, and what
+    ``verify`` checks it against."""
+
+    path: Path
+    vectors: np.ndarray  # (count, dim) float32, C-contiguous, read-only (its base is the mmap)
+    sha256: str  # the file's vectors section digest
+
+    def verify(self, metric: str) -> None:
+        """IndexFileError naming the path unless the mapped vectors match their digest and pass the contents
+        checks of a plain load."""
+        v = self.vectors
+        h = hashlib.sha256()
+        for r0 in range(0, v.shape[0], _VERIFY_ROWS):
+            h.update(_bytes_of(v[r0 : r0 + _VERIFY_ROWS]))
+        if h.hexdigest() != self.sha256:
+            raise IndexFileError(f"{self.path}: checksum mismatch in the vectors section, the index file was altered "
+                                 f"or damaged")
+        problem = _vectors_problem(v, metric)
+        if problem:
+            raise IndexFileError(f"{self.path}: damaged index: {problem}")
+
+
+def header_line(magic: bytes, header: dict) -> bytes:
+    """``magic {header + sha256 of the header}`` padded with spaces (JSON whitespace) so that, with its closing
+    newline, its length is a multiple of ``ALIGN``: the payload after it starts aligned. (Format 3 of the exact
+    index, format 2 of the IVF index.)"""
+    line = magic + json.dumps({**header, "sha256": _digest(header, ())}, sort_keys=True).encode()
+    return line + b" " * (-(len(line) + 1) % ALIGN) + b"\n"
+
+
+def _bytes_of(a: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(a).reshape(-1)).cast("B")
+
+
+def _sha256(parts) -> str:
+    h = hashlib.sha256()
+    for a in parts:
+        h.update(a if isinstance(a, (bytes, bytearray, memoryview)) else _bytes_of(a))
+    return h.hexdigest()
+
+
+def _check_digests(path: Path, header: dict, digest: str, parts: dict, skip=()) -> None:
+    """IndexFileError unless the header's digest and every section's (but those in ``skip``) are right."""
+    if _digest(header, ()) != digest:
+        raise IndexFileError(f"{path}: checksum mismatch in the header, the index file was altered or damaged")
+    wanted = header["section_sha256"]
+    for name, part in parts.items():
+        if name not in skip and _sha256((part,)) != wanted[name]:
+            raise IndexFileError(f"{path}: checksum mismatch in the {name} section, the index file was altered or "
+                                 f"damaged")
 
 
 def _pack_stamps(stamps: list) -> np.ndarray:
@@ -692,6 +871,16 @@ def _unpack_meta(offsets: np.ndarray, flags: np.ndarray, blob: bytes, nbytes: in
     return out, None
 
 
+def _read_header(f, path: Path) -> dict:
+    """The checked header of the index file open as ``f`` (read up to its newline; the payload follows)."""
+    line = f.read(len(MAGIC))
+    if line == MAGIC:
+        line += f.readline(MAX_HEADER)
+    if not line.startswith(MAGIC) or not line.endswith(b"\n"):
+        raise IndexFileError(f"{path} is not a lookalike index file (no '{MAGIC.decode().strip()}' header line)")
+    return _index_header(path, line[len(MAGIC) :])
+
+
 def _read_index_file(path: Path) -> tuple[dict, str, bytes]:
     """(header without its sha256, that sha256, payload) of an index file, the header's fields checked.
 
@@ -700,14 +889,7 @@ def _read_index_file(path: Path) -> tuple[dict, str, bytes]:
     """
     try:
         with open(path, "rb") as f:
-            line = f.read(len(MAGIC))
-            if line == MAGIC:
-                line += f.readline(MAX_HEADER)
-            if not line.startswith(MAGIC) or not line.endswith(b"\n"):
-                raise IndexFileError(
-                    f"{path} is not a lookalike index file (no '{MAGIC.decode().strip()}' header line)"
-                )
-            header = _index_header(path, line[len(MAGIC) :])
+            header = _read_header(f, path)
             expected = _payload_size(header)
             body = read_payload(f, expected, lambda found: IndexFileError(
                 f"{path}: truncated or damaged index: payload is {found} bytes, header says {expected}"))
@@ -719,14 +901,84 @@ def _read_index_file(path: Path) -> tuple[dict, str, bytes]:
     return header, digest, body
 
 
-def _payload_size(header: dict) -> int:
+def _map_index_file(path: Path) -> tuple[dict, dict, _Mapping] | None:
+    """(header without its sha256, {section: bytes} of the ids, stamps and meta, the vectors' ``_Mapping``) of a
+    version-3 index file, everything but the vectors checked against its digest; None, with a ``UserWarning``,
+    for a version that cannot be mapped (the caller reads it whole)."""
+    try:
+        with open(path, "rb") as f:
+            header = _read_header(f, path)
+            version = header["format_version"]
+            if version < 3:
+                warnings.warn(f"{path}: index format version {version} cannot be memory-mapped (its vectors are not "
+                              f"aligned and have no checksum of their own): read whole instead; save it again "
+                              f"(this build writes version {FORMAT_VERSION}) to map it", UserWarning, stacklevel=3)
+                return None
+            start = f.tell()
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise IndexFileError(f"{path}: cannot memory-map an index that is not a regular file")
+            expected = _payload_size(header)
+            if st.st_size - start != expected:
+                raise IndexFileError(f"{path}: truncated or damaged index: payload is {st.st_size - start} bytes, "
+                                     f"header says {expected}")
+            sections = _sections(header)
+            parts = {}
+            for name, (at, size) in sections.items():
+                if name != "vectors":
+                    parts[name] = pread_exact(f.fileno(), size, start + at)
+                    if len(parts[name]) != size:  # the file shrank meanwhile
+                        raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
+                                             f"{len(parts[name])} bytes, header says {size}")
+            digest = header.pop("sha256")
+            _check_digests(path, header, digest, parts)
+            at, size = sections["vectors"]
+            count, dim = header["count"], header["dim"]
+            if (start + at) % 4:
+                raise IndexFileError(f"{path}: damaged index: the vectors start at byte {start + at}, not a multiple "
+                                     f"of 4 (save aligns them), so they cannot be mapped")
+            if size == 0:
+                vectors = np.zeros((count, dim), dtype=np.float32)
+            else:
+                mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the array keeps it open
+                vectors = np.frombuffer(mm, dtype="<f4", count=count * dim, offset=start + at).reshape(count, dim)
+    except IndexFileError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: mmap of a file that changed size meanwhile
+        raise IndexFileError(f"cannot map index file {path}: {getattr(e, 'strerror', None) or e}") from e
+    return header, parts, _Mapping(path, vectors, header["section_sha256"]["vectors"])
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytearray:
+    """``size`` bytes of the file ``fd`` from ``offset`` into a new (writable) buffer, fewer only at the file's
+    end (one read returns at most ~2 GiB on Linux)."""
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return buf if got == size else buf[:got]
+
+
+def _sections(header: dict) -> dict:
+    """{section: (offset in the payload, bytes)} of the sections the header announces, in file order."""
     count, dim = header["count"], header["dim"]
-    size = count * 8 + count * dim * 4
+    sizes = {"ids": count * 8, "vectors": count * dim * 4}
     if header.get("stamps"):
-        size += count * _STAMP.itemsize
+        sizes["stamps"] = count * _STAMP.itemsize
     if header.get("meta_bytes") is not None:
-        size += (count + 1) * 8 + count + header["meta_bytes"]
-    return size
+        sizes["meta"] = (count + 1) * 8 + count + header["meta_bytes"]
+    out, at = {}, 0
+    for name, size in sizes.items():
+        out[name] = (at, size)
+        at += size
+    return out
+
+
+def _payload_size(header: dict) -> int:
+    return sum(size for _, size in _sections(header).values())
 
 
 def _index_header(path: Path, text: bytes) -> dict:
@@ -740,7 +992,7 @@ def _index_header(path: Path, text: bytes) -> dict:
         raise IndexFileError(f"{path}: damaged index header ({e})") from e
     if version not in READS_VERSIONS or not _is_int(version):
         raise IndexFileError(f"{path}: index format version {version!r}; this build reads versions "
-                             f"{' and '.join(map(str, READS_VERSIONS))}")
+                             f"{', '.join(map(str, READS_VERSIONS[:-1]))} and {READS_VERSIONS[-1]}")
     keys = ("sha256", "dim", "count", "metric", "next_id", "model")
     if version >= 2:
         keys += ("model_path", "stamps", "meta_bytes")
@@ -761,6 +1013,14 @@ def _index_header(path: Path, text: bytes) -> dict:
         if not (meta_bytes is None or (_is_int(meta_bytes) and meta_bytes >= 0)):
             raise IndexFileError(f"{path}: damaged index header (meta_bytes={meta_bytes!r}, expected null or a "
                                  f"byte count)")
+    if version >= 3:
+        present = {"ids": True, "vectors": True, "stamps": header["stamps"], "meta": header["meta_bytes"] is not None}
+        digests = header.get("section_sha256")
+        if not (isinstance(digests, dict) and set(digests) == set(SECTIONS)
+                and all(isinstance(digests[k], str) if present[k] else digests[k] is None for k in SECTIONS)):
+            wanted = ", ".join(k for k in SECTIONS if present[k])
+            raise IndexFileError(f"{path}: damaged index header (section_sha256={digests!r}, expected an object "
+                                 f"with a sha256 for each section present: {wanted}, null for the others)"[:500])
     return header
 
 
@@ -768,17 +1028,33 @@ def _contents_problem(ids: np.ndarray, vectors: np.ndarray, metric: str, next_id
     """What makes these stored ids and vectors unlike anything ``add`` stores, or None: the ids must be
     distinct, >= 0 and below ``next_id``; the vectors finite, of unit length (or zero) under cosine, of a
     squared norm within float32's range under ip."""
+    return _ids_problem(ids, next_id) or _vectors_problem(vectors, metric)
+
+
+def _ids_problem(ids: np.ndarray, next_id: int) -> str | None:
+    """What makes these stored ids unlike anything ``add`` stores (distinct, >= 0, below ``next_id``), or None.
+    Ids in increasing order (no removes yet) are checked in one pass; others are sorted."""
     if ids.size:
         if ids.min() < 0:
             return f"ids must be >= 0, found {int(ids.min())} (row {int(ids.argmin())})"
-        uniq, counts = np.unique(ids, return_counts=True)
-        repeated = counts > 1
-        if repeated.any():
-            return (f"id {int(uniq[repeated][0])} is stored {int(counts[repeated][0])} times "
-                    f"({int(repeated.sum())} ids repeated)")
-        if next_id <= int(uniq[-1]):
-            return (f"next_id {next_id} is not above the largest id {int(uniq[-1])} (the next automatic id would "
+        if (ids[1:] > ids[:-1]).all():
+            largest = int(ids[-1])
+        else:
+            uniq, counts = np.unique(ids, return_counts=True)
+            repeated = counts > 1
+            if repeated.any():
+                return (f"id {int(uniq[repeated][0])} is stored {int(counts[repeated][0])} times "
+                        f"({int(repeated.sum())} ids repeated)")
+            largest = int(uniq[-1])
+        if next_id <= largest:
+            return (f"next_id {next_id} is not above the largest id {largest} (the next automatic id would "
                     f"repeat one)")
+    return None
+
+
+def _vectors_problem(vectors: np.ndarray, metric: str) -> str | None:
+    """What makes these stored vectors unlike anything ``add`` stores (finite, unit or zero under cosine, a
+    squared norm within float32's range under ip), or None. Reads them block by block."""
     sq = _sq_norms(vectors)
     bad = ~np.isfinite(sq)
     if bad.any():

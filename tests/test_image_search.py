@@ -194,6 +194,8 @@ def test_cli_index_and_query(model, folder, photos, tmp_path, capsys):
     assert all(r[2] not in self_id for r in printed[queries[0]]) and printed[queries[0]][0][1] < 0.9999
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] > 200 and img.shape[1] > 4 * 150  # 2 rows, 1 + 3 columns
+    assert search_main(["query", *queries, "--index", str(index), "-k", "3", "--mmap"]) == 0  # the file mapped
+    assert capsys.readouterr().out == text.replace(f"wrote {out}\n", "")
 
     # without --model: the model recorded at indexing
     assert search_main(["query", photos[20], "--index", str(index), "-k", "2"]) == 0

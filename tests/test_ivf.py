@@ -305,19 +305,30 @@ def test_save_load_round_trip_answers_identically(tmp_path, metric, state):
     assert len(IVFSearcher.load(path)) == len(t)
 
 
-def write_ivf(path, *, centroids, offsets, ids, vectors, metric="cosine", nlist=None, next_id=None, **fields):
-    """An IVF index file laid out as ``save`` writes it, with a correct sha256 over whatever it is given."""
+def write_ivf(path, *, centroids, offsets, ids, vectors, metric="cosine", nlist=None, next_id=None, version=2,
+              digests=None, **fields):
+    """An IVF index file laid out as ``save`` writes it (``version`` 2; 1: as it wrote before), with correct
+    digests over whatever it is given (``digests`` overrides some section digests)."""
     ids = np.asarray(ids, dtype="<i8")
     vectors = np.asarray(vectors, dtype="<f4").reshape(len(ids), -1)
     centroids = np.asarray(centroids, dtype="<f4").reshape(-1, vectors.shape[1])
     offsets = np.asarray(offsets, dtype="<i8")
-    header = {"format_version": FORMAT_VERSION, "dim": vectors.shape[1], "metric": metric, "count": len(ids),
+    header = {"format_version": version, "dim": vectors.shape[1], "metric": metric, "count": len(ids),
               "next_id": int(ids.max()) + 1 if next_id is None else next_id,
               "nlist": len(centroids) if nlist is None else nlist, "nprobe": 2, "train_size": 64 * len(centroids),
               "seed": 0, "trained": len(centroids) > 0, **fields}
-    payload = centroids.tobytes() + offsets.tobytes() + ids.tobytes() + vectors.tobytes()
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + payload).hexdigest()
-    path.write_bytes(MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n" + payload)
+    sections = [centroids.tobytes(), offsets.tobytes(), ids.tobytes(), vectors.tobytes()]
+    payload = b"".join(sections)
+    if version == 1:
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode() + payload).hexdigest()
+        path.write_bytes(MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode() + b"\n" + payload)
+        return path
+    header["section_sha256"] = {name: hashlib.sha256(b).hexdigest()
+                                for name, b in zip(("centroids", "offsets", "ids", "vectors"), sections)}
+    header["section_sha256"].update(digests or {})
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+    line = MAGIC + json.dumps({**header, "sha256": digest}, sort_keys=True).encode()
+    path.write_bytes(line + b" " * (-(len(line) + 1) % 64) + b"\n" + payload)
     return path
 
 
@@ -347,6 +358,8 @@ def test_write_ivf_lays_out_what_save_writes(tmp_path):
     assert crafted.read_bytes() == (tmp_path / "saved.lkv").read_bytes()
     t = IVFSearcher.load(write_ivf(crafted, **arrays))
     assert t.search(arrays["vectors"][:1], 1, nprobe=1)[1].tolist() == [[4]]
+    v1 = IVFSearcher.load(write_ivf(tmp_path / "v1.lkv", version=1, **arrays))  # what save wrote before version 2
+    assert v1.ids.tolist() == t.ids.tolist() and np.array_equal(v1.get(v1.ids), t.get(t.ids))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -414,8 +427,8 @@ def test_damaged_files_are_refused(tmp_path):
         ("appended", good + b"\0" * 8, r"truncated or damaged index: payload is \d+ bytes"),
         ("header only", good[:header_end], r"payload is 0 bytes"),
         ("edited header", good.replace(b'"nprobe": 16', b'"nprobe": 17'), "checksum mismatch"),
-        ("other version", good.replace(b'"format_version": 1', b'"format_version": 2'),
-         "IVF index format version 2; this build reads version 1"),
+        ("other version", good.replace(b'"format_version": 2', b'"format_version": 3'),
+         "IVF index format version 3; this build reads versions 1 and 2"),
         ("not json", MAGIC + b"{oops\n", r"damaged index header"),
         ("empty", b"", "is not a lookalike IVF index file"),
     ]:

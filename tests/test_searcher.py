@@ -415,7 +415,7 @@ def test_other_format_version_is_refused(tmp_path):
     header = json.loads(line[len(MAGIC) :])
     header["format_version"] = FORMAT_VERSION + 1
     path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + body)
-    with pytest.raises(IndexFileError, match=rf"{path}: index format version 3; this build reads versions 1 and 2"):
+    with pytest.raises(IndexFileError, match=rf"{path}: index format version 4; this build reads versions 1, 2 and 3"):
         Searcher.load(path)
 
 
@@ -450,18 +450,21 @@ def unit_rows(seed, n, d):
 
 
 def test_write_index_lays_out_what_save_writes(tmp_path):
-    """The crafting helpers are checked against save itself: the v2 helper gives the same bytes for the same
-    index; the v1 helper's file (what save wrote before version 2) loads as the same index, without meta."""
+    """The crafting helpers are checked against save itself: the v3 helper gives the same bytes for the same
+    index; the v2 and v1 helpers' files (what save wrote before versions 3 and 2) load as the same index."""
     s = Searcher(4)
     x = unit_rows(0, 5, 4)
     s.add(x, ids=[3, 10, 0, 7, 2])
     s.save(tmp_path / "saved.lkx")
-    crafted = write_index_v2(tmp_path / "v2.lkx", [3, 10, 0, 7, 2], s.get([3, 10, 0, 7, 2]))
+    crafted = write_index_v3(tmp_path / "v3.lkx", [3, 10, 0, 7, 2], s.get([3, 10, 0, 7, 2]))
     assert crafted.read_bytes() == (tmp_path / "saved.lkx").read_bytes()
     s.add(unit_rows(1, 2, 4), ids=[20, 21], meta=["a", None], stamps=[None, FileStamp(5, -7, bytes(range(32)))])
     s.save(tmp_path / "saved.lkx")
-    crafted = write_index_v2(tmp_path / "v2.lkx", s.ids, s.get(s.ids), meta=s.meta(), stamps=s.stamps())
+    crafted = write_index_v3(tmp_path / "v3.lkx", s.ids, s.get(s.ids), meta=s.meta(), stamps=s.stamps())
     assert crafted.read_bytes() == (tmp_path / "saved.lkx").read_bytes()
+    v2 = Searcher.load(write_index_v2(tmp_path / "v2.lkx", s.ids, s.get(s.ids), meta=s.meta(), stamps=s.stamps()))
+    assert v2.ids.tolist() == s.ids.tolist() and v2.meta() == s.meta() and v2.stamps() == s.stamps()
+    np.testing.assert_array_equal(v2.get(v2.ids), s.get(s.ids))
     v1 = Searcher.load(write_index(tmp_path / "v1.lkx", [3, 10, 0, 7, 2], x))
     assert v1.ids.tolist() == [3, 10, 0, 7, 2] and v1.meta() == [None] * 5 and v1.stamps() == [None] * 5
     np.testing.assert_array_equal(v1.get(v1.ids), s.get([3, 10, 0, 7, 2]))
@@ -667,6 +670,38 @@ def write_index_v2(path, ids, vectors, *, meta=None, stamps=None, offsets=None, 
     return path
 
 
+def write_index_v3(path, ids, vectors, *, meta=None, stamps=None, next_id=None, fields=None, digests=None):
+    """A version-3 index file laid out as the module docstring says, written independently of ``save``: the
+    sections of ``write_index_v2``, each with its sha256 in the header (``digests`` overrides some), the
+    header's sha256 over its other fields, the line padded with spaces to a multiple of 64 bytes."""
+    ids = np.asarray(ids, dtype="<i8")
+    vectors = np.asarray(vectors, dtype="<f4").reshape(len(ids), -1)
+    import struct
+
+    sections = {"ids": ids.tobytes(), "vectors": vectors.tobytes(), "stamps": None, "meta": None}
+    if stamps is not None:
+        sections["stamps"] = b"".join(struct.pack("<qq", -1, 0) + bytes(32) if st is None
+                                      else struct.pack("<qq", st[0], st[1]) + st[2] for st in stamps)
+    meta_bytes = None
+    if meta is not None:
+        parts = [b"" if t is None else t.encode() for t in meta]
+        offsets = [0, *np.cumsum([len(p) for p in parts]).tolist()]
+        sections["meta"] = (np.asarray(offsets, "<u8").tobytes()
+                            + np.asarray([t is not None for t in meta], "u1").tobytes() + b"".join(parts))
+        meta_bytes = sum(len(p) for p in parts)
+    header = {"format_version": 3, "dim": vectors.shape[1], "metric": "cosine", "count": len(ids),
+              "next_id": (int(ids.max()) + 1 if len(ids) else 0) if next_id is None else next_id, "model": None,
+              "model_path": None, "stamps": stamps is not None, "meta_bytes": meta_bytes,
+              "section_sha256": {k: None if v is None else hashlib.sha256(v).hexdigest() for k, v in sections.items()}}
+    header["section_sha256"].update(digests or {})
+    header.update(fields or {})
+    line = MAGIC + json.dumps({**header, "sha256": hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+                               .hexdigest()}, sort_keys=True).encode()
+    line += b" " * (-(len(line) + 1) % 64) + b"\n"
+    path.write_bytes(line + b"".join(v for v in sections.values() if v is not None))
+    return path
+
+
 def test_meta_and_stamps_round_trip_through_remove_and_save(tmp_path):
     s = Searcher(6)
     x = data(0, 8, 6)
@@ -687,7 +722,7 @@ def test_meta_and_stamps_round_trip_through_remove_and_save(tmp_path):
     path = tmp_path / "i.lkx"
     s.save(path)
     header = json.loads(path.read_bytes().split(b"\n", 1)[0][len(MAGIC):])
-    assert header["format_version"] == 2 == FORMAT_VERSION and header["stamps"] is True
+    assert header["format_version"] == 3 == FORMAT_VERSION and header["stamps"] is True
     t = Searcher.load(path)
     np.testing.assert_array_equal(t.ids, s.ids)
     np.testing.assert_array_equal(t.get(t.ids), s.get(s.ids))

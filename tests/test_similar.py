@@ -145,12 +145,15 @@ def test_content_is_the_default_and_leaves_every_data_sets_settings_as_they_were
 def test_copies_preset_sets_its_augmentations_and_explicit_options_override_it():
     from train.la import SIMILAR, parse_config
 
+    from train.la import DATA_DEFAULTS
+
     cfg, _ = parse_config(["--data", "fungi", "--similar", "copies"])
     preset = SIMILAR["copies"]
     for k, v in preset.items():
-        if k != "warmup_epochs":
+        if k not in ("warmup_epochs", "epochs_factor"):
             assert getattr(cfg, k) == v, f"{k}: preset {v!r}, config {getattr(cfg, k)!r}"
     assert cfg.similar == "copies" and cfg.rotation > 0 and cfg.blur > 0 and cfg.downscale > 0
+    assert cfg.epochs == DATA_DEFAULTS["fungi"]["epochs"] * preset["epochs_factor"]
     assert cfg.warmup_epochs == cfg.epochs  # instance recognition throughout
     cfg, _ = parse_config(["--data", "fungi", "--similar=copies", "--blur", "0", "--epochs", "7", "--crop-scale", "0.6"])
     assert (cfg.blur, cfg.epochs, cfg.warmup_epochs, cfg.crop_scale) == (0.0, 7, 7, 0.6)

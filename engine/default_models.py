@@ -40,7 +40,8 @@ def describe(kind: str) -> str:
 
     path = default_model(kind)
     info = Encoder(path).info
-    return f"default {kind} model {path} ({info.name}, {info.arch}, dim {info.dim}, {info.precision})"
+    return (f"default {kind} model {path} ({info.name}, {info.arch}, dim {info.dim}, {info.precision}"
+            + (f", similar: {info.similar})" if info.similar else ")"))
 
 
 def main() -> int:

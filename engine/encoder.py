@@ -199,6 +199,16 @@ class Encoder:
         return self.info.dim
 
     @property
+    def similar(self) -> str:
+        """What "similar" meant to the model's trainer ("copies", "content"; "" when its file does not say)."""
+        return self.info.similar
+
+    @property
+    def describe(self) -> str:
+        """Name, embedding size and (when recorded) what similar means: "la, dim 128, similar: copies"."""
+        return f"{self.name}, dim {self.dim}" + (f", similar: {self.similar}" if self.similar else "")
+
+    @property
     def preprocess(self) -> Preprocess:
         return self.info.preprocess
 

@@ -6,7 +6,7 @@ A lookalike model file is an ONNX model with:
 - **metadata** (``metadata_props``, string -> string) under the ``lookalike.`` prefix: format version, model
   name, architecture, embedding size, network input size, the exact preprocessing (``Preprocess`` as JSON),
   sha256 of the source checkpoint, precision, and optionally whether the source run was complete and how far
-  it got. ``model_metadata`` writes exactly these entries; ``ModelInfo.from_metadata`` reads and checks them.
+  it got and what "similar" meant to its trainer (``lookalike.similar``: copies / content). ``model_metadata`` writes exactly these entries; ``ModelInfo.from_metadata`` reads and checks them.
   ``FORMAT_VERSION`` is bumped when their meaning changes: an engine refuses a file of another version.
 - **a seal**: ``lookalike.sha256`` is the sha256 of the serialised file with that value written as 64 ``0``
   characters (``DIGEST_PLACEHOLDER``). The exporter serialises with the placeholder, hashes and writes the
@@ -49,6 +49,11 @@ KEY_PROGRESS = PREFIX + "progress"  # how far the source run got, in words (info
 # JSON {"config": the run's config.json, "metrics": its metrics.json}, when the run folder holds them: how the
 # model was trained and what its trainer measured (informative; the engine shows it, never executes it)
 KEY_TRAINING = PREFIX + "training"
+# what "similar" meant to the trainer (train.la --similar): "copies" (edited copies of one photo: crops, flips,
+# rotation, grey, colour, blur, downscaling) or "content" (look-alike content: categories); absent when the
+# trainer had no such choice (informative: the engine reports it)
+KEY_SIMILAR = PREFIX + "similar"
+SIMILAR_LIMIT = 64  # characters: a longer value is refused as damaged metadata
 REQUIRED_KEYS = (KEY_FORMAT, KEY_NAME, KEY_ARCH, KEY_DIM, KEY_INPUT_SIZE, KEY_PREPROCESS, KEY_CHECKPOINT_SHA256,
                  KEY_PRECISION, KEY_SHA256)
 DIGEST_PLACEHOLDER = "0" * 64  # the value of KEY_SHA256 while the file is hashed
@@ -69,6 +74,7 @@ class ModelInfo:
     extra: dict  # every other metadata entry, as strings
     complete: bool = True  # False: exported from a run that stopped before the end of its training
     progress: str = ""  # how far that run got, in words
+    similar: str = ""  # what similar meant to its trainer ("copies", "content"); "" when not recorded
 
     @classmethod
     def from_metadata(cls, meta: dict, where: str) -> "ModelInfo":
@@ -108,19 +114,25 @@ class ModelInfo:
         complete = meta.get(KEY_COMPLETE, "true")
         if complete not in ("true", "false"):
             raise ModelError(f"{where}: metadata {KEY_COMPLETE} must be 'true' or 'false', got {complete!r}")
+        similar = meta.get(KEY_SIMILAR, "")
+        if len(similar) > SIMILAR_LIMIT or not similar.isprintable():
+            raise ModelError(f"{where}: metadata {KEY_SIMILAR} must be a short printable word (at most "
+                             f"{SIMILAR_LIMIT} characters), got {similar[:SIMILAR_LIMIT + 1]!r}")
         extra = {k: v for k, v in meta.items() if k not in REQUIRED_KEYS}
         return cls(name=meta[KEY_NAME], arch=meta[KEY_ARCH], dim=dim, input_size=size, preprocess=preprocess,
                    checkpoint_sha256=meta[KEY_CHECKPOINT_SHA256], precision=meta[KEY_PRECISION],
                    format_version=version, extra=extra, complete=complete == "true",
-                   progress=meta.get(KEY_PROGRESS, ""))
+                   progress=meta.get(KEY_PROGRESS, ""), similar=similar)
 
 
 def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preprocess, checkpoint_sha256: str,
                    precision: str = "float32", kwargs: dict | None = None, exporter: str = "",
-                   complete: bool = True, progress: str = "", training: dict | None = None) -> dict[str, str]:
+                   complete: bool = True, progress: str = "", training: dict | None = None,
+                   similar: str = "") -> dict[str, str]:
     """The metadata entries (string -> string) an exported model carries; export/ writes exactly these.
     ``complete`` / ``progress``: whether the source run did all its configured training, and how far it got;
-    ``training``: the run's recorded configuration and metrics (``KEY_TRAINING``)."""
+    ``training``: the run's recorded configuration and metrics (``KEY_TRAINING``); ``similar``: what similar
+    meant to its trainer (``KEY_SIMILAR``; "" writes no entry)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     meta = {
@@ -140,6 +152,8 @@ def model_metadata(info_name: str, *, arch: str, dim: int, preprocess: Preproces
         meta[KEY_PROGRESS] = str(progress)
     if exporter:
         meta[KEY_EXPORTER] = exporter
+    if similar:
+        meta[KEY_SIMILAR] = str(similar)
     if training:
         meta[KEY_TRAINING] = json.dumps(training, sort_keys=True, default=str)
     return meta

@@ -281,10 +281,10 @@ def choose_model(model, recorded, log=print):
         return Encoder(model)
     if recorded and Path(recorded).is_file():
         enc = Encoder(recorded)
-        log(f"model: {printable(enc.path)} ({enc.name}, dim {enc.dim}), recorded in the index")
+        log(f"model: {printable(enc.path)} ({enc.describe}), recorded in the index")
         return enc
     enc = Encoder(default_model("image"))
-    log(f"model: the default image model {printable(enc.path)} ({enc.name}, dim {enc.dim})"
+    log(f"model: the default image model {printable(enc.path)} ({enc.describe})"
         + (f" (the recorded {printable(recorded)} is not there)" if recorded else ""))
     return enc
 

@@ -9,7 +9,7 @@
    the installed onnx and torch exporter write (``opset_limits``; the opset recorded is the one the file has);
 3. the metadata the engine needs (``engine.modelfile.model_metadata``: name, arch, dim, input size, the
    ``Preprocess`` JSON, format version, sha256 of the source checkpoint, whether the run is complete and how far
-   it got) goes into ``metadata_props``, and
+   it got, what "similar" meant to its trainer) goes into ``metadata_props``, and
    ``lookalike.sha256`` seals the file (``_seal``: the sha256 of its serialisation with that value as 64 zeros,
    which ``engine.Encoder`` checks on load);
 4. ``onnx.checker.check_model(full_check=True)``, then onnxruntime is compared with torch on real images
@@ -350,7 +350,7 @@ def export_run(checkpoint, out_dir, *, name: str | None = None, images: list | N
     proto = onnx.load_from_string(raw)
     meta = model_metadata(name, arch=info.arch, dim=info.dim, preprocess=pre, checkpoint_sha256=info.sha256,
                           precision="float32", kwargs=kwargs, exporter=exporter_used, complete=complete,
-                          progress=progress, training=run_record(path.parent))
+                          progress=progress, training=run_record(path.parent), similar=similar_of(state))
     _set_metadata(proto, meta)
     _check(proto, f"the ONNX export of {checkpoint}")
     data = _seal(proto)
@@ -654,6 +654,13 @@ def update_report(path: Path, entries: dict) -> dict:
     report["models"].update(entries)
     atomic_write_bytes(path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     return report
+
+
+def similar_of(state: dict) -> str:
+    """What "similar" meant to the trainer of a checkpoint payload (its config's ``similar``, train.la's
+    --similar), or "" when it records none (other trainers, checkpoints written before the option)."""
+    value = (state.get("config") or {}).get("similar")
+    return value if isinstance(value, str) else ""
 
 
 RECORD_LIMIT = 256 * 1024  # a config.json or metrics.json larger than this is not carried into the model

@@ -5,7 +5,9 @@ views some of them train on.
 - ``fitted_preprocess``: a ``Preprocess`` whose mean / std are the training images' own;
 - ``preprocess_all`` / ``show``: images to a network-input tensor and back to displayable pictures;
 - ``resized_uint8`` / ``augment`` / ``epoch_generator``: random resized crops, flips and colour jitter in torch,
-  batched, on uint8 images resized once (LA's training views).
+  batched, on uint8 images resized once (LA's training views);
+- ``rotate`` / ``gaussian_blur`` / ``down_up``: the extra edits of copy-detection views (a small rotation, a
+  blur, a downscale-upscale), batched with one parameter per image, each checked against OpenCV in the tests.
 """
 
 from __future__ import annotations
@@ -81,14 +83,18 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, *, out_size: int, mean, std, crop_scale: float = 0.3, jitter: float = 0.2,
-            hue: float = 0.0, grayscale: float = 0.0, color: str = "RGB",
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            hue: float = 0.0, grayscale: float = 0.0, rotation: float = 0.0, blur: float = 0.0,
+            downscale: float = 0.0, color: str = "RGB", generator: torch.Generator | None = None) -> torch.Tensor:
     """Random views of ``images`` (b, H, W, 3) uint8 RGB -> (b, 3, out_size, out_size) float32 network input.
 
     Per image: a random resized crop (area fraction in [crop_scale, 1], aspect ratio in [3/4, 4/3], bilinear,
-    one affine grid for the batch), a horizontal flip with probability 1/2, brightness, contrast and
-    saturation factors in [1 - jitter, 1 + jitter] (in random order), a hue rotation in [-hue, hue] turns (in
-    YIQ space), grey with probability ``grayscale``; then clipping to [0, 1] and ``(x - mean) / std``.
+    one affine grid for the batch), a horizontal flip with probability 1/2, a rotation by an angle in
+    [-rotation, rotation] degrees (``rotate``), brightness, contrast and saturation factors in
+    [1 - jitter, 1 + jitter] (in random order), a hue rotation in [-hue, hue] turns (in YIQ space), grey with
+    probability ``grayscale``, a Gaussian blur with probability ``blur`` (sigma in ``BLUR_SIGMA`` pixels of the
+    view), a downscale to a factor in ``DOWNSCALE`` of the side and back with probability ``downscale``
+    (``down_up``); then clipping to [0, 1] and ``(x - mean) / std``. ``rotation``, ``blur`` and ``downscale`` at
+    0 draw no random numbers, so views without them are exactly those of the code before they existed.
     """
     import torch.nn.functional as F
 
@@ -112,6 +118,8 @@ def augment(images: torch.Tensor, *, out_size: int, mean, std, crop_scale: float
     theta[:, 1, 2] = cy
     grid = F.affine_grid(theta, [b, 3, out_size, out_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (b, 3, s, s)
+    if rotation > 0:
+        x = rotate(x, torch.empty(b).uniform_(-rotation, rotation, generator=g))
     if jitter > 0:
         factors = torch.empty(3, b, 1, 1, 1).uniform_(1 - jitter, 1 + jitter, generator=g)
         for op in torch.randperm(3, generator=g).tolist():
@@ -138,11 +146,81 @@ def augment(images: torch.Tensor, *, out_size: int, mean, std, crop_scale: float
     if grayscale > 0:
         grey = (torch.rand(b, generator=g) < grayscale).float().view(b, 1, 1, 1)
         x = x * (1 - grey) + _grey(x) * grey
+    if blur > 0:
+        pick = torch.rand(b, generator=g) < blur
+        sigma = torch.empty(b).uniform_(*BLUR_SIGMA, generator=g)
+        if pick.any():
+            x = x.clone()
+            x[pick] = gaussian_blur(x[pick], sigma[pick])
+    if downscale > 0:
+        pick = torch.rand(b, generator=g) < downscale
+        factor = torch.empty(b).uniform_(*DOWNSCALE, generator=g)
+        for i in torch.nonzero(pick).flatten().tolist():
+            x[i : i + 1] = down_up(x[i : i + 1], float(factor[i]))
     x = (x - torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) / torch.tensor(
         std, dtype=torch.float32).view(1, 3, 1, 1)
     if color == "BGR":
         x = x.flip(1)
     return x.contiguous()
+
+
+BLUR_SIGMA = (0.3, 2.0)  # Gaussian blur sigma, in pixels of the training view, drawn uniformly
+DOWNSCALE = (0.3, 0.8)  # downscale-upscale: the small side as a fraction of the view's, drawn uniformly
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Each image of ``x`` (b, c, H, W) float rotated about its centre by ``degrees`` (b,) (positive:
+    counter-clockwise on screen, as ``cv2.getRotationMatrix2D``), same size, bilinear, mirrored beyond the
+    edges (OpenCV's ``BORDER_REFLECT``)."""
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    if degrees.shape != (b,):
+        raise ValueError(f"degrees must have shape ({b},), one angle per image, got {tuple(degrees.shape)}")
+    a = degrees.to(torch.float32) * (math.pi / 180)
+    cos, sin = torch.cos(a), torch.sin(a)
+    # output pixel (u, v) samples input R^-1 (u, v) about the centre, in pixels; affine_grid works in [-1, 1]
+    # units per axis, so the off-diagonal terms carry the aspect ratio
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = cos
+    theta[:, 0, 1] = -sin * (h / w)
+    theta[:, 1, 0] = sin * (w / h)
+    theta[:, 1, 1] = cos
+    grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each image of ``x`` (b, c, H, W) float blurred by a Gaussian of its own ``sigma`` (b,) pixels: separable,
+    kernel radius ceil(3 * max sigma), mirrored edges without repeating the edge pixel (OpenCV's default
+    ``BORDER_REFLECT_101``); the kernel is normalised to sum 1."""
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    if sigma.shape != (b,) or not bool((sigma > 0).all()):
+        raise ValueError(f"sigma must be ({b},) positive values, one per image, got {tuple(sigma.shape)}")
+    r = max(1, math.ceil(3 * float(sigma.max())))
+    r = min(r, h - 1, w - 1)  # reflect padding needs a radius below the side
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t[None, :] / sigma.to(torch.float32)[:, None]) ** 2)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (b * c, 2r + 1)
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="reflect"), k[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def down_up(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` (b, c, H, W) float shrunk to ``factor`` of each side (rounded) by averaging (as ``cv2.INTER_AREA``
+    for a whole factor; otherwise each small pixel averages the whole input pixels it overlaps) and enlarged
+    back (bilinear, as ``cv2.INTER_LINEAR``): the detail a copy saved small and viewed large loses."""
+    import torch.nn.functional as F
+
+    if not 0 < factor <= 1:
+        raise ValueError(f"factor must be in (0, 1], got {factor}")
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(max(1, round(h * factor)), max(1, round(w * factor))), mode="area")
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

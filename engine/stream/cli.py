@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         model = default_model("video") if model_default else Path(args.model)
         threads = args.threads if args.threads is not None else (1 if args.workers > 1 else None)
         encoder = Encoder(model, threads=threads, batch_size=max(1, args.batch_size))
-        console.say(f"model: {model} ({encoder.name}, dim {encoder.dim}"
+        console.say(f"model: {model} ({encoder.describe}"
                     + (", the packaged default video model)" if model_default else ")"), err=True)
         frames, rate, reader = frames_of(args.source, args.max_frames)
         out.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,8 @@ def build_report(*, source, model, encoder, comparator, reader, seconds: float, 
     stages["write"] = round(float(write_seconds), 3)
     return {
         "source": str(source),
-        "model": {"path": str(model), "name": encoder.name, "dim": encoder.dim, "sha256": encoder.sha256,
+        "model": {"path": str(model), "name": encoder.name, "dim": encoder.dim, "similar": encoder.similar,
+                  "sha256": encoder.sha256,
                   "providers": encoder.providers, "default": bool(model_default)},
         "frames": n,  # decoded
         "frames_embedded": int(stats.get("frames_embedded", 0)),  # through the network (the gate skips the rest)

@@ -185,8 +185,8 @@ class DissolveDetector:
         if a <= first or b >= last:
             return "no context", detail
         around = h.luma.take(np.arange(max(h.start, a - 2), min(h.end, b + o.gradual_window)))
-        if float(around.min()) <= o.dark_threshold:
-            return "through black", detail  # the fade test decides
+        if float(around.min()) <= o.dark_threshold or float(around.max()) >= 255.0 - o.dark_threshold:
+            return "through black", detail  # (or white) the fade test decides
         lo, hi = max(first, a - 3), min(last + 1, b + 4)
         change = 1.0 - cos(h.sel(h.window_mean(lo, a)), h.sel(h.window_mean(b + 1, hi)))
         detail["change"] = round(change, 6)

@@ -18,6 +18,7 @@ from engine.stream.events import Transition
 from engine.stream.frames import FrameHistory
 from engine.stream.options import StreamOptions
 from engine.stream.vectors import cos, matmul
+from engine.stream.wipes import MoveTest
 
 
 def _block_spread(X: np.ndarray, D: np.ndarray, blocks: int) -> float:
@@ -65,6 +66,7 @@ class DissolveDetector:
         self._o = options
         self.region: Region | None = None
         self.trace: list | None = None
+        self._moves = MoveTest(history, options)
 
     def reset(self) -> None:
         self.region = None
@@ -126,6 +128,11 @@ class DissolveDetector:
             verdict, detail = self._verdict(span, idx)
             self._note(lo, hi, verdict, **detail)
             if verdict == "dissolve":
+                found.append(detail)
+        if not found and self._o.move_residual > 0:  # no blend: a wipe or a push?
+            verdict, detail = self._moves.find(idx)
+            self._note(lo, hi, verdict, **detail)
+            if verdict in ("wipe", "push", "slide"):
                 found.append(detail)
         return [h.transition("gradual", d["first"], d["last"], d["change"])
                 for d in sorted(found, key=lambda d: d["first"])]

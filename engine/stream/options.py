@@ -60,6 +60,9 @@ class StreamOptions:
                                                   "may blend the picture")
     smooth_ratio: float = _number(0.25, 0.0, 1.0, "the largest share of the P-to-Q change one frame step may carry "
                                                   "in a dissolve")
+    move_residual: float = _number(0.25, 0.0, 10.0, "how far (squared, relative to |Q - P|^2) the frames of a wipe "
+                                                    "or push may lie from composites of P and Q split by an edge "
+                                                    "(0: no wipes or pushes)")
     max_gradual: int = _int(40, "the longest transition, in frames")
     dark_threshold: float = _number(24.0, 0.0, 255.0, "mean brightness (0..255) at or below which a frame is black "
                                                       "(fades)")

@@ -2,7 +2,7 @@
 
 It embeds frames in small batches, keeps what the decisions need of the recent ones (``FrameHistory``), runs
 the cut test a few frames ahead (``CutTest``), then decides each frame in order: fades (``FadeDetector``), cuts,
-dissolves (``DissolveDetector``), the anchor; transitions end one shot and open the next, whose signature is
+dissolves (``DissolveDetector``; where it finds no blend, wipes and pushes: ``wipes.MoveTest``), the anchor; transitions end one shot and open the next, whose signature is
 compared with the earlier shots' when it ends.
 """
 

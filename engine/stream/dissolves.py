@@ -4,7 +4,8 @@ It looks where the mean embeddings of the ``gradual_window`` frames before and a
 that stretch on the small colour thumbnails: the straightest long stretch of thumbnails is taken, the content
 before and after it must differ by ``gradual_threshold`` (embeddings), its frames must lie near the blends of P
 and Q (``blend_residual``), blend the whole picture alike (``blend_spread``) and move from P to Q a little at a
-time (``smooth_ratio``). Camera pans and moving objects fail those tests.
+time (``smooth_ratio``). Camera pans and moving objects fail those tests. Where a region holds no dissolve, the
+wipe / push test (``wipes.MoveTest``) looks at the same frames.
 """
 
 from __future__ import annotations
@@ -129,8 +130,14 @@ class DissolveDetector:
             self._note(lo, hi, verdict, **detail)
             if verdict == "dissolve":
                 found.append(detail)
-        if not found and self._o.move_residual > 0:  # no blend: a wipe or a push?
-            verdict, detail = self._moves.find(idx)
+        if not found and self._o.move_residual > 0:  # no blend: a wipe or a push? (it may start a little before
+            # the window means differ: the frames before are read twice as far back; those after stay as they are,
+            # the ones that have surely arrived)
+            first = max(h.start, shot_start, lo - 2 * w)
+            for c in barriers:
+                if first < c <= lo:
+                    first = c
+            verdict, detail = self._moves.find([j for j in range(first, last + 1) if not h.outlier[j]])
             self._note(lo, hi, verdict, **detail)
             if verdict in ("wipe", "push", "slide"):
                 found.append(detail)

@@ -6,14 +6,23 @@ moves left to right): left of the edge Q, right of it P. A wipe keeps both in pl
 edge (Q enters, P leaves); a slide moves Q in over P. On 16 x 16 colour thumbnails of the whole frames (the
 network's centre crop would hide the edge's first and last frames, and the parts a push brings in), for every
 stretch of frames between a P and a Q the test fits, frame by frame, the edge position of each kind and direction
-and asks that
+(three probe frames first, which rule out most stretches cheaply) and asks that
 
-- the composites explain the frames (``move_residual``: the fit's squared error over |Q - P|^2; a dissolve's
-  half-way frame is 0.25 off any composite, a pan or moving objects are off as well),
-- the edge moves one way, from near one side of the picture to near the other, never a large part in one frame,
-- the picture is torn along the edge (two unrelated pictures meet there: a pan across one wide picture, which a
-  push of its two halves would copy exactly, is continuous there),
+- the composites explain the frames (``move_residual``: the fit's squared error over |Q - P|^2),
+- far better than any blend of P and Q does (``BLEND_RATIO``: a wipe's half-way frame is 0 off its composite and
+  1/4 of |Q - P|^2 off the best blend; motion, which neither explains, fits both about alike),
+- the edge moves one way, from near one side of the picture to near the other, never half of it in one frame,
+- the picture is torn along the edge (``TEAR``, on strips of the whole frame 128 px fine along the edge's way: two
+  unrelated pictures meet there along its whole length; a pan across one wide picture, which a push of its two
+  halves copies exactly, is continuous there),
 - the content after differs from the content before as much as across a dissolve (``gradual_threshold``).
+
+On the benchmark videos (issue 15) the 14 true wipes, pushes and slides fit with residual <= 0.18, <= 0.6 of the
+blend's error, tear >= 18; the moving shots around the other transitions fit 0.13-0.24, 0.69-1.06 of the blend, and
+the exact one-width pans of mixed.mp4 and tests/test_stream.py (pushes to the pixel at 16 px) tear 3.8-13.2: the
+test's pan has a strong upright edge in the middle of its wide picture, where a push's edge would be, so that
+margin is narrow (13.2 against 18.6). The longest stretch that passes is taken. The benchmark's wipes have hard
+edges; a feathered edge tears less.
 
 It runs where the dissolve test (``DissolveDetector``) found a region of changing content and no dissolve in it.
 """
@@ -27,10 +36,11 @@ from engine.stream.options import StreamOptions
 from engine.stream.vectors import cos, matmul
 
 DIRECTIONS = ("lr", "rl", "tb", "bt")
-# the least tear of a push or slide: the jump across the edge (the largest near where the fit puts it, on the
+# the least tear: the jump across the edge (the largest within a coarse column of where the fit puts it, on the
 # whole frame 128 px fine along the edge's way), over each row's median jump between neighbouring columns, median
-# over the rows: an edge across the whole picture between two pictures, not the edge of something in one
-TEAR = 12.0
+# over the rows and then over the frames: an edge across the whole picture between two pictures, not the edge of
+# something in one
+TEAR = 16.0
 # the most a composite's error may be of the best blend's (a wipe's half-way frame: 0 against 1/4 of |Q - P|^2)
 BLEND_RATIO = 0.65
 KINDS = ("wipe", "push", "slide")
@@ -105,7 +115,6 @@ class MoveTest:
         dd = dist[pp, qq]
         Xm = flat[probes[1]] - flat[pp]
         blend_mid = np.maximum((Xm * Xm).sum(axis=1) - (Xm * D).sum(axis=1) ** 2 / dd, 1e-6)
-        cc = np.arange(C)
         found = []  # (frames, -residual, verdict, detail)
         for d in DIRECTIONS:
             X = turn(T, d)  # (n, C, C, 3): rows, columns (the edge moves along the columns)
@@ -165,7 +174,7 @@ class MoveTest:
         # the error of the best blend, |X|^2 - <X, D>^2 / |D|^2 with X the frame minus P, D = Q - P
         X = flat[js] - flat[p]
         D = flat[q] - flat[p]
-        blend = np.maximum((X * X).sum(axis=1) - (X @ D) ** 2 / dd, 1e-6)
+        blend = np.maximum((X * X).sum(axis=1) - matmul(X, D) ** 2 / dd, 1e-6)
         if float(np.median(best / blend)) > BLEND_RATIO:
             return None
         # every frame shows both pictures, and the edge crosses the picture one way, steadily

@@ -96,6 +96,10 @@ class MoveTest:
         n = len(idx)
         if n < 5:
             return "too short", {}
+        # the content at the window's ends must differ as across a transition (the cheap check first)
+        if 1.0 - cos(h.sel(h.window_mean(idx[0], idx[0] + 3)), h.sel(h.window_mean(idx[-1] - 2, idx[-1] + 1))) \
+                < o.gradual_threshold:
+            return "small change", {}
         fine = h.whole.take(idx).astype(np.float32)  # (n, 32, 32, 3): the whole frames, uncropped
         w2 = fine.shape[1] // 2
         T = fine[:, : 2 * w2, : 2 * w2].reshape(n, w2, 2, w2, 2, 3).mean(axis=(2, 4))  # (n, 16, 16, 3): the fit's
@@ -142,7 +146,9 @@ class MoveTest:
                 if not len(sel):
                     continue
                 keep = sel[(edges[0] <= edges[1]) & (edges[1] <= edges[2]) & (edges[2] > edges[0])]
-                for k in keep:
+                for k in keep[np.argsort(pp[keep] - qq[keep], kind="stable")]:  # the longest first
+                    if found and qq[k] - pp[k] - 1 < max(f[0] for f in found):
+                        break  # shorter than one that passed: it cannot be taken
                     got = self._fit(A, B, jump, flat, float(dd[k]), int(pp[k]), int(qq[k]), C)
                     if got is not None:
                         a, b = idx[pp[k] + 1], idx[qq[k] - 1]
@@ -170,18 +176,18 @@ class MoveTest:
         resid = float(np.median(best)) / dd
         if resid > o.move_residual:
             return None
+        # every frame shows both pictures, and the edge crosses the picture one way, steadily
+        if s.min() <= 0 or s.max() >= C or s[0] > 0.4 * C or s[-1] < 0.6 * C:
+            return None
+        steps = np.diff(s)
+        if np.any(steps < -1) or (len(steps) and steps.max() > 0.5 * C):
+            return None
         # far better than any blend of P and Q (a dissolve; motion, which neither explains, fits both alike):
         # the error of the best blend, |X|^2 - <X, D>^2 / |D|^2 with X the frame minus P, D = Q - P
         X = flat[js] - flat[p]
         D = flat[q] - flat[p]
         blend = np.maximum((X * X).sum(axis=1) - matmul(X, D) ** 2 / dd, 1e-6)
         if float(np.median(best / blend)) > BLEND_RATIO:
-            return None
-        # every frame shows both pictures, and the edge crosses the picture one way, steadily
-        if s.min() <= 0 or s.max() >= C or s[0] > 0.4 * C or s[-1] < 0.6 * C:
-            return None
-        steps = np.diff(s)
-        if np.any(steps < -1) or (len(steps) and steps.max() > 0.5 * C):
             return None
         # torn along the edge: the jump across the edge's column is well above the frame's typical one
         f = jump.shape[1] + 1  # fine positions

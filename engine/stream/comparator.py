@@ -2,7 +2,7 @@
 
 It embeds frames in small batches, keeps what the decisions need of the recent ones (``FrameHistory``), runs
 the cut test a few frames ahead (``CutTest``), then decides each frame in order: fades (``FadeDetector``), cuts,
-dissolves (``DissolveDetector``), the anchor; transitions end one shot and open the next, whose signature is
+dissolves (``DissolveDetector``; where it finds no blend, wipes and pushes: ``wipes.MoveTest``), the anchor; transitions end one shot and open the next, whose signature is
 compared with the earlier shots' when it ends.
 """
 
@@ -20,7 +20,7 @@ from engine.stream.cuts import CutTest
 from engine.stream.dissolves import DissolveDetector
 from engine.stream.events import Event, FrameScore, Shot, Transition
 from engine.stream.fades import FadeDetector
-from engine.stream.frames import FrameHistory, PreparedFrame
+from engine.stream.frames import STRIP, WHOLE, FrameHistory, PreparedFrame
 from engine.stream.gate import Gate, Slot
 from engine.stream.options import OPTION_NAMES, StreamOptions
 from engine.stream.pipeline import events_of
@@ -143,7 +143,17 @@ class StreamComparator:
         small = a if self._prep is None else self._prep.resize_crop(a)  # the network's view, uint8
         ts = self.options.thumb_size
         thumb = cv2.resize(small, (ts, ts), interpolation=cv2.INTER_AREA).astype(np.float32)
-        return PreparedFrame(small, float(thumb.mean()), thumb)  # normalised when embedded (batch.InputBuffer)
+        # the whole frame too, uncropped: a wipe or push shows its edge entering from the side the crop leaves out
+        # (128 x 128: a linear resize to 256 x 256 first, then area: about a quarter of an area resize's time at
+        # 480 x 270; then block means of it: 32 x 32, 16 rows x 128 columns, 128 x 16)
+        f2 = 2 * STRIP[1]
+        fine = cv2.resize(cv2.resize(a, (f2, f2), interpolation=cv2.INTER_LINEAR), (STRIP[1], STRIP[1]),
+                          interpolation=cv2.INTER_AREA).astype(np.float32)
+        whole = cv2.resize(fine, (WHOLE, WHOLE), interpolation=cv2.INTER_AREA)
+        cols = cv2.resize(fine, STRIP[::-1], interpolation=cv2.INTER_AREA)  # (16, 128, 3)
+        rows = cv2.resize(fine, STRIP, interpolation=cv2.INTER_AREA)  # (128, 16, 3)
+        # normalised when embedded (batch.InputBuffer)
+        return PreparedFrame(small, float(thumb.mean()), thumb, whole=whole, cols=cols, rows=rows)
 
     def process_prepared(self, item: PreparedFrame, t: float | None = None) -> list[Event]:
         """Add a frame that went through ``prepare``."""
@@ -195,7 +205,7 @@ class StreamComparator:
                 raise InputError(f"a frame's timestamp t must be a finite number of seconds or None, got {t!r}")
             t = float(t)
         t0 = time.perf_counter()
-        self._gate.push(PreparedFrame(item.net, item.luma, item.thumb, t))
+        self._gate.push(PreparedFrame(item.net, item.luma, item.thumb, t, item.whole, item.cols, item.rows))
         self._frames_in += 1
         self.stats["frames"] = self._frames_in
         self.stats["gate_seconds"] += time.perf_counter() - t0

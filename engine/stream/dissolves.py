@@ -4,7 +4,8 @@ It looks where the mean embeddings of the ``gradual_window`` frames before and a
 that stretch on the small colour thumbnails: the straightest long stretch of thumbnails is taken, the content
 before and after it must differ by ``gradual_threshold`` (embeddings), its frames must lie near the blends of P
 and Q (``blend_residual``), blend the whole picture alike (``blend_spread``) and move from P to Q a little at a
-time (``smooth_ratio``). Camera pans and moving objects fail those tests.
+time (``smooth_ratio``). Camera pans and moving objects fail those tests. Where a region holds no dissolve, the
+wipe / push test (``wipes.MoveTest``) looks at the same frames.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from engine.stream.events import Transition
 from engine.stream.frames import FrameHistory
 from engine.stream.options import StreamOptions
 from engine.stream.vectors import cos, matmul
+from engine.stream.wipes import MoveTest
 
 
 def _block_spread(X: np.ndarray, D: np.ndarray, blocks: int) -> float:
@@ -65,6 +67,7 @@ class DissolveDetector:
         self._o = options
         self.region: Region | None = None
         self.trace: list | None = None
+        self._moves = MoveTest(history, options)
 
     def reset(self) -> None:
         self.region = None
@@ -127,6 +130,17 @@ class DissolveDetector:
             self._note(lo, hi, verdict, **detail)
             if verdict == "dissolve":
                 found.append(detail)
+        if not found and self._o.move_residual > 0:  # no blend: a wipe or a push? (it may start a little before
+            # the window means differ: the frames before are read twice as far back; those after stay as they are,
+            # the ones that have surely arrived)
+            first = max(h.start, shot_start, lo - 2 * w)
+            for c in barriers:
+                if first < c <= lo:
+                    first = c
+            verdict, detail = self._moves.find([j for j in range(first, last + 1) if not h.outlier[j]])
+            self._note(lo, hi, verdict, **detail)
+            if verdict in ("wipe", "push", "slide"):
+                found.append(detail)
         return [h.transition("gradual", d["first"], d["last"], d["change"])
                 for d in sorted(found, key=lambda d: d["first"])]
 
@@ -185,8 +199,8 @@ class DissolveDetector:
         if a <= first or b >= last:
             return "no context", detail
         around = h.luma.take(np.arange(max(h.start, a - 2), min(h.end, b + o.gradual_window)))
-        if float(around.min()) <= o.dark_threshold:
-            return "through black", detail  # the fade test decides
+        if float(around.min()) <= o.dark_threshold or float(around.max()) >= 255.0 - o.dark_threshold:
+            return "through black", detail  # (or white) the fade test decides
         lo, hi = max(first, a - 3), min(last + 1, b + 4)
         change = 1.0 - cos(h.sel(h.window_mean(lo, a)), h.sel(h.window_mean(b + 1, hi)))
         detail["change"] = round(change, 6)

@@ -1,4 +1,5 @@
-"""The fade detector: the brightness falls steadily into black and / or rises steadily out of it."""
+"""The fade detector: the brightness falls steadily into black and / or rises steadily out of it; or, through
+white, rises steadily into white and / or falls steadily out of it."""
 
 from __future__ import annotations
 
@@ -21,18 +22,20 @@ def _steady(step: float, steps: list) -> bool:
 class Fade:
     """A fade in progress, from the first black frame on."""
 
-    state: str  # "dark": in the black; "in": brightening out of it
+    state: str  # "dark": in the black (or white); "in": coming out of it
     start: int  # where the brightness began to fall (== dark_first when it fell in one step: a cut into black)
     dark_first: int  # first black frame
     dark_last: int  # last black frame so far
     end: int  # last frame of the fade so far
     rises: list = field(default_factory=list)  # brightness steps of the fade in so far
     long: bool = False  # black for max_gradual frames or more: a shot of its own, between a fade out and a fade in
+    white: bool = False  # through white: every brightness below is read as 255 minus it
 
 
 class FadeDetector:
     """Fades, decided frame by frame in order. The brightness alone decides a fade (frames at or below
-    ``dark_threshold`` are black); the embedding of a darkening frame may jump (a cut mark) on the way, and
+    ``dark_threshold`` are black, at or above 255 minus it white; a fade through white is read as one through
+    black on 255 minus the brightness); the embedding of a darkening frame may jump (a cut mark) on the way, and
     such marks inside a fade are taken by it. The frames that darken and brighten and the black between them
     belong to the transition."""
 
@@ -48,22 +51,24 @@ class FadeDetector:
         """Advance over frame ``k`` (``c_k``: its dissimilarity with the frame before; the current shot starts at
         ``shot_start``): (a fade transition that ended, or None; whether the fade takes a cut marked at ``k``)."""
         h, o = self._h, self._o
-        luma = float(h.luma[k])
-        dark = luma <= o.dark_threshold
         f = self.fade
+        white = f.white if f is not None else float(h.luma[k]) >= 255.0 - o.dark_threshold
+        level = self._white_level if white else self._black_level
+        luma = level(k)  # how far from black (from white, through white)
+        dark = luma <= o.dark_threshold
         if f is None:
             if not dark:
                 return None, False
             s, steps = k, []  # walk back over the frames that darken step by step
             while s - 1 > max(h.start, shot_start) and k - s < o.max_gradual and not h.outlier[s - 1]:
-                step = float(h.luma[s - 1]) - float(h.luma[s])
+                step = level(s - 1) - level(s)
                 if not _steady(step, steps):
                     break
                 steps.append(step)
                 s -= 1
             if k - s < 2:
                 s = k  # one darker step is a cut into black, not a fade out
-            self.fade = Fade(state="dark", start=s, dark_first=k, dark_last=k, end=k)
+            self.fade = Fade(state="dark", start=s, dark_first=k, dark_last=k, end=k, white=white)
             return None, s < k
         if f.state == "dark":
             if dark:
@@ -83,14 +88,20 @@ class FadeDetector:
                 took = f.dark_first - f.start >= 2
                 return self.finish(shot_start), took
             f.state, f.end = "in", k
-            f.rises.append(luma - float(h.luma[k - 1]))
+            f.rises.append(luma - level(k - 1))
             return None, True
-        rise = luma - float(h.luma[k - 1])  # fading in while the brightness rises steadily
+        rise = luma - level(k - 1)  # fading in while the brightness rises steadily (falls, from white)
         if _steady(rise, f.rises) and k - f.dark_last <= o.max_gradual:
             f.rises.append(rise)
             f.end = k
             return None, True
         return self.finish(shot_start), False
+
+    def _black_level(self, j: int) -> float:
+        return float(self._h.luma[j])
+
+    def _white_level(self, j: int) -> float:
+        return 255.0 - float(self._h.luma[j])
 
     def finish(self, shot_start: int) -> Transition | None:
         """End the fade in progress: its transition, or None where it was no fade (black from the start of the

@@ -13,6 +13,10 @@ from engine.stream.events import Transition
 from engine.stream.vectors import cos
 
 
+WHOLE = 32  # side of the thumbnail of the whole frame
+STRIP = (16, 128)  # the whole frame coarse across and fine along the way an edge moves (rows x columns)
+
+
 @dataclass(slots=True)
 class PreparedFrame:
     """One frame as ``StreamComparator.prepare`` leaves it: the network's input and what the transition tests keep."""
@@ -22,6 +26,9 @@ class PreparedFrame:
     luma: float  # mean brightness of the thumbnail, 0..255 (fades)
     thumb: np.ndarray  # (thumb_size, thumb_size, 3) float32 colour thumbnail (cuts, dissolves vs motion)
     time: float | None = None  # timestamp in seconds, set when the frame is queued
+    whole: np.ndarray | None = None  # (32, 32, 3) float32 colour thumbnail of the whole frame, uncropped (wipes)
+    cols: np.ndarray | None = None  # (16, 128, 3) float32: the whole frame, fine along its width (a push's edge)
+    rows: np.ndarray | None = None  # (128, 16, 3) float32: the whole frame, fine along its height
 
 
 class Ring:
@@ -83,12 +90,15 @@ class FrameHistory:
         self.emb = Ring(capacity, (dim,), np.float32)
         self.sig = Ring(capacity, (signature_dim,), np.float32)
         self.thumb = Ring(capacity, (thumb_size, thumb_size, 3), np.float32)
+        self.whole = Ring(capacity, (WHOLE, WHOLE, 3), np.float32)  # of the uncropped frame (wipes, pushes)
+        self.cols = Ring(capacity, (*STRIP, 3), np.float32)
+        self.rows = Ring(capacity, (*STRIP[::-1], 3), np.float32)
         self.c = Ring(capacity, (), np.float32)
         self.luma = Ring(capacity, (), np.float32)
         self.time = Ring(capacity, (), np.float64, np.nan)
         self.outlier = Ring(capacity, (), np.bool_, False)
         self.embedded = Ring(capacity, (), np.bool_, True)  # False: the gate interpolated its embedding
-        self.rings = (self.emb, self.sig, self.thumb, self.c, self.luma, self.time, self.outlier, self.embedded)
+        self.rings = (self.emb, self.sig, self.thumb, self.whole, self.cols, self.rows, self.c, self.luma, self.time, self.outlier, self.embedded)
         self.dims = None  # the selected dimensions (None: all)
 
     def reset(self) -> None:
@@ -112,6 +122,9 @@ class FrameHistory:
         i = self.emb.append(x)
         self.sig.append(sig)
         self.thumb.append(frame.thumb)
+        self.whole.append(0.0 if frame.whole is None else frame.whole)
+        self.cols.append(0.0 if frame.cols is None else frame.cols)
+        self.rows.append(0.0 if frame.rows is None else frame.rows)
         self.luma.append(frame.luma)
         self.time.append(np.nan if frame.time is None else frame.time)
         self.outlier.append(False)

@@ -11,7 +11,7 @@ happen around frame k (each test cheap, on what ``StreamComparator.prepare`` com
   changes: cuts, dissolves, fades, fast motion);
 - the thumbnail moves in one step more than ``gate_step_ratio`` times the steps of its neighbours (the cut
   test's own thumbnail check, looser: a cut, a flash, something shown for fewer frames than ``gate_stride``);
-- the brightness crosses ``dark_threshold`` (fades into and out of black);
+- the brightness crosses ``dark_threshold`` (fades into and out of black), or 255 minus it (white);
 
 and then every frame from ``before`` frames ahead of it to ``after`` frames past it is embedded (the frames the
 cut, flash and dissolve tests read around a frame). Decisions wait for what could still mark a frame: the
@@ -110,9 +110,9 @@ class Gate:
         if self._thumbs:
             self._steps.append((i, float(np.linalg.norm(thumb - self._thumbs[-1][1]))))
         self._thumbs.append((i, thumb))
-        dark = frame.luma <= self.dark
+        dark = -1 if frame.luma <= self.dark else 1 if frame.luma >= 255.0 - self.dark else 0
         if self._prev_dark is not None and dark != self._prev_dark:
-            self._mark(i - self.before, i + self.after)  # the brightness crosses into or out of black
+            self._mark(i - self.before, i + self.after)  # the brightness crosses into or out of black (white)
         self._prev_dark = dark
         if slot.key or i <= self._mark_until:
             self._embed(slot)

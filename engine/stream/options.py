@@ -42,6 +42,11 @@ class StreamOptions:
                                    flag=True)
     cut_ratio: float = _number(2.5, 1.0, 1e9, "a cut's dissimilarity is also at least this many times the one "
                                               "typical of the neighbouring frames")
+    # 0.8: the benchmark's 28 true cuts correlate by 0.29 at most, its lighting steps (x1.6, x1/1.6) by 0.88 or more
+    light_corr: float = _number(0.8, -1.0, 2.0, "a cut candidate whose thumbnail, brightness and contrast "
+                                                "normalised, correlates this much with the frame before's, and "
+                                                "whose brightness or contrast changed 1.2 times or more, was relit "
+                                                "(a lamp switched on), not cut (2: never)")
     flash_frames: int = _int(4, "content that comes back within this many frames was a flash, not a cut")
     gradual_window: int = _int(8, "frames averaged on each side of a point to find where content changes gradually",
                                least=2)
@@ -55,6 +60,9 @@ class StreamOptions:
                                                   "may blend the picture")
     smooth_ratio: float = _number(0.25, 0.0, 1.0, "the largest share of the P-to-Q change one frame step may carry "
                                                   "in a dissolve")
+    move_residual: float = _number(0.25, 0.0, 10.0, "how far (squared, relative to |Q - P|^2) the frames of a wipe "
+                                                    "or push may lie from composites of P and Q split by an edge "
+                                                    "(0: no wipes or pushes)")
     max_gradual: int = _int(40, "the longest transition, in frames")
     dark_threshold: float = _number(24.0, 0.0, 255.0, "mean brightness (0..255) at or below which a frame is black "
                                                       "(fades)")

@@ -306,7 +306,7 @@ def recurrence_plans() -> dict[str, list[Piece]]:
         Piece(f + "Coprinus_comatus_3.jpg", 0, 40),
         Piece("bbb", 20, 60),
         Piece(f + "Cantharellus_cibarius_1.jpg", 140, 180),  # the first chanterelle again
-        Piece("bikes5", *b[5]),
+        Piece("bikes0", *b[0]),
         Piece(f + "Amanita_virosa_5.jpg", 0, 40),
         Piece("photo:skimage/chelsea.png", 0, 40, join="dissolve", n=10),
         Piece("bikes1", b[1][0] + 6, b[1][1]),  # the street again

@@ -20,24 +20,11 @@ from engine.stream.cuts import CutTest
 from engine.stream.dissolves import DissolveDetector
 from engine.stream.events import Event, FrameScore, Shot, Transition
 from engine.stream.fades import FadeDetector
-from engine.stream.frames import STRIP, WHOLE, FrameHistory, PreparedFrame
+from engine.stream.frames import HS_BINS, STRIP, WHOLE, FrameHistory, PreparedFrame, hue_saturation
 from engine.stream.gate import Gate, Slot
 from engine.stream.options import OPTION_NAMES, StreamOptions
 from engine.stream.pipeline import events_of
 from engine.stream.vectors import cos, matmul, pool, pool_edges
-
-
-HS_BINS = (16, 8)  # hues x saturations of a shot's colour histogram (recurrence)
-
-
-def hue_saturation(whole: np.ndarray) -> np.ndarray:
-    """The summed hue-saturation histogram (16 x 8 bins, flattened) of whole-frame thumbnails (n, 32, 32, 3)
-    float32 RGB 0..255: a shot's palette, whatever the camera's framing."""
-    import cv2
-
-    u8 = np.clip(whole, 0, 255).astype(np.uint8).reshape(-1, whole.shape[-2], 3)
-    hsv = cv2.cvtColor(u8, cv2.COLOR_RGB2HSV)
-    return cv2.calcHist([hsv], [0, 1], None, list(HS_BINS), [0, 180, 0, 256]).ravel().astype(np.float64)
 
 
 class StreamComparator:

@@ -58,6 +58,12 @@ class StreamOptions:
                                                     "from the blends of P and Q; motion and pans leave the line")
     blend_spread: float = _number(0.4, 0.0, 10.0, "how unevenly (interquartile range of per-tile blends) a dissolve "
                                                   "may blend the picture")
+    palette_change: float = _number(0.9, 0.0, 1.0, "a gradual change whose colours before and after (hue-saturation "
+                                                   "histograms of the 8 frames on each side) agree at most this much "
+                                                   "(Bhattacharyya) joins two scenes: a dissolve between moving "
+                                                   "shots, which blends less cleanly, is accepted (0: never)")
+    moving_residual: float = _number(0.45, 0.0, 10.0, "blend_residual for such a dissolve between moving shots")
+    moving_spread: float = _number(0.5, 0.0, 10.0, "blend_spread for such a dissolve between moving shots")
     smooth_ratio: float = _number(0.25, 0.0, 1.0, "the largest share of the P-to-Q change one frame step may carry "
                                                   "in a dissolve")
     move_residual: float = _number(0.25, 0.0, 10.0, "how far (squared, relative to |Q - P|^2) the frames of a wipe "

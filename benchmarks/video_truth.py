@@ -315,7 +315,23 @@ def recurrence_plans() -> dict[str, list[Piece]]:
         Piece("photo:sklearn/flower.jpg", 0, 40),
         Piece(f + "Hygrophoropsis_aurantiaca_3.jpg", 150, 190),  # the false chanterelle again
     ]
-    return {"recur_tune": tune, "recur_held": held}
+    # dissolves of 5-50 frames over other pairs of scenes, with a pan, a zoom and a lighting step inside shots:
+    # built after the dissolve test was tuned on the videos above, and held out from it
+    dissolves_held = [
+        Piece("photo:skimage/rocket.jpg", 0, 70),
+        Piece("carphone", 0, 90, join="dissolve", n=40),
+        Piece("bikes4", *b[4], join="dissolve", n=30),
+        Piece("bbb", 0, 50, pan=12),
+        Piece("bikes1", *b[1]),
+        Piece(f + "Boletus_badius_1.jpg", 0, 110, join="dissolve", n=20),
+        Piece("bikes2", *b[2], join="dissolve", n=45),
+        Piece("bbb", 60, 110, zoom=12),
+        Piece("bikes0", *b[0], join="dissolve", n=6),
+        Piece("carphone", 90, 120, light=(22, 1.6), join="dissolve", n=10),
+        Piece(f + "Ramaria_botrytis_1.jpg", 0, 120),
+        Piece("photo:skimage/motorcycle_left.png", 0, 100, join="dissolve", n=50),
+    ]
+    return {"recur_tune": tune, "recur_held": held, "dissolves_held": dissolves_held}
 
 
 # ---------------------------------------------------------------------------------------------------------------

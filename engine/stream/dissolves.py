@@ -5,7 +5,11 @@ that stretch on the small colour thumbnails: the straightest long stretch of thu
 before and after it must differ by ``gradual_threshold`` (embeddings), its frames must lie near the blends of P
 and Q (``blend_residual``), blend the whole picture alike (``blend_spread``) and move from P to Q a little at a
 time (``smooth_ratio``). Camera pans and moving objects fail those tests. Where a region holds no dissolve, the
-wipe / push test (``wipes.MoveTest``) looks at the same frames.
+wipe / push test (``wipes.MoveTest``) looks at the same frames; where that finds none either, a dissolve between
+two moving shots, which leaves the line from P to Q further, is accepted with a looser blend test
+(``moving_residual``, ``moving_spread``) when the colours before and after it differ (``palette_change``: the
+hue-saturation histograms of the 8 frames on either side, as another scene's would; motion inside one shot keeps
+its palette).
 """
 
 from __future__ import annotations

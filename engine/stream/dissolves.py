@@ -5,7 +5,11 @@ that stretch on the small colour thumbnails: the straightest long stretch of thu
 before and after it must differ by ``gradual_threshold`` (embeddings), its frames must lie near the blends of P
 and Q (``blend_residual``), blend the whole picture alike (``blend_spread``) and move from P to Q a little at a
 time (``smooth_ratio``). Camera pans and moving objects fail those tests. Where a region holds no dissolve, the
-wipe / push test (``wipes.MoveTest``) looks at the same frames.
+wipe / push test (``wipes.MoveTest``) looks at the same frames; where that finds none either, a dissolve between
+two moving shots, which leaves the line from P to Q further, is accepted with a looser blend test
+(``moving_residual``, ``moving_spread``) when the colours before and after it differ (``palette_change``: the
+hue-saturation histograms of the 8 frames on either side, as another scene's would; motion inside one shot keeps
+its palette).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.stream.events import Transition
-from engine.stream.frames import FrameHistory
+from engine.stream.frames import FrameHistory, hue_saturation
 from engine.stream.options import StreamOptions
 from engine.stream.vectors import cos, matmul
 from engine.stream.wipes import MoveTest
@@ -124,12 +128,14 @@ class DissolveDetector:
         idx = [j for j in range(first, last + 1) if not h.outlier[j]]
         if len(idx) < 8:
             return self._note(lo, hi, "too short")
-        found = []
+        found, moving = [], []
         for span in self._straight_spans(idx):
             verdict, detail = self._verdict(span, idx)
             self._note(lo, hi, verdict, **detail)
             if verdict == "dissolve":
                 found.append(detail)
+            elif verdict == "moving dissolve":
+                moving.append(detail)
         if not found and self._o.move_residual > 0:  # no blend: a wipe or a push? (it may start a little before
             # the window means differ: the frames before are read twice as far back; those after stay as they are,
             # the ones that have surely arrived)
@@ -141,6 +147,8 @@ class DissolveDetector:
             self._note(lo, hi, verdict, **detail)
             if verdict in ("wipe", "push", "slide"):
                 found.append(detail)
+        if not found:  # no clean blend, no wipe or push: a dissolve between moving shots, if the palette changed
+            found = moving
         return [h.transition("gradual", d["first"], d["last"], d["change"])
                 for d in sorted(found, key=lambda d: d["first"])]
 
@@ -149,7 +157,7 @@ class DissolveDetector:
             self.trace.append({"region": (lo, hi), "verdict": verdict, **detail})
         return []
 
-    def _straight_spans(self, idx: list, most: int = 3) -> list[tuple]:
+    def _straight_spans(self, idx: list, most: int = 5) -> list[tuple]:
         """Up to ``most`` disjoint spans along which the thumbnails move furthest in the straightest line.
 
         A dissolve is a straight line in pixel space: frame ``(1 - a) * P + a * Q``. The thumbnails of ``idx``
@@ -202,6 +210,9 @@ class DissolveDetector:
         if float(around.min()) <= o.dark_threshold or float(around.max()) >= 255.0 - o.dark_threshold:
             return "through black", detail  # (or white) the fade test decides
         lo, hi = max(first, a - 3), min(last + 1, b + 4)
+        pb = hue_saturation(h.whole.take([j for j in range(max(first, a - 8), a) if not h.outlier[j]] or [a - 1]))
+        pa = hue_saturation(h.whole.take([j for j in range(b + 1, min(last + 1, b + 9)) if not h.outlier[j]] or [b + 1]))
+        detail["palette"] = round(float(np.sqrt(pb / pb.sum() * pa / pa.sum()).sum()), 4)
         change = 1.0 - cos(h.sel(h.window_mean(lo, a)), h.sel(h.window_mean(b + 1, hi)))
         detail["change"] = round(change, 6)
         if change < o.gradual_threshold:
@@ -225,9 +236,16 @@ class DissolveDetector:
         detail["spread"] = round(float(np.mean([_block_spread(x, D, 4) for x in mids])), 4) if mids else None
         if detail["step"] > o.smooth_ratio:
             return "abrupt", detail  # one frame carries much of the change: fast motion
+        spread = 0.0 if detail["spread"] is None else detail["spread"]
+        if detail["residual"] <= o.blend_residual and spread <= o.blend_spread:
+            return "dissolve", detail
+        # Two moving shots blended leave the line from P to Q too. Where the palette changes (the colours before
+        # and after differ as another scene's do), a looser blend suffices; motion inside one shot keeps its
+        # palette.
+        if (detail["palette"] <= o.palette_change and detail["residual"] <= o.moving_residual
+                and spread <= o.moving_spread):
+            return "moving dissolve", detail  # taken where no clean dissolve, wipe or push is found
         if detail["residual"] > o.blend_residual:
             return "not a blend", detail  # the frames leave the line from P to Q: motion, a pan
-        if detail["spread"] is not None and detail["spread"] > o.blend_spread:
-            return "uneven blend", detail  # parts of the picture change at different times: motion
-        return "dissolve", detail
+        return "uneven blend", detail  # parts of the picture change at different times: motion
 

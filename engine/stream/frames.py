@@ -17,6 +17,19 @@ WHOLE = 32  # side of the thumbnail of the whole frame
 STRIP = (16, 128)  # the whole frame coarse across and fine along the way an edge moves (rows x columns)
 
 
+HS_BINS = (16, 8)  # hues x saturations of a shot's colour histogram (recurrence)
+
+
+def hue_saturation(whole: np.ndarray) -> np.ndarray:
+    """The summed hue-saturation histogram (16 x 8 bins, flattened) of whole-frame thumbnails (n, 32, 32, 3)
+    float32 RGB 0..255: a shot's palette, whatever the camera's framing."""
+    import cv2
+
+    u8 = np.clip(whole, 0, 255).astype(np.uint8).reshape(-1, whole.shape[-2], 3)
+    hsv = cv2.cvtColor(u8, cv2.COLOR_RGB2HSV)
+    return cv2.calcHist([hsv], [0, 1], None, list(HS_BINS), [0, 180, 0, 256]).ravel().astype(np.float64)
+
+
 @dataclass(slots=True)
 class PreparedFrame:
     """One frame as ``StreamComparator.prepare`` leaves it: the network's input and what the transition tests keep."""

@@ -115,8 +115,10 @@ byte (int8) per component, so a scan moves a half or a quarter of the bytes (``e
 - Where the float32 vectors live: they are kept (``get``, re-ranking, ``save`` and re-encoding read them), but
   not resident once loaded: ``load(path)`` reads the codes (and ids, meta, stamps) into memory and maps the
   float32 vectors read-only from the file, checking them whole at open (digest, contents, and that the codes
-  are their encoding) through the mapping, whose pages it then releases; ``load(path, mmap=True)`` maps the
-  codes too and leaves those checks to ``verify()``. A search touches only the rows it re-ranks. An index
+  are their encoding) through the mapping, whose pages it then releases (``madvise(MADV_DONTNEED)``);
+  ``load(path, mmap=True)`` maps the codes too and leaves those checks to ``verify()``. A re-ranking search
+  reads only its short list's rows, with ``pread`` on the file kept open (a fault on the mapping would map a
+  whole 2 MB page-cache folio per row). An index
   built in memory by ``add`` holds both the float32 vectors and the codes (more than float32 storage) until it
   is saved and loaded; an ``add`` or ``remove`` on a loaded index copies the float32 vectors back into memory
   (as for a mapped float32 index). ``resident_bytes()`` says what the index holds in its own memory.
@@ -171,6 +173,7 @@ _CODE_DTYPES = {"float16": np.dtype("<f2"), "int8": np.dtype("u1")}  # storage -
 _F16_MAX = float(np.finfo(np.float16).max)
 _WIDEN = 1 / 16  # int8: a range widened by a later add grows by this fraction of its width on each side
 _VERIFY_ROWS = 1 << 16  # rows hashed at a time when the mapped vectors are verified
+_ENCODE_ROWS = 1 << 13  # rows encoded at a time (verify, re-encoding): temporaries of a few MB
 MAX_META_BYTES = 1 << 16  # one vector's meta string, UTF-8 encoded (a path, a short JSON record)
 _STAMP = np.dtype([("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "V32")])  # 48 bytes per vector in the file
 # A cosine row is normalised in float64 and rounded to float32: each component moves by at most 2**-24 of
@@ -622,8 +625,8 @@ class Searcher:
                 if self._metric == "cosine":
                     new_lo, new_hi = np.maximum(new_lo, -1.0), np.minimum(new_hi, 1.0)
                 self._scale, self._offset = int8_params(new_lo, new_hi)
-                for r0 in range(0, n0, _NORM_CHUNK):
-                    r1 = min(n0, r0 + _NORM_CHUNK)
+                for r0 in range(0, n0, _ENCODE_ROWS):
+                    r1 = min(n0, r0 + _ENCODE_ROWS)
                     self._codes[r0:r1] = encode_int8(self._vectors[r0:r1], self._scale, self._offset)
         self._codes[n0 : n0 + x.shape[0]] = encode_int8(x, self._scale, self._offset)
 
@@ -739,8 +742,9 @@ class Searcher:
         step = max(1, (1 << 22) // max(1, short * self._dim))  # queries per gather: at most 16 MiB of rows
         for a in range(0, nq, step):
             b = min(nq, a + step)
-            cand = np.where(rows[a:b] >= 0, rows[a:b], 0)
-            gathered = self._vectors[cand.reshape(-1)].reshape(b - a, short, self._dim)  # (m, R, dim)
+            cand = np.where(rows[a:b] >= 0, rows[a:b], 0).reshape(-1)
+            gathered = self._mapping.rows(cand) if self.mapped else self._vectors[cand]
+            gathered = gathered.reshape(b - a, short, self._dim)
             np.matmul(gathered, q[a:b, :, None], out=exact[a:b, :, None])
         exact[rows < 0] = -np.inf
         order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -exact), axis=-1)[:, :cols]
@@ -913,7 +917,6 @@ class Searcher:
                 if count and mapping.scale is not None:
                     s._scale, s._offset = mapping.scale.copy(), mapping.offset.copy()
                 if not mmap:  # read whole: everything checked now; the float32 vectors stay mapped
-                    s._row = dict(zip(s._ids.tolist(), range(count)))
                     mapping.verify(metric)
                     mapping.release()
         s._meta = meta
@@ -931,7 +934,7 @@ class _Mapping:
     offset (read and checked at open). ``IVFSearcher`` uses the first three fields alone."""
 
     def __init__(self, path: Path, vectors: np.ndarray, sha256: str, *, codes=None, codes_sha256=None,
-                 scale=None, offset=None, mm=None):
+                 scale=None, offset=None, mm=None, fd=None, vectors_at=0):
         self.path = path
         self.vectors = vectors  # (count, dim) float32, C-contiguous, read-only (its base is the mmap)
         self.sha256 = sha256  # the file's vectors section digest
@@ -939,7 +942,32 @@ class _Mapping:
         self.codes_sha256 = codes_sha256
         self.scale, self.offset = scale, offset  # int8: float32 (dim,)
         self.mm = mm  # the mmap (None for an empty section)
+        self.fd = fd  # compressed: the file kept open, to read the re-ranked rows with pread (see ``rows``)
+        self.vectors_at = vectors_at  # the vectors' offset in the file
         self.verified = False
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 vectors of ``rows`` (1-D int64 in range), read with pread, not through the mapping: a
+        fault on a mapping maps a whole page-cache folio (2 MB on Linux 6.x with large folios) and read-ahead
+        can map megabytes more, so a few hundred scattered rows would make the whole section resident in the
+        process; pread copies 4 * dim bytes a row."""
+        dim = self.vectors.shape[1]
+        if self.fd is None:
+            return self.vectors[rows]
+        uniq, back = np.unique(rows, return_inverse=True)
+        out = np.empty((uniq.shape[0], dim), dtype=np.float32)
+        size = 4 * dim
+        for i, r in enumerate(uniq.tolist()):
+            if os.preadv(self.fd, [memoryview(out[i]).cast("B")], self.vectors_at + r * size) != size:
+                raise IndexFileError(f"{self.path}: truncated while mapped: row {r} of the vectors cannot be read")
+        if out.dtype.byteorder == ">":  # the file is little-endian
+            out = out.byteswap()
+        return out[back.reshape(-1)]
 
     def verify(self, metric: str) -> None:
         """IndexFileError naming the path unless the mapped vectors match their digest and pass the contents
@@ -965,10 +993,10 @@ class _Mapping:
             if h.hexdigest() != self.codes_sha256:
                 raise IndexFileError(f"{self.path}: checksum mismatch in the codes section, the index file was "
                                      f"altered or damaged")
-            for r0 in range(0, c.shape[0], _VERIFY_ROWS):
-                block = v[r0 : r0 + _VERIFY_ROWS]
+            for r0 in range(0, c.shape[0], _ENCODE_ROWS):
+                block = v[r0 : r0 + _ENCODE_ROWS]
                 want = encode_float16(block) if c.dtype.kind == "f" else encode_int8(block, self.scale, self.offset)
-                got = c[r0 : r0 + _VERIFY_ROWS]
+                got = c[r0 : r0 + _ENCODE_ROWS]
                 off = (want.view(np.uint8) != got.view(np.uint8)).any(axis=1)
                 if off.any():
                     first = int(np.flatnonzero(off)[0])
@@ -1154,6 +1182,7 @@ def _map_index_file(path: Path, *, whole: bool = False) -> tuple[dict, dict, _Ma
                 if problem:
                     raise IndexFileError(f"{path}: damaged index: {problem}")
             mm = None
+            fd = None
             arrays = {}
             for name, dtype in (("vectors", np.dtype("<f4")), ("codes", _CODE_DTYPES.get(storage))):
                 if name not in sections:
@@ -1168,6 +1197,9 @@ def _map_index_file(path: Path, *, whole: bool = False) -> tuple[dict, dict, _Ma
                 if mm is None:
                     mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the arrays keep it open
                 arrays[name] = np.frombuffer(mm, dtype=dtype, count=count * dim, offset=start + at).reshape(count, dim)
+                if name == "vectors" and storage != "float32":  # re-ranked rows are read with pread: ``rows``
+                    fd = os.dup(f.fileno())
+                    vectors_at = start + at
     except IndexFileError:
         raise
     except (OSError, ValueError) as e:  # ValueError: mmap of a file that changed size meanwhile
@@ -1175,7 +1207,8 @@ def _map_index_file(path: Path, *, whole: bool = False) -> tuple[dict, dict, _Ma
         raise IndexFileError(f"cannot {verb} index file {path}: {getattr(e, 'strerror', None) or e}") from e
     digests = header["section_sha256"]
     return header, parts, _Mapping(path, arrays["vectors"], digests["vectors"], codes=arrays.get("codes"),
-                                   codes_sha256=digests.get("codes"), scale=scale, offset=offset, mm=mm)
+                                   codes_sha256=digests.get("codes"), scale=scale, offset=offset, mm=mm, fd=fd,
+                                   vectors_at=vectors_at if fd is not None else 0)
 
 
 def _quant_problem(scale: np.ndarray, offset: np.ndarray) -> str | None:

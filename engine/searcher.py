@@ -735,20 +735,11 @@ class Searcher:
                           threads=default_threads())
 
     def _rerank(self, q: np.ndarray, rows: np.ndarray, cols: int):
-        """(scores, rows) (nq, cols) of the candidate ``rows`` (nq, R; -1: none) scored exactly against the
-        float32 vectors (float32 products, BLAS), best first (higher score, then lower row), padded."""
-        nq, short = rows.shape
-        exact = np.empty((nq, short), dtype=np.float32)
-        step = max(1, (1 << 22) // max(1, short * self._dim))  # queries per gather: at most 16 MiB of rows
-        for a in range(0, nq, step):
-            b = min(nq, a + step)
-            cand = np.where(rows[a:b] >= 0, rows[a:b], 0).reshape(-1)
-            gathered = self._mapping.rows(cand) if self.mapped else self._vectors[cand]
-            gathered = gathered.reshape(b - a, short, self._dim)
-            np.matmul(gathered, q[a:b, :, None], out=exact[a:b, :, None])
-        exact[rows < 0] = -np.inf
-        order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -exact), axis=-1)[:, :cols]
-        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(rows, order, axis=1)
+        """(scores, rows) (nq, cols) of the candidate ``rows`` (nq, R; -1: none) scored exactly, best first
+        (higher score, then lower row), padded."""
+        fetch = self._mapping.rows if self.mapped else self._vectors.__getitem__
+        scores, order = rerank_candidates(q, rows, fetch, rows, cols)
+        return scores, np.take_along_axis(rows, order, axis=1)
 
     # -- images ----------------------------------------------------------------------------------
     @classmethod
@@ -926,6 +917,24 @@ class Searcher:
         if mmap == "verify":
             s.verify()
         return s
+
+
+def rerank_candidates(q: np.ndarray, rows: np.ndarray, fetch, tie: np.ndarray, cols: int):
+    """Exact re-ranking of a short list (``Searcher`` and ``IVFSearcher``): ``rows`` (nq, R) candidate rows
+    (-1: none), ``fetch(rows_1d)`` their float32 vectors (m, dim), ``tie`` (nq, R) the key that orders equal
+    scores (lower first). Returns (scores (nq, cols) float32, columns (nq, cols) into ``rows``), best first,
+    a missing candidate scoring -inf after every real one."""
+    nq, short = rows.shape
+    dim = q.shape[1]
+    exact = np.empty((nq, short), dtype=np.float32)
+    step = max(1, (1 << 22) // max(1, short * dim))  # queries per gather: at most 16 MiB of rows
+    for a in range(0, nq, step):
+        b = min(nq, a + step)
+        gathered = fetch(np.where(rows[a:b] >= 0, rows[a:b], 0).reshape(-1)).reshape(b - a, short, dim)
+        np.matmul(gathered, q[a:b, :, None], out=exact[a:b, :, None])  # float32 products, BLAS
+    exact[rows < 0] = -np.inf
+    order = np.lexsort((np.where(rows >= 0, tie, np.iinfo(np.int64).max), -exact), axis=-1)[:, :cols]
+    return np.take_along_axis(exact, order, axis=1), order
 
 
 class _Mapping:

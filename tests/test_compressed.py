@@ -16,6 +16,8 @@ from test_ivf import clustered
 from test_mmap import mnist_vectors
 
 from engine.errors import IndexFileError, InputError
+from engine.ivf import MAGIC as IVF_MAGIC
+from engine.ivf import IVFSearcher
 from engine.kernels.quant import (decode, encode_float16, encode_int8, int8_params, int8_queries, int8_range, levels,
                                   topk_codes)
 from engine.searcher import MAGIC, FileStamp, Searcher
@@ -397,3 +399,124 @@ def test_an_empty_int8_index_round_trips_and_learns_its_range_at_the_first_add(t
     scale, offset = t.quantiser
     np.testing.assert_allclose(offset, [0, 0, 0], atol=1e-7)
     np.testing.assert_allclose(scale * 255, [1, np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-6)
+
+
+# -- IVFSearcher ----------------------------------------------------------------------------------------
+
+
+def test_ivf_scanning_every_list_answers_as_the_exact_compressed_index():
+    """nprobe >= nlist scans every list: the int8 answer is the exact compressed Searcher's, bit for bit (one
+    add: the same quantiser; ids = rows: the same tie order); float16 within float32 rounding."""
+    x = clustered(12, 6000, 24, centres=30)
+    q = clustered(13, 40, 24, centres=30)
+    for storage in STORAGES:
+        ivf = IVFSearcher(24, nlist=16, nprobe=16, storage=storage)
+        ivf.add(x)
+        assert ivf.is_trained
+        flat = Searcher(24, storage=storage)
+        flat.add(x)
+        (s1, i1), (s2, i2) = ivf.search(q, 10), flat.search(q, 10)
+        if storage == "int8":
+            np.testing.assert_array_equal(ivf.quantiser[0], flat.quantiser[0])
+            np.testing.assert_array_equal(s1, s2)
+            np.testing.assert_array_equal(i1, i2)
+        else:
+            np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-6)
+            assert recall(i2, i1) >= 0.99
+        for a, b in zip(ivf.search(q, 10, rerank=40), flat.search(q, 10, rerank=40)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6) if a.dtype == np.float32 else \
+                np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_ivf_reranked_recall_and_padding(storage):
+    x = clustered(14, 12000, 64, centres=120, noise=0.8)
+    q = clustered(15, 100, 64, centres=120, noise=0.8)
+    exact = Searcher(64)
+    exact.add(x)
+    want = exact.search(q, 10)[1]
+    ivf = IVFSearcher(64, nlist=32, nprobe=32, storage=storage)
+    ivf.add(x)
+    assert recall(want, ivf.search(q, 10, rerank=50)[1]) >= 0.99
+    small = IVFSearcher(64, nlist=4, storage=storage)
+    small.add(x[:3], ids=[7, 8, 9])
+    for rerank in (None, 2, 50):
+        scores, ids = small.search(x[1], 5, rerank=rerank)
+        assert ids.dtype == np.int64 and scores.dtype == np.float32 and ids.shape == (1, 5)
+        assert ids[0, 0] == 8 and (ids[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("mmap", [False, True, "verify"])
+def test_ivf_round_trip(tmp_path, storage, mmap):
+    x = clustered(16, 5000, 16, centres=20)
+    q = clustered(17, 20, 16, centres=20)
+    s = IVFSearcher(16, nlist=8, nprobe=3, storage=storage)
+    s.add(x)
+    s.remove([1, 2, 3])
+    s.save(tmp_path / "i.lkv")
+    header = json.loads((tmp_path / "i.lkv").read_bytes().split(b"\n", 1)[0][len(IVF_MAGIC):])
+    assert header["format_version"] == 3 and header["storage"] == storage
+    t = IVFSearcher.load(tmp_path / "i.lkv", mmap=mmap)
+    assert t.storage == storage and t.mapped and len(t) == 4997
+    for rerank in (None, 30):
+        for a, b in zip(s.search(q, 10, rerank=rerank), t.search(q, 10, rerank=rerank)):
+            np.testing.assert_array_equal(a, b)
+    assert t.resident_bytes() == (0 if mmap else t._codes.nbytes) + 8 * 16 * 4 + (0 if storage == "float16"
+                                                                                   else 2 * 16 * 4)
+    t.add(x[1:3], ids=[1, 2])
+    assert not t.mapped
+    t.save(tmp_path / "i.lkv")
+    u = IVFSearcher.load(tmp_path / "i.lkv", mmap="verify")
+    np.testing.assert_array_equal(u.search(q, 10, rerank=30)[1], t.search(q, 10, rerank=30)[1])
+    f32 = IVFSearcher(16, nlist=8)
+    f32.add(x)
+    f32.save(tmp_path / "f.lkv")
+    assert json.loads((tmp_path / "f.lkv").read_bytes().split(b"\n", 1)[0][len(IVF_MAGIC):])["format_version"] == 2
+
+
+def resigned(path, edit):
+    """The IVF file at ``path`` with its header edited by ``edit(header)`` and signed again."""
+    raw = path.read_bytes()
+    line, body = raw.split(b"\n", 1)
+    header = json.loads(line[len(IVF_MAGIC):])
+    header.pop("sha256")
+    edit(header)
+    text = IVF_MAGIC + json.dumps({**header, "sha256": hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+                                   .hexdigest()}, sort_keys=True).encode()
+    text += b" " * (-(len(text) + 1) % 64) + b"\n"
+    path.write_bytes(text + body)
+    return path
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_ivf_crafted_files_are_refused(tmp_path, mmap):
+    s = IVFSearcher(6, nlist=2, storage="int8")
+    s.add(unit(clustered(18, 100, 6)))
+    path = tmp_path / "i.lkv"
+    s.save(path)
+    good = path.read_bytes()
+    resigned(path, lambda h: h.update(storage="int4"))
+    with pytest.raises(IndexFileError, match=r"storage='int4', expected 'float16' or 'int8'"):
+        IVFSearcher.load(path, mmap=mmap)
+    path.write_bytes(good[:-6])  # codes of the wrong length
+    with pytest.raises(IndexFileError, match=r"header says \d+ .*codes 600 bytes; codes: count 100 x dim 6 uint8"):
+        IVFSearcher.load(path, mmap=mmap)
+    body = bytearray(good.split(b"\n", 1)[1])
+    sections = {"centroids": 2 * 6 * 4, "offsets": 3 * 8, "ids": 800, "vectors": 2400, "quant": 48, "codes": 600}
+    at = {name: sum(list(sections.values())[:i]) for i, name in enumerate(sections)}
+    for value, message in [(0.0, "got 0.0 for dimension 2"), (np.nan, "got nan for dimension 2")]:
+        edited = bytearray(body)
+        edited[at["quant"] + 8 : at["quant"] + 12] = np.float32(value).tobytes()
+        quant_digest = hashlib.sha256(bytes(edited[at["quant"] : at["quant"] + 48])).hexdigest()
+        path.write_bytes(good.split(b"\n", 1)[0] + b"\n" + bytes(edited))
+        resigned(path, lambda h: h["section_sha256"].update(quant=quant_digest))
+        with pytest.raises(IndexFileError, match=rf"int8 scales must be finite and > 0, {message}"):
+            IVFSearcher.load(path, mmap=mmap)
+    edited = bytearray(body)
+    edited[at["codes"] + 7] ^= 0x21
+    codes_digest = hashlib.sha256(bytes(edited[at["codes"] :])).hexdigest()
+    path.write_bytes(good.split(b"\n", 1)[0] + b"\n" + bytes(edited))
+    resigned(path, lambda h: h["section_sha256"].update(codes=codes_digest))
+    with pytest.raises(IndexFileError, match="not the encoding of their float32 vectors"):
+        IVFSearcher.load(path, mmap=mmap).verify()

@@ -295,9 +295,10 @@ def copy_list_rows(src, starts, sizes, dst, new_starts):
 
 
 @njit(cache=True, nogil=True)
-def scan_grouped_int8(qi, qstep, const, qidx, offsets, lists, codes, ids, starts, sizes, hs, hr):
+def scan_grouped_int8(qi, qstep, const, qidx, offsets, lists, codes, ids, use_rows, starts, sizes, hs, hr):
     """``scan_grouped`` over uint8 codes: score = float32(const[q] + qstep[q] * sum_t qi[q, t] * codes[i, t]),
-    the sum in int32 (exact; ``engine.kernels.quant.levels`` keeps it below 2**31)."""
+    the sum in int32 (exact; ``engine.kernels.quant.levels`` keeps it below 2**31). With ``use_rows`` the heaps
+    get the row ``i`` instead of ``ids[i]`` (ties then go to the lower row)."""
     d = qi.shape[1]
     for li in range(lists.shape[0]):
         lst = lists[li]
@@ -312,16 +313,16 @@ def scan_grouped_int8(qi, qstep, const, qidx, offsets, lists, codes, ids, starts
                     acc += qi[qa, t] * np.int32(codes[i, t])
                 s = np.float32(const[qa] + qstep[qa] * np.float64(acc))
                 if s >= hs[qa, 0]:
-                    _offer(hs[qa], hr[qa], s, ids[i])
+                    _offer(hs[qa], hr[qa], s, i if use_rows else ids[i])
 
 
 _F16_UNIT = np.float32(2.0**112)
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def scan_grouped_f16(queries, qidx, offsets, lists, bits, ids, starts, sizes, hs, hr):
+def scan_grouped_f16(queries, qidx, offsets, lists, bits, ids, use_rows, starts, sizes, hs, hr):
     """``scan_grouped`` over float16 codes (their uint16 ``bits``), each row widened to float32 once (bit
-    operations, exact) and scored against the queries that probe its list."""
+    operations, exact) and scored against the queries that probe its list; ``use_rows`` as above."""
     d = queries.shape[1]
     buf = np.empty(d, dtype=np.uint32)
     vals = buf.view(np.float32)
@@ -340,4 +341,4 @@ def scan_grouped_f16(queries, qidx, offsets, lists, bits, ids, starts, sizes, hs
                 for t in range(d):
                     s += queries[qa, t] * (vals[t] * _F16_UNIT)
                 if s >= hs[qa, 0]:
-                    _offer(hs[qa], hr[qa], s, ids[i])
+                    _offer(hs[qa], hr[qa], s, i if use_rows else ids[i])

@@ -102,6 +102,35 @@ def test_int8_kernel_cannot_saturate_at_the_extremes():
     assert s[1, 0] == 0 and s[1, -1] == np.float32(-255.0 * d)
 
 
+SATURATING = ("pmaddubsw", "vpdpbusds", "vpdpwssds", "paddsw", "paddsb", "paddusw", "paddusb", "packsswb")
+
+
+def test_int8_kernels_compile_without_saturating_instructions():
+    """The int8 kernels compiled for this CPU (under ``qemu-x86_64 -cpu Haswell``: for AVX2 without VNNI) use no
+    instruction that saturates: int16 x int16 pairs summed in 32 bits (``vpmaddwd``, or VNNI's ``vpdpwssd``),
+    never ``vpmaddubsw`` (which saturates at 16 bits) or the saturating VNNI forms."""
+    import numba
+
+    from engine.kernels import ivf as ivf_kernels
+    from engine.kernels import quant
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (300, 64), dtype=np.uint8)
+    qi, step, const = int8_queries(rng.standard_normal((2, 64)).astype(np.float32), np.ones(64, np.float32),
+                                   np.zeros(64, np.float32))
+    block = numba.njit(nogil=True)(quant.int8_block.py_func)  # uncached copies: cached code cannot be inspected
+    block(codes, 0, 300, qi, step, const, np.empty((2, 300), np.float32))
+    scan = numba.njit(nogil=True)(ivf_kernels.scan_grouped_int8.py_func)
+    hs, hr = np.full((2, 5), -np.inf, np.float32), np.full((2, 5), -1, np.int64)
+    scan(qi, step, const, np.array([0, 1]), np.array([0, 2]), np.array([0]), codes, np.arange(300), False,
+         np.array([0, 300]), np.array([300]), hs, hr)
+    for kernel in (block, scan):
+        asm = kernel.inspect_asm(kernel.signatures[0]).lower()
+        found = [op for op in SATURATING if op in asm]
+        assert not found, f"{kernel.__name__} uses saturating instructions {found}"
+        assert "vpmaddwd" in asm or "vpdpwssd" in asm or "pmaddwd" in asm  # the 32-bit pair sums, vectorised
+
+
 @pytest.mark.parametrize("d", [1, 7, 128])
 def test_float16_kernel_matches_the_dequantised_oracle(d):
     rng = np.random.default_rng(d)

@@ -310,7 +310,7 @@ def scan_grouped_int8(qi, qstep, const, qidx, offsets, lists, codes, ids, use_ro
                 qa = qidx[g]
                 acc = np.int32(0)
                 for t in range(d):
-                    acc += qi[qa, t] * np.int32(codes[i, t])
+                    acc = np.int32(acc + np.int32(qi[qa, t]) * np.int32(np.int16(codes[i, t])))  # see quant.int8_block
                 s = np.float32(const[qa] + qstep[qa] * np.float64(acc))
                 if s >= hs[qa, 0]:
                     _offer(hs[qa], hr[qa], s, i if use_rows else ids[i])

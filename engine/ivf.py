@@ -530,7 +530,7 @@ class IVFSearcher:
                     rows[i] = self._row[id_]
                 except KeyError:
                     raise KeyError(f"id {id_} is not in the index") from None
-            return self._vectors[rows]
+            return self._mapping.rows(rows) if self.mapped else self._vectors[rows]  # rows: pread when compressed
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, queries, k: int, *, nprobe=None, rerank=None):

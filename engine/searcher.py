@@ -670,7 +670,8 @@ class Searcher:
     def get(self, ids) -> np.ndarray:
         """The stored vectors of ``ids``, (m, dim) float32 (normalised for cosine); unknown id -> KeyError."""
         with self._lock.read():
-            return self._vectors[self._rows_of(ids)]
+            rows = self._rows_of(ids)
+            return self._mapping.rows(rows) if self.mapped else self._vectors[rows]  # rows: pread when compressed
 
     def meta(self, ids=None) -> list:
         """The meta strings (or None) of ``ids``, in the order asked (all, in row order, when ``ids`` is None)."""

@@ -48,7 +48,8 @@ Search: the coarse scores are one BLAS product (queries x centroids); then
 Small searches (below ``SMALL_WORK`` multiply-adds) stay in the calling thread. Memory beyond the index:
 the heaps, the coarse scores (nq, nlist), the probe table and a ``SCORE_BUFFER_FLOATS`` buffer per worker.
 
-File format (``save`` / ``load``), version 2 (``save`` writes it; ``load`` reads versions 1 and 2): one header
+File format (``save`` / ``load``), version 2 (``save`` writes it for float32 storage, version 3 for compressed
+storage, see below; ``load`` reads versions 1, 2 and 3): one header
 line ``LOOKALIKE-IVF {json}`` padded with spaces to a multiple of 64 bytes including its closing ``\\n``
 (``engine.searcher.header_line``), then the payload: the centroids (nlist x dim float32; absent while
 untrained), the list offsets (lists + 1, int64: list ``l`` is rows ``offsets[l] .. offsets[l+1]-1``; one
@@ -66,6 +67,22 @@ digests, and refuses with ``IndexFileError`` naming the path, even under a corre
 norm exceeds float32's range, a centroid neither unit nor zero. (Whether each vector sits in its centroid's
 list is not checked: a misplaced vector costs recall, never a wrong score; ``nprobe >= nlist`` still finds it.)
 
+Compressed storage (``IVFSearcher(dim, storage="float16" | "int8")``), as for ``engine.searcher.Searcher``: the
+lists are scanned over float16 or int8 codes kept at the same rows as the float32 vectors (int8: per-dimension
+scale and offset, set afresh from every stored vector when the lists are laid out by training, widened by a
+later ``add`` whose vectors leave the range, which then encodes every stored row again); the int8 scores are
+summed in int32 (exact; the same bits on every CPU). ``search(q, k, rerank=R)`` keeps the best ``max(R, k)``
+of the probed lists by the codes (equal scores: the lower row) and scores them again exactly against the
+float32 vectors; the answer is ordered by (score, id) as always. A loaded compressed index (format 3) keeps
+the codes in memory (mapped with ``mmap=True``) in the file's layout and the float32 vectors mapped in the
+file, read with ``pread`` for the re-ranked rows only; a plain load checks them whole at open (digests, contents,
+codes that are the vectors' encoding), ``mmap=True`` leaves that to ``verify()``. File format 3 (float32
+indexes are still written as version 2): the header adds ``storage``, the payload adds ``quant`` (int8 only:
+dim float32 scales, then dim float32 offsets) and ``codes`` (count x dim float16 or uint8, list by list) after
+the vectors, each with its sha256 (``quant`` null for float16); a wrong ``storage``, a payload of another size
+(named section by section with the codes' dtype), a scale not finite and > 0, an offset not finite, or codes
+that are not the vectors' encoding are refused with ``IndexFileError`` naming the path.
+
 Memory-mapped load (``load(path, mmap=True)``), as for ``engine.searcher.Searcher``: the vectors stay in the
 file, mapped read-only, laid out as the file has them (each list's rows contiguous, no slack); the header,
 centroids, offsets and ids are read and checked (digests, sizes against the file's length, offsets, ids) at
@@ -79,6 +96,7 @@ over the mapped file. Version 1 cannot be mapped: ``mmap=True`` reads it whole w
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -92,21 +110,26 @@ import numpy as np
 
 from engine.errors import IndexFileError, InputError
 from engine.fileio import MAX_HEADER, atomic_write, read_payload
-from engine.kernels.ivf import (argmax_labels, copy_lists, group_by_list, merge_gathered, place_rows,
-                                prepare_rows, scan_grouped, top_lists)
+from engine.kernels.ivf import (argmax_labels, copy_list_rows, copy_lists, group_by_list, merge_gathered, place_rows,
+                                prepare_rows, scan_grouped, scan_grouped_f16, scan_grouped_int8, top_lists)
+from engine.kernels.quant import (STORAGES, encode_float16, encode_int8, int8_params, int8_queries, int8_range,
+                                  levels)
 from engine.kernels.kmeans import spherical_kmeans
 from engine.kernels.topk import heap_init, heap_sort, merge_heaps
 from engine.result_size import ResultTooLarge, answer_columns
 from engine.threads import blas_controllable, blas_single_thread, default_threads, worker_pool
-from engine.searcher import (METRICS, _MAX_ID, _check_digests, _contents_problem, _ids_problem, _Mapping,
-                             _normalised, _rows_named, _RWLock, _sha256, _sq_norms, _bytes_of, checked_rows,
-                             coerce_ids, header_line, pread_exact, shaped_rows)
+from engine.searcher import (_CODE_DTYPES, _ENCODE_ROWS, _F16_MAX, _MAX_ID, _WIDEN, METRICS, _bytes_of,
+                             _check_digests, _contents_problem, _ids_problem, _Mapping, _normalised, _quant_problem,
+                             _rows_named, _RWLock, _sha256, _sq_norms, checked_rows, coerce_ids, header_line,
+                             pread_exact, rerank_candidates, shaped_rows)
 from engine.validate import positive_int as _positive_int
 
 MAGIC = b"LOOKALIKE-IVF "
-FORMAT_VERSION = 2
-READS_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # what ``save`` writes for float32 storage (unchanged)
+COMPRESSED_FORMAT_VERSION = 3  # what ``save`` writes for float16 / int8 storage
+READS_VERSIONS = (1, 2, 3)
 SECTIONS = ("centroids", "offsets", "ids", "vectors")  # version 2: each has its sha256 in the header
+SECTIONS_V3 = SECTIONS + ("quant", "codes")  # version 3 (compressed), in file order
 TRAIN_MIN_PER_LIST = 32  # the index trains itself once it holds this many vectors per list
 TRAIN_PER_LIST = 64  # default k-means sample: this many vectors per list
 KMEANS_ITERATIONS = 20
@@ -124,11 +147,18 @@ _CENTROID_TOL = 1e-5  # a stored centroid is unit (within float32 rounding of a 
 class IVFSearcher:
     """Approximate top-k search through an inverted-file index; see the module docstring."""
 
-    def __init__(self, dim, *, metric="cosine", nlist=1024, nprobe=16, train_size=None, seed=0, threads=None):
+    def __init__(self, dim, *, metric="cosine", nlist=1024, nprobe=16, train_size=None, seed=0, threads=None,
+                 storage="float32"):
         self._dim = _positive_int(dim, "dim")
         if not isinstance(metric, str) or metric.lower() not in METRICS:
             raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
         self._metric = metric.lower()
+        if not isinstance(storage, str) or storage.lower() not in STORAGES:
+            raise InputError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self._storage = storage.lower()
+        if self._storage == "int8" and levels(self._dim) < 1:
+            raise InputError(f"int8 storage takes dim up to {(2**31 - 1) // 255}, got {self._dim}")
+        self._scale = self._offset = None  # int8: per-dimension scale and offset, float32 (dim,), from the first add
         self._nlist = _positive_int(nlist, "nlist")
         self._nprobe = _positive_int(nprobe, "nprobe")
         self._train_size = TRAIN_PER_LIST * self._nlist if train_size is None else _positive_int(
@@ -142,16 +172,17 @@ class IVFSearcher:
         self._centroids = None  # (nlist, dim) float32 unit rows once trained
         self._method = "numba"  # how lists are scored: "numba" (scan_grouped) or "blas" (measured slower)
         self._lock = _RWLock()
-        self._set_layout(np.zeros(1, np.int64), *_empty_storage(0, self._dim))
+        self._set_layout(np.zeros(1, np.int64), *_empty_storage(0, self._dim), codes=self._empty_codes(0))
         self._row_map = {}  # id -> row; None: to be built on first use (a mapped load)
         self._mapping = None  # engine.searcher._Mapping of a load(mmap=True), until the first write
         self._n = 0
         self._next_id = 0
 
-    def _set_layout(self, sizes, vectors, ids, starts=None):
+    def _set_layout(self, sizes, vectors, ids, starts=None, codes=None):
         self._sizes = sizes  # (lists,) rows in use per list
         self._vectors = vectors  # (capacity, dim)
         self._ids = ids  # (capacity,)
+        self._codes = codes  # (capacity, dim) float16 / uint8 at the same rows, or None (float32 storage)
         self._starts = np.array([0, vectors.shape[0]], np.int64) if starts is None else starts  # (lists + 1,)
 
     # -- properties ------------------------------------------------------------------------------
@@ -175,6 +206,58 @@ class IVFSearcher:
     @nprobe.setter
     def nprobe(self, value):
         self._nprobe = _positive_int(value, "nprobe")
+
+    @property
+    def storage(self) -> str:
+        """What the searches read: "float32" (the vectors), "float16" or "int8" (codes, as ``Searcher``'s)."""
+        return self._storage
+
+    @property
+    def quantiser(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """int8 storage: (scale, offset) float32 (dim,) copies, None before the first add and for other storage."""
+        return None if self._scale is None else (self._scale.copy(), self._offset.copy())
+
+    def resident_bytes(self) -> int:
+        """Bytes of vector data held in this index's own memory (codes, scales, float32 vectors not mapped,
+        centroids), capacity included; what a mapping holds counts 0."""
+        m = self._mapping
+        total = 0
+        for a in (self._vectors, self._codes, self._scale, self._offset, self._centroids):
+            if a is not None and not (m is not None and (a is m.vectors or a is m.codes)):
+                total += a.nbytes
+        return total
+
+    def _empty_codes(self, rows: int):
+        return None if self._storage == "float32" else np.zeros((rows, self._dim), _CODE_DTYPES[self._storage])
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        """Codes of float32 rows ``x`` with the current quantiser (int8) or as float16."""
+        if self._storage == "float16":
+            return encode_float16(x)
+        return np.concatenate([encode_int8(x[r0 : r0 + _ENCODE_ROWS], self._scale, self._offset)
+                               for r0 in range(0, x.shape[0], _ENCODE_ROWS)]) if x.shape[0] else \
+            np.zeros((0, self._dim), np.uint8)
+
+    def _cover(self, x: np.ndarray, *, fresh: bool = False) -> bool:
+        """int8: make the quantiser's range cover the rows ``x`` (set it from them when ``fresh`` or unset;
+        else widen it as ``Searcher`` does); True when it changed (every stored code must be made again)."""
+        if self._storage != "int8" or x.shape[0] == 0:
+            return False
+        lo, hi = int8_range(x)
+        if fresh or self._scale is None:
+            self._scale, self._offset = int8_params(lo, hi)
+            return True
+        cur_lo = self._offset.astype(np.float64)
+        cur_hi = cur_lo + 255.0 * self._scale.astype(np.float64)
+        if not ((lo < cur_lo).any() or (hi > cur_hi).any()):
+            return False
+        new_lo, new_hi = np.minimum(lo, cur_lo), np.maximum(hi, cur_hi)
+        margin = (new_hi - new_lo) * _WIDEN
+        new_lo, new_hi = new_lo - margin, new_hi + margin
+        if self._metric == "cosine":
+            new_lo, new_hi = np.maximum(new_lo, -1.0), np.minimum(new_hi, 1.0)
+        self._scale, self._offset = int8_params(new_lo, new_hi)
+        return True
 
     @property
     def is_trained(self) -> bool:
@@ -240,10 +323,13 @@ class IVFSearcher:
             self._mapping.verify(self._metric)
             if copy:
                 self._vectors = np.array(self._vectors)
+                if self._codes is not None:
+                    self._codes = np.array(self._codes)
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained else "untrained"
-        return (f"IVFSearcher(dim={self._dim}, metric={self._metric!r}, nlist={self._nlist}, "
+        storage = "" if self._storage == "float32" else f", storage={self._storage!r}"
+        return (f"IVFSearcher(dim={self._dim}, metric={self._metric!r}{storage}, nlist={self._nlist}, "
                 f"nprobe={self._nprobe}, count={self._n}, {state})")
 
     def _used_rows(self) -> np.ndarray:
@@ -325,10 +411,13 @@ class IVFSearcher:
         sizes = np.bincount(labels, minlength=lists).astype(np.int64)
         starts = _starts_for(sizes)
         new_vectors, new_ids = _empty_storage(int(starts[-1]), self._dim)
-        self._set_layout(np.zeros(lists, np.int64), new_vectors, new_ids, starts)
+        self._set_layout(np.zeros(lists, np.int64), new_vectors, new_ids, starts, self._empty_codes(int(starts[-1])))
         rows = np.empty(ids.shape[0], dtype=np.int64)
         place_rows(vectors, ids, labels, self._vectors, self._ids, self._starts, self._sizes, rows)
         self._row = dict(zip(ids.tolist(), rows.tolist()))
+        if self._codes is not None:
+            self._cover(vectors, fresh=True)  # every row is encoded afresh: the tightest range
+            self._codes[rows] = self._encode(vectors)
 
     def _make_room(self, extra: np.ndarray) -> None:
         """Ensure list ``l`` can take ``extra[l]`` more rows; relays every list out when one cannot."""
@@ -338,7 +427,11 @@ class IVFSearcher:
         starts = _starts_for(needed)
         vectors, ids = _empty_storage(int(starts[-1]), self._dim)
         copy_lists(self._vectors, self._ids, self._starts, self._sizes, vectors, ids, starts)
-        self._set_layout(self._sizes, vectors, ids, starts)
+        codes = self._empty_codes(int(starts[-1]))
+        if codes is not None:
+            raw = np.uint16 if codes.dtype == np.float16 else np.uint8  # numba has no float16: copy the bits
+            copy_list_rows(self._codes.view(raw), self._starts, self._sizes, codes.view(raw), starts)
+        self._set_layout(self._sizes, vectors, ids, starts, codes)
         rows = self._used_rows()
         self._row = dict(zip(self._ids[rows].tolist(), rows.tolist()))
 
@@ -347,6 +440,11 @@ class IVFSearcher:
         """Store ``vectors`` (n, dim); returns their ids (int64). Nothing is stored when it raises."""
         x = self._coerce(vectors, "vectors", allow_1d=False)
         m = x.shape[0]
+        if self._storage == "float16" and m:
+            big = np.abs(x).max(axis=1) > _F16_MAX
+            if big.any():
+                raise InputError(f"float16 storage holds values up to {_F16_MAX:g} in magnitude; vectors in rows "
+                                 f"{_rows_named(big)} exceed it")
         with self._lock.write():
             new_ids = self._new_ids(m, ids)
             if m == 0:
@@ -364,6 +462,12 @@ class IVFSearcher:
                 rows = np.empty(m, dtype=np.int64)
                 place_rows(x, new_ids, labels, self._vectors, self._ids, self._starts, self._sizes, rows)
                 self._row.update(zip(new_ids.tolist(), rows.tolist()))
+                if self._codes is not None:
+                    if self._cover(x):  # the range widened: every stored row is encoded again
+                        used = self._used_rows()
+                        self._codes[used] = self._encode(self._vectors[used])
+                    else:
+                        self._codes[rows] = self._encode(x)
             self._n += m
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
             return new_ids.copy()
@@ -407,6 +511,8 @@ class IVFSearcher:
                 if row != last:  # move the list's last row into the hole
                     moved = int(self._ids[last])
                     self._vectors[row] = self._vectors[last]
+                    if self._codes is not None:
+                        self._codes[row] = self._codes[last]
                     self._ids[row] = moved
                     self._row[moved] = row
                 sizes[lst] -= 1
@@ -424,26 +530,40 @@ class IVFSearcher:
                     rows[i] = self._row[id_]
                 except KeyError:
                     raise KeyError(f"id {id_} is not in the index") from None
-            return self._vectors[rows]
+            return self._mapping.rows(rows) if self.mapped else self._vectors[rows]  # rows: pread when compressed
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, queries, k: int, *, nprobe=None):
+    def search(self, queries, k: int, *, nprobe=None, rerank=None):
         """Top-k of each query among the vectors of its ``nprobe`` (default ``self.nprobe``) best lists:
-        ``(scores (nq, k') float32, ids (nq, k') int64)``, best first; see the module docstring."""
+        ``(scores (nq, k') float32, ids (nq, k') int64)``, best first; see the module docstring.
+
+        Compressed storage: scores of the codes; ``rerank=R`` keeps the best ``max(R, k)`` of the probed lists
+        by the codes and scores them again exactly against the float32 vectors (read for those rows only), as
+        ``Searcher.search``; ignored for float32 storage."""
         k = _positive_int(k, "k")
         nprobe = self._nprobe if nprobe is None else _positive_int(nprobe, "nprobe")
+        if rerank is not None:
+            rerank = _positive_int(rerank, "rerank")
         q = self._coerce(queries, "queries", allow_1d=True)
         with self._lock.read():
             n = self._n
             cols = answer_columns(k, n)
+            rerank = rerank if self._codes is not None and n else None
+            width = cols if rerank is None else answer_columns(max(rerank, cols), n)
             try:
-                hs, hr = heap_init(q.shape[0], cols)
+                hs, hr = heap_init(q.shape[0], width)
             except ResultTooLarge as e:
                 raise InputError(f"k = {k} is too large: {e} (the index holds {n} vectors)") from None
             if n and q.shape[0]:
-                self._scan(q, self._probes(q, nprobe), hs, hr)
-        heap_sort(hs, hr)
-        return hs, hr
+                self._scan(q, self._probes(q, nprobe), hs, hr, rows=rerank is not None)
+            heap_sort(hs, hr)
+            if rerank is None:
+                return hs, hr
+            # hr holds rows (-1: none): scored exactly, equal scores ordered by id as everywhere else
+            tie = np.where(hr >= 0, self._ids[np.maximum(hr, 0)], -1)
+            fetch = self._mapping.rows if self.mapped else self._vectors.__getitem__
+            scores, order = rerank_candidates(q, hr, fetch, tie, cols)
+            return scores, np.take_along_axis(tie, order, axis=1)
 
     def _probes(self, q: np.ndarray, nprobe: int) -> np.ndarray:
         """(nq, p) int64: each query's non-empty lists to scan, best centroid first (-1: none)."""
@@ -454,7 +574,7 @@ class IVFSearcher:
         top_lists(q @ self._centroids.T, self._sizes, nprobe, probes)
         return probes
 
-    def _scan(self, q, probes, hs, hr) -> None:
+    def _scan(self, q, probes, hs, hr, *, rows=False) -> None:
         """Merge the vectors of each query's probed lists into its heap; caller holds the read lock.
 
         The (query, list) pairs are grouped by list; each list is read once and scored against the queries
@@ -463,8 +583,11 @@ class IVFSearcher:
         nq = q.shape[0]
         offsets, qidx, todo, cost = group_by_list(probes, self._sizes)
         threads = self._threads if int(cost.sum()) * self._dim >= SMALL_WORK else 1
-        blas = self._method == "blas"
+        blas = self._method == "blas" and self._codes is None
         part = self._part_blas if blas else self._part_numba
+        if self._codes is not None:  # rows: the heaps hold rows, not ids (a re-ranked short list)
+            prep = int8_queries(q, self._scale, self._offset) if self._storage == "int8" else None
+            part = functools.partial(self._part_codes, prep=prep, rows=rows)
         if threads == 1 or todo.shape[0] < 2 or (blas and not blas_controllable()):
             part(q, todo, qidx, offsets, hs, hr)
             return
@@ -481,6 +604,16 @@ class IVFSearcher:
 
     def _part_numba(self, q, lists, qidx, offsets, hs, hr) -> None:
         scan_grouped(q, qidx, offsets, lists, self._vectors, self._ids, self._starts, self._sizes, hs, hr)
+
+    def _part_codes(self, q, lists, qidx, offsets, hs, hr, *, prep, rows) -> None:
+        """``_part_numba`` over the codes; with ``rows`` the heaps get each vector's row instead of its id."""
+        if prep is not None:
+            qi, qstep, const = prep
+            scan_grouped_int8(qi, qstep, const, qidx, offsets, lists, self._codes, self._ids, rows, self._starts,
+                              self._sizes, hs, hr)
+        else:
+            scan_grouped_f16(q, qidx, offsets, lists, self._codes.view(np.uint16), self._ids, rows, self._starts,
+                             self._sizes, hs, hr)
 
     def _part_blas(self, q, lists, qidx, offsets, hs, hr) -> None:
         """As ``_part_numba``, with each list's scores from one BLAS product against its gathered queries."""
@@ -530,11 +663,26 @@ class IVFSearcher:
                       np.concatenate([[0], np.cumsum(self._sizes)]).astype("<i8"),
                       np.ascontiguousarray(self._ids[rows], dtype="<i8"),
                       np.ascontiguousarray(vectors, dtype="<f4"))
-            digests = {name: _sha256((a,)) for name, a in zip(SECTIONS, arrays)}
-            if self.mapped and digests["vectors"] != self._mapping.sha256:
+            named = dict(zip(SECTIONS, arrays))
+            compressed = self._codes is not None
+            if compressed:
+                if self._storage == "int8":  # scale 1, offset 0 before the first add (then count is 0)
+                    scale = np.ones(self._dim) if self._scale is None else self._scale
+                    offset = np.zeros(self._dim) if self._offset is None else self._offset
+                    named["quant"] = np.concatenate([scale, offset]).astype("<f4")
+                codes = self._codes if self.mapped else self._codes[rows]
+                named["codes"] = np.ascontiguousarray(codes, dtype=_CODE_DTYPES[self._storage])
+            arrays = tuple(named.values())
+            digests = {name: _sha256((named[name],)) if name in named else None
+                       for name in (SECTIONS_V3 if compressed else SECTIONS)}
+            if self.mapped and (digests["vectors"] != self._mapping.sha256
+                                or (compressed and digests["codes"] != self._mapping.codes_sha256)):
                 raise IndexFileError(f"{self._mapping.path}: checksum mismatch in the vectors section: the mapped "
                                      f"file changed or was damaged since it was opened; not saved to {path}")
             header = {**self._header(), "section_sha256": digests}
+            if compressed:
+                header["format_version"] = COMPRESSED_FORMAT_VERSION
+                header["storage"] = self._storage
             atomic_write(path, header_line(MAGIC, header), *(_bytes_of(a) for a in arrays))
 
     @classmethod
@@ -545,7 +693,7 @@ class IVFSearcher:
         path = Path(path)
         if not (mmap is False or mmap is True or mmap == "verify"):
             raise InputError(f"mmap must be False, True or 'verify', got {mmap!r}")
-        opened = _map_file(path) if mmap else None
+        opened = _map_file(path, whole=not mmap)
         if opened is None:
             header, digest, body = _read_file(path)
             view = memoryview(body)
@@ -572,15 +720,24 @@ class IVFSearcher:
             problem = _centroid_problem(centroids)
         if problem:
             raise IndexFileError(f"{path}: damaged index: {problem}")
+        storage = header["storage"] if header["format_version"] >= 3 else "float32"
         s = cls(dim, metric=header["metric"], nlist=nlist, nprobe=header["nprobe"],
-                train_size=header["train_size"], seed=header["seed"], threads=threads)
+                train_size=header["train_size"], seed=header["seed"], threads=threads, storage=storage)
         if trained:
             s._centroids = centroids.astype(np.float32)
         sizes = np.diff(offsets).astype(np.int64)
         if mapping is not None:  # the file's layout: lists back to back, no slack
-            s._set_layout(sizes, vectors, ids.astype(np.int64, copy=False), offsets.astype(np.int64))
+            codes = None
+            if mapping.codes is not None:  # compressed: codes in memory unless mmap; the float32 vectors mapped
+                codes = mapping.codes if mmap else np.array(mapping.codes)
+                if count and mapping.scale is not None:
+                    s._scale, s._offset = mapping.scale.copy(), mapping.offset.copy()
+            s._set_layout(sizes, vectors, ids.astype(np.int64, copy=False), offsets.astype(np.int64), codes)
             s._mapping = mapping
             s._row = None  # built on first use
+            if mapping.codes is not None and not mmap:  # read whole: everything checked now
+                mapping.verify(header["metric"])
+                mapping.release()
         else:
             starts = _starts_for(sizes)
             new_vectors, new_ids = _empty_storage(int(starts[-1]), dim)
@@ -659,6 +816,11 @@ def _sections(header: dict) -> dict:
     count, dim, nlist, trained = header["count"], header["dim"], header["nlist"], header["trained"]
     sizes = {"centroids": nlist * dim * 4 if trained else 0, "offsets": ((nlist if trained else 1) + 1) * 8,
              "ids": count * 8, "vectors": count * dim * 4}
+    if header["format_version"] >= 3:
+        storage = header["storage"]
+        if storage == "int8":
+            sizes["quant"] = 2 * dim * 4  # scale then offset, float32
+        sizes["codes"] = count * dim * _CODE_DTYPES[storage].itemsize
     out, at = {}, 0
     for name, size in sizes.items():
         out[name] = (at, size)
@@ -683,13 +845,18 @@ def _read_file(path: Path) -> tuple[dict, str, bytes]:
     return header, digest, body
 
 
-def _map_file(path: Path):
-    """(header, {section: bytes} of the centroids, offsets and ids, the vectors' ``_Mapping``) of a version-2
-    file, all but the vectors checked against their digests; None, with a ``UserWarning``, for version 1."""
+def _map_file(path: Path, *, whole: bool = False):
+    """(header, {section: bytes} of the centroids, offsets, ids (and quant), the vectors' (and codes')
+    ``_Mapping``) of a version-2 or 3 file, all but the vectors and codes checked against their digests; None,
+    with a ``UserWarning``, for version 1. ``whole`` (a plain load): maps version 3 alone (its float32 vectors
+    stay in the file, its codes are copied into memory by the caller) and returns None for the others."""
     try:
         with open(path, "rb") as f:
             header = _read_header(f, path)
-            if header["format_version"] < 2:
+            version = header["format_version"]
+            if whole and version < 3:
+                return None
+            if version < 2:
                 warnings.warn(f"{path}: IVF index format version {header['format_version']} cannot be memory-mapped "
                               f"(no aligned vectors, no checksum of their own): read whole instead; save it again "
                               f"(this build writes version {FORMAT_VERSION}) to map it", UserWarning, stacklevel=3)
@@ -702,31 +869,62 @@ def _map_file(path: Path):
             expected = sum(size for _, size in sections.values())
             if st.st_size - start != expected:
                 raise IndexFileError(f"{path}: truncated or damaged index: payload is {st.st_size - start} bytes, "
-                                     f"header says {expected}")
+                                     f"header says {expected}{_layout_text(header)}")
             parts = {}
             for name, (at, size) in sections.items():
-                if name != "vectors":
+                if name not in ("vectors", "codes"):
                     parts[name] = pread_exact(f.fileno(), size, start + at)
                     if len(parts[name]) != size:
                         raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
                                              f"{len(parts[name])} bytes, header says {size}")
             digest = header.pop("sha256")
             _check_digests(path, header, digest, parts)
-            at, size = sections["vectors"]
             count, dim = header["count"], header["dim"]
-            if (start + at) % 4:
-                raise IndexFileError(f"{path}: damaged index: the vectors start at byte {start + at}, not a multiple "
-                                     f"of 4 (save aligns them), so they cannot be mapped")
-            if size == 0:
-                vectors = np.zeros((count, dim), dtype=np.float32)
-            else:
-                mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the array keeps it open
-                vectors = np.frombuffer(mm, dtype="<f4", count=count * dim, offset=start + at).reshape(count, dim)
+            storage = header["storage"] if version >= 3 else "float32"
+            scale = offset = None
+            if storage == "int8":
+                quant = np.frombuffer(parts["quant"], dtype="<f4", count=2 * dim).astype(np.float32)
+                scale, offset = quant[:dim], quant[dim:]
+                problem = _quant_problem(scale, offset) if count else None
+                if problem:
+                    raise IndexFileError(f"{path}: damaged index: {problem}")
+            mm = fd = None
+            vectors_at = 0
+            arrays = {}
+            for name, dtype in (("vectors", np.dtype("<f4")), ("codes", _CODE_DTYPES.get(storage))):
+                if name not in sections:
+                    continue
+                at, size = sections[name]
+                if (start + at) % dtype.itemsize:
+                    raise IndexFileError(f"{path}: damaged index: the {name} start at byte {start + at}, not a "
+                                         f"multiple of {dtype.itemsize} (save aligns them), so they cannot be mapped")
+                if size == 0:
+                    arrays[name] = np.zeros((count, dim), dtype=dtype)
+                    continue
+                if mm is None:
+                    mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the arrays keep it open
+                arrays[name] = np.frombuffer(mm, dtype=dtype, count=count * dim, offset=start + at).reshape(count, dim)
+                if name == "vectors" and storage != "float32":  # re-ranked rows are read with pread
+                    fd, vectors_at = os.dup(f.fileno()), start + at
     except IndexFileError:
         raise
     except (OSError, ValueError) as e:
-        raise IndexFileError(f"cannot map index file {path}: {getattr(e, 'strerror', None) or e}") from e
-    return header, parts, _Mapping(path, vectors, header["section_sha256"]["vectors"])
+        verb = "read" if whole else "map"
+        raise IndexFileError(f"cannot {verb} index file {path}: {getattr(e, 'strerror', None) or e}") from e
+    digests = header["section_sha256"]
+    return header, parts, _Mapping(path, arrays["vectors"], digests["vectors"], codes=arrays.get("codes"),
+                                   codes_sha256=digests.get("codes"), scale=scale, offset=offset, mm=mm, fd=fd,
+                                   vectors_at=vectors_at)
+
+
+def _layout_text(header: dict) -> str:
+    """For a compressed (format 3) IVF index: what the header's size is made of, naming the codes' dtype."""
+    if header["format_version"] < 3:
+        return ""
+    storage = header["storage"]
+    parts = ", ".join(f"{name} {size}" for name, (_, size) in _sections(header).items())
+    return (f" ({parts} bytes; codes: count {header['count']} x dim {header['dim']} "
+            f"{_CODE_DTYPES[storage].name} for storage {storage!r})")
 
 
 _FIELDS = ("sha256", "dim", "metric", "count", "next_id", "nlist", "nprobe", "train_size", "seed", "trained")
@@ -742,7 +940,7 @@ def _header_fields(path: Path, text: bytes) -> dict:
         raise IndexFileError(f"{path}: damaged index header ({e})") from e
     if version not in READS_VERSIONS or not _is_int(version):
         raise IndexFileError(f"{path}: IVF index format version {version!r}; this build reads versions "
-                             f"{' and '.join(map(str, READS_VERSIONS))}")
+                             f"{', '.join(map(str, READS_VERSIONS[:-1]))} and {READS_VERSIONS[-1]}")
     missing = [key for key in _FIELDS if key not in header]
     if missing:
         raise IndexFileError(f"{path}: damaged index header (no {', '.join(missing)})")
@@ -766,12 +964,22 @@ def _header_fields(path: Path, text: bytes) -> dict:
         raise bad("train_size", f"at least nlist = {header['nlist']}")
     if not isinstance(header["sha256"], str):
         raise bad("sha256", "a hex string")
+    names = SECTIONS
+    optional = ()
+    if version >= 3:
+        storage = header.get("storage")
+        if not isinstance(storage, str) or storage not in _CODE_DTYPES:
+            raise IndexFileError(f"{path}: damaged index header (storage={storage!r}, expected 'float16' or 'int8' "
+                                 f"in a version-3 IVF index; a float32 one is version 2)"[:500])
+        names = SECTIONS_V3
+        optional = ("quant",) if storage == "float16" else ()
     if version >= 2:
         digests = header.get("section_sha256")
-        if not (isinstance(digests, dict) and set(digests) == set(SECTIONS)
-                and all(isinstance(v, str) for v in digests.values())):
+        if not (isinstance(digests, dict) and set(digests) == set(names)
+                and all(digests[k] is None if k in optional else isinstance(digests[k], str) for k in names)):
             raise IndexFileError(f"{path}: damaged index header (section_sha256={digests!r}, expected an object "
-                                 f"with a sha256 for each of {', '.join(SECTIONS)})"[:500])
+                                 f"with a sha256 for each of {', '.join(k for k in names if k not in optional)})"
+                                 [:500])
     return header
 
 

@@ -43,7 +43,8 @@ Contract
   stored rows, each block's scores merged into per-query heaps by numba); memory beyond the index is
   bounded (a 4 MiB score buffer, 16 MiB for small searches, the heaps and the answer).
 
-File format (``save`` / ``load``), version 3 (``save`` writes it; ``load`` reads versions 1, 2 and 3): one
+File format (``save`` / ``load``), version 3 (``save`` writes it for float32 storage, version 4 for compressed
+storage, see below; ``load`` reads versions 1, 2, 3 and 4): one
 header line ``LOOKALIKE-INDEX {json}`` padded with spaces to a multiple of ``ALIGN`` (64) bytes including its
 closing ``\\n``, then the payload, every number little-endian:
 
@@ -97,6 +98,38 @@ file in place, not through ``save``, makes the pages past its new end unreadable
 as with any memory map.) The searches read the mapped (C-contiguous float32) array block by block; nothing
 copies it whole.
 
+Compressed storage (``Searcher(dim, storage="float16" | "int8")``; ``storage="float32"``, the default, is the
+exact index above, unchanged): the searches read codes instead of the float32 vectors, 2 bytes (float16) or 1
+byte (int8) per component, so a scan moves a half or a quarter of the bytes (``engine.kernels.quant``).
+- float16: each component rounded to float16; ``add`` refuses a component beyond float16's range (65504) with
+  ``InputError`` naming the rows. int8: per dimension an offset and a scale (``quantiser``), a component x
+  stored as the code ``clip(rint((x - offset) / scale), 0, 255)``; the first ``add`` sets each dimension's
+  range to that of its vectors, a later ``add`` whose vectors leave it widens it (by 1/16 of its width on each
+  side; within [-1, 1] under cosine) and encodes every stored row again from its float32 vector (so no stored
+  component is ever clipped).
+- Scores: the inner product of the float32 query with the values the codes stand for; int8 scores are
+  accumulated in int32 (exact integers: the same bits on every CPU, AVX2 without VNNI included, and whatever
+  the number of queries; see ``engine.kernels.quant``). ``search(q, k, rerank=R)`` re-ranks: the best
+  ``max(R, k)`` by the codes are scored again exactly against the float32 vectors (reading only those rows),
+  and the best ``k'`` of them are answered with float32 scores. Ids, padding and order are as above.
+- Where the float32 vectors live: they are kept (``get``, re-ranking, ``save`` and re-encoding read them), but
+  not resident once loaded: ``load(path)`` reads the codes (and ids, meta, stamps) into memory and maps the
+  float32 vectors read-only from the file, checking them whole at open (digest, contents, and that the codes
+  are their encoding) through the mapping, whose pages it then releases (``madvise(MADV_DONTNEED)``);
+  ``load(path, mmap=True)`` maps the codes too and leaves those checks to ``verify()``. A re-ranking search
+  reads only its short list's rows, with ``pread`` on the file kept open (a fault on the mapping would map a
+  whole 2 MB page-cache folio per row). An index
+  built in memory by ``add`` holds both the float32 vectors and the codes (more than float32 storage) until it
+  is saved and loaded; an ``add`` or ``remove`` on a loaded index copies the float32 vectors back into memory
+  (as for a mapped float32 index). ``resident_bytes()`` says what the index holds in its own memory.
+- File: format version 4 (float32 indexes are still written as version 3): the header adds ``storage``
+  ("float16" or "int8") and the sections become ids, vectors (float32, as in version 3), ``quant`` (int8
+  only: dim float32 scales then dim float32 offsets), ``codes`` (count x dim little-endian float16, or uint8),
+  stamps, meta, each with its sha256 in ``section_sha256`` (null for an absent one). ``load`` refuses, naming
+  the path and what it expected: another ``storage`` tag, a payload of another size than the header's
+  sections (listed with the codes' dtype), a scale that is not finite and > 0 or an offset that is not
+  finite, and codes that are not the encoding of their float32 vectors.
+
 Images: with an encoder attached (``Searcher(encoder=enc)``, ``Searcher.from_model(path)``, or
 ``Searcher.from_model()`` for the packaged default image model ``engine.default_models.default_model("image")``),
 ``add_images`` / ``search_images`` encode images first. ``load(path, encoder=enc)`` refuses an encoder
@@ -121,17 +154,26 @@ import numpy as np
 
 from engine.errors import IndexFileError, InputError, ModelError
 from engine.fileio import MAX_HEADER, atomic_write, read_payload
+from engine.kernels.quant import (STORAGES, encode_float16, encode_int8, int8_params, int8_range, levels,
+                                  topk_codes)
 from engine.kernels.topk import topk_ip
+from engine.threads import default_threads
 from engine.result_size import ResultTooLarge, answer_columns
 from engine.validate import is_int, listed_rows, positive_int
 
 METRICS = ("cosine", "ip")
 MAGIC = b"LOOKALIKE-INDEX "
-FORMAT_VERSION = 3
-READS_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 3  # what ``save`` writes for float32 storage (unchanged)
+COMPRESSED_FORMAT_VERSION = 4  # what ``save`` writes for float16 / int8 storage
+READS_VERSIONS = (1, 2, 3, 4)
 ALIGN = 64  # version 3: the header line is padded so that the payload starts at a multiple of this
 SECTIONS = ("ids", "vectors", "stamps", "meta")  # version 3: each has its sha256 in the header
+SECTIONS_V4 = ("ids", "vectors", "quant", "codes", "stamps", "meta")  # version 4 (compressed): file order
+_CODE_DTYPES = {"float16": np.dtype("<f2"), "int8": np.dtype("u1")}  # storage -> the codes' dtype in the file
+_F16_MAX = float(np.finfo(np.float16).max)
+_WIDEN = 1 / 16  # int8: a range widened by a later add grows by this fraction of its width on each side
 _VERIFY_ROWS = 1 << 16  # rows hashed at a time when the mapped vectors are verified
+_ENCODE_ROWS = 1 << 13  # rows encoded at a time (verify, re-encoding): temporaries of a few MB
 MAX_META_BYTES = 1 << 16  # one vector's meta string, UTF-8 encoded (a path, a short JSON record)
 _STAMP = np.dtype([("size", "<i8"), ("mtime_ns", "<i8"), ("sha256", "V32")])  # 48 bytes per vector in the file
 # A cosine row is normalised in float64 and rounded to float32: each component moves by at most 2**-24 of
@@ -354,7 +396,7 @@ def coerce_ids(ids, what="ids") -> np.ndarray:
 class Searcher:
     """Exact top-k search by cosine similarity or inner product; see the module docstring."""
 
-    def __init__(self, dim=None, *, metric="cosine", encoder=None):
+    def __init__(self, dim=None, *, metric="cosine", encoder=None, storage="float32"):
         if encoder is not None:
             enc_dim = int(encoder.dim)
             if dim is None:
@@ -367,9 +409,18 @@ class Searcher:
         if not isinstance(metric, str) or metric.lower() not in METRICS:
             raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
         self._metric = metric.lower()
+        if not isinstance(storage, str) or storage.lower() not in STORAGES:
+            raise InputError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self._storage = storage.lower()
+        if self._storage == "int8" and levels(self._dim) < 1:
+            raise InputError(f"int8 storage takes dim up to {(2**31 - 1) // 255}, got {self._dim}")
         self._encoder = encoder
         self._model = dict(encoder.identity) if encoder is not None else None
         self._vectors = np.zeros((0, self._dim), dtype=np.float32)  # (capacity, dim); rows [:n] in use
+        # float16 / int8 storage: the codes searched, (capacity, dim), rows [:n] in use (None for float32), and
+        # for int8 the per-dimension scale and offset (float32 (dim,), None until the first add)
+        self._codes = None if self._storage == "float32" else np.zeros((0, self._dim), _CODE_DTYPES[self._storage])
+        self._scale = self._offset = None
         self._ids = np.zeros(0, dtype=np.int64)  # (capacity,) id of each row
         self._row_map = {}  # id -> row; None: to be built from the ids on first use (a mapped load)
         self._mapping = None  # _Mapping of a load(mmap=True) (the vectors stay in the file until written to)
@@ -394,6 +445,30 @@ class Searcher:
         return self._encoder
 
     @property
+    def storage(self) -> str:
+        """What the searches read: "float32" (the vectors), "float16" or "int8" (codes; see the module notes)."""
+        return self._storage
+
+    @property
+    def quantiser(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """int8 storage: (scale, offset), float32 (dim,) copies (a code c of dimension j stands for
+        ``offset[j] + scale[j] * c``), None before the first add and for other storage."""
+        return None if self._scale is None else (self._scale.copy(), self._offset.copy())
+
+    def resident_bytes(self) -> int:
+        """Bytes of vector data this index holds in its own memory: the codes (and scales) of a compressed
+        index plus any float32 vectors not in a file mapping; the mapped parts count 0 (the page cache holds
+        them, and a search touches only the rows it re-ranks). Capacity beyond ``len`` counts too."""
+        total = 0
+        m = self._mapping
+        for name in ("_vectors", "_codes", "_scale", "_offset"):
+            a = getattr(self, name)
+            if a is None or (m is not None and (a is m.vectors or a is m.codes)):
+                continue
+            total += a.nbytes
+        return total
+
+    @property
     def ids(self) -> np.ndarray:
         """The stored ids in row order (a copy)."""
         with self._lock.read():
@@ -407,7 +482,8 @@ class Searcher:
 
     def __repr__(self) -> str:
         mapped = ", mapped" if self.mapped else ""
-        return f"Searcher(dim={self._dim}, metric={self._metric!r}, count={self._n}{mapped})"
+        storage = "" if self._storage == "float32" else f", storage={self._storage!r}"
+        return f"Searcher(dim={self._dim}, metric={self._metric!r}{storage}, count={self._n}{mapped})"
 
     @property
     def _row(self) -> dict:
@@ -437,6 +513,16 @@ class Searcher:
             if self.mapped:
                 self._mapping.verify(self._metric)
 
+    def _unmap(self) -> None:
+        """Before the first write to a mapped index: verify the mapping and copy the vectors (and codes) into
+        memory; caller holds the write lock."""
+        if self.mapped:
+            self._mapping.verify(self._metric)
+            self._vectors = np.array(self._vectors[: self._n])
+            if self._codes is not None:
+                self._codes = np.array(self._codes[: self._n])
+            self._lists()
+
     # -- input coercion ----------------------------------------------------------------------------
     def _coerce(self, x, what: str, *, allow_1d: bool) -> np.ndarray:
         """(n, dim) C-contiguous float32, finite, normalised for cosine; 1-D of length dim -> (1, dim)."""
@@ -451,6 +537,11 @@ class Searcher:
         raises."""
         x = self._coerce(vectors, "vectors", allow_1d=False)
         m = x.shape[0]
+        if self._storage == "float16" and m:
+            big = np.abs(x).max(axis=1) > _F16_MAX
+            if big.any():
+                raise InputError(f"float16 storage holds values up to {_F16_MAX:g} in magnitude; vectors in rows "
+                                 f"{_rows_named(big)} exceed it")
         meta = [None] * m if meta is None else _checked_meta(meta, m)
         stamps = [None] * m if stamps is None else _checked_stamps(stamps, m)
         with self._lock.write():
@@ -476,12 +567,13 @@ class Searcher:
                     raise InputError(f"id {present[0]} is already in the index{more}")
             if m == 0:
                 return new_ids
-            if self.mapped:  # copy on first write: checked, then copied into memory by _reserve (cap == n)
-                self._mapping.verify(self._metric)
+            self._unmap()  # copy on first write: checked, then copied into memory
             self._lists()
             self._reserve(self._n + m)
             n0 = self._n
             self._vectors[n0 : n0 + m] = x
+            if self._codes is not None:
+                self._encode(x, n0)
             self._ids[n0 : n0 + m] = new_ids
             self._row.update(zip(new_ids.tolist(), range(n0, n0 + m)))
             self._meta.extend(meta)
@@ -508,6 +600,35 @@ class Searcher:
         ids = np.empty(new_cap, dtype=np.int64)
         ids[: self._n] = self._ids[: self._n]
         self._vectors, self._ids = vectors, ids
+        if self._codes is not None:
+            codes = np.empty((new_cap, self._dim), dtype=self._codes.dtype)
+            codes[: self._n] = self._codes[: self._n]
+            self._codes = codes
+
+    def _encode(self, x: np.ndarray, n0: int) -> None:
+        """Codes of the new rows ``x`` (stored from row ``n0``); int8: when they leave the current range of a
+        dimension, the range widens (by ``_WIDEN`` of its width on each side, within [-1, 1] under cosine) and
+        every stored row is encoded again from its float32 vector. Caller holds the write lock."""
+        if self._storage == "float16":
+            self._codes[n0 : n0 + x.shape[0]] = encode_float16(x)
+            return
+        lo, hi = int8_range(x)
+        if self._scale is None:
+            self._scale, self._offset = int8_params(lo, hi)
+        else:
+            cur_lo = self._offset.astype(np.float64)
+            cur_hi = cur_lo + 255.0 * self._scale.astype(np.float64)
+            if (lo < cur_lo).any() or (hi > cur_hi).any():
+                new_lo, new_hi = np.minimum(lo, cur_lo), np.maximum(hi, cur_hi)
+                margin = (new_hi - new_lo) * _WIDEN
+                new_lo, new_hi = new_lo - margin, new_hi + margin
+                if self._metric == "cosine":
+                    new_lo, new_hi = np.maximum(new_lo, -1.0), np.minimum(new_hi, 1.0)
+                self._scale, self._offset = int8_params(new_lo, new_hi)
+                for r0 in range(0, n0, _ENCODE_ROWS):
+                    r1 = min(n0, r0 + _ENCODE_ROWS)
+                    self._codes[r0:r1] = encode_int8(self._vectors[r0:r1], self._scale, self._offset)
+        self._codes[n0 : n0 + x.shape[0]] = encode_int8(x, self._scale, self._offset)
 
     def remove(self, ids) -> int:
         """Remove the vectors with these ids; returns how many were removed (unknown ids are ignored)."""
@@ -515,9 +636,7 @@ class Searcher:
         removed = 0
         with self._lock.write():
             if self.mapped and any(id_ in self._row for id_ in todo.tolist()):  # copy on first write
-                self._mapping.verify(self._metric)
-                self._vectors = np.array(self._vectors[: self._n])
-                self._lists()
+                self._unmap()
             for id_ in todo.tolist():
                 row = self._row.pop(id_, None)
                 if row is None:
@@ -526,6 +645,8 @@ class Searcher:
                 if row != last:  # move the last row into the hole
                     moved = int(self._ids[last])
                     self._vectors[row] = self._vectors[last]
+                    if self._codes is not None:
+                        self._codes[row] = self._codes[last]
                     self._ids[row] = moved
                     self._row[moved] = row
                     self._meta[row] = self._meta[last]
@@ -549,7 +670,8 @@ class Searcher:
     def get(self, ids) -> np.ndarray:
         """The stored vectors of ``ids``, (m, dim) float32 (normalised for cosine); unknown id -> KeyError."""
         with self._lock.read():
-            return self._vectors[self._rows_of(ids)]
+            rows = self._rows_of(ids)
+            return self._mapping.rows(rows) if self.mapped else self._vectors[rows]  # rows: pread when compressed
 
     def meta(self, ids=None) -> list:
         """The meta strings (or None) of ``ids``, in the order asked (all, in row order, when ``ids`` is None)."""
@@ -576,16 +698,30 @@ class Searcher:
         return self._model_path
 
     # -- search ----------------------------------------------------------------------------------
-    def search(self, queries, k: int):
+    def search(self, queries, k: int, *, rerank=None):
         """Top-k of each query: ``(scores (nq, k') float32, ids (nq, k') int64)`` with
-        ``k' = min(k, max(len(self), 1024))``, best first; see the module docstring."""
+        ``k' = min(k, max(len(self), 1024))``, best first; see the module docstring.
+
+        Compressed storage: the scores are those of the codes (float16 or int8 values, see "Compressed
+        storage"); ``rerank=R`` takes the best ``max(R, k)`` by the codes (a short list) and scores them again
+        exactly against the float32 vectors, which are read only for those rows (from the file's mapping
+        after a load), then returns the best ``k'`` of them with float32 scores. For float32 storage the
+        answer is exact already and ``rerank`` changes nothing."""
         k = _as_k(k)
+        if rerank is not None:
+            rerank = positive_int(rerank, "rerank")
         q = self._coerce(queries, "queries", allow_1d=True)
         with self._lock.read():
             n = self._n
             cols = answer_columns(k, n)
             try:
-                scores, rows = topk_ip(q, self._vectors, n, cols)  # padded with -inf / row -1 beyond n hits
+                if self._codes is None:
+                    scores, rows = topk_ip(q, self._vectors, n, cols)  # padded with -inf / row -1 beyond n hits
+                elif rerank is None or n == 0:
+                    scores, rows = self._topk_codes(q, n, cols)
+                else:
+                    short = answer_columns(max(rerank, cols), n)
+                    scores, rows = self._rerank(q, self._topk_codes(q, n, short)[1], cols)
             except ResultTooLarge as e:
                 raise InputError(f"k = {k} is too large: {e} (the index holds {n} vectors)") from None
             if cols <= n:  # every row is real
@@ -594,6 +730,17 @@ class Searcher:
             ids = np.full(rows.shape, -1, dtype=np.int64)
             ids[hit] = self._ids[rows[hit]]
         return scores, ids
+
+    def _topk_codes(self, q: np.ndarray, n: int, cols: int):
+        return topk_codes(q, self._codes, n, cols, scale=self._scale, offset=self._offset,
+                          threads=default_threads())
+
+    def _rerank(self, q: np.ndarray, rows: np.ndarray, cols: int):
+        """(scores, rows) (nq, cols) of the candidate ``rows`` (nq, R; -1: none) scored exactly, best first
+        (higher score, then lower row), padded."""
+        fetch = self._mapping.rows if self.mapped else self._vectors.__getitem__
+        scores, order = rerank_candidates(q, rows, fetch, rows, cols)
+        return scores, np.take_along_axis(rows, order, axis=1)
 
     # -- images ----------------------------------------------------------------------------------
     @classmethod
@@ -651,6 +798,13 @@ class Searcher:
             ids = np.ascontiguousarray(self._ids[:n], dtype="<i8")
             vectors = np.ascontiguousarray(self._vectors[:n], dtype="<f4")  # a mapped array is not copied
             sections = {"ids": [ids], "vectors": [vectors]}
+            compressed = self._codes is not None
+            if compressed:
+                if self._storage == "int8":  # scale 1, offset 0 before the first add (then count is 0)
+                    scale = np.ones(self._dim) if self._scale is None else self._scale
+                    offset = np.zeros(self._dim) if self._offset is None else self._offset
+                    sections["quant"] = [np.ascontiguousarray(scale, "<f4"), np.ascontiguousarray(offset, "<f4")]
+                sections["codes"] = [np.ascontiguousarray(self._codes[:n], _CODE_DTYPES[self._storage])]
             has_stamps = not isinstance(self._stamps, _Nones) and any(st is not None for st in self._stamps)
             if has_stamps:
                 sections["stamps"] = [_pack_stamps(self._stamps)]
@@ -659,12 +813,14 @@ class Searcher:
                 offsets, flags, blob = _pack_meta(self._meta)
                 sections["meta"] = [offsets, flags, blob]
                 meta_bytes = int(blob.size)
-            digests = {name: _sha256(sections[name]) if name in sections else None for name in SECTIONS}
-            if self.mapped and digests["vectors"] != self._mapping.sha256:
+            names = SECTIONS_V4 if compressed else SECTIONS
+            digests = {name: _sha256(sections[name]) if name in sections else None for name in names}
+            if self.mapped and (digests["vectors"] != self._mapping.sha256
+                                or (compressed and digests["codes"] != self._mapping.codes_sha256)):
                 raise IndexFileError(f"{self._mapping.path}: checksum mismatch in the vectors section: the mapped "
                                      f"file changed or was damaged since it was opened; not saved to {path}")
             header = {
-                "format_version": FORMAT_VERSION,
+                "format_version": COMPRESSED_FORMAT_VERSION if compressed else FORMAT_VERSION,
                 "dim": self._dim,
                 "metric": self._metric,
                 "count": n,
@@ -675,8 +831,10 @@ class Searcher:
                 "meta_bytes": meta_bytes,
                 "section_sha256": digests,
             }
+            if compressed:
+                header["storage"] = self._storage
             atomic_write(path, header_line(MAGIC, header),
-                         *(_bytes_of(a) for name in SECTIONS for a in sections.get(name, ())))
+                         *(_bytes_of(a) for name in names for a in sections.get(name, ())))
 
     @classmethod
     def load(cls, path, encoder=None, *, mmap=False) -> Searcher:
@@ -686,7 +844,7 @@ class Searcher:
         path = Path(path)
         if not (mmap is False or mmap is True or mmap == "verify"):
             raise InputError(f"mmap must be False, True or 'verify', got {mmap!r}")
-        opened = _map_index_file(path) if mmap else None
+        opened = _map_index_file(path, whole=not mmap)
         if opened is None:  # read whole: mmap=False, or a version that cannot be mapped
             header, digest, body = _read_index_file(path)
             view = memoryview(body)
@@ -730,7 +888,8 @@ class Searcher:
                 raise ModelError(
                     f"{path} holds dim {dim} vectors, but the encoder {encoder.name} gives dim {encoder.dim}"
                 )
-        s = cls(dim, metric=metric)
+        storage = header.get("storage", "float32") if header["format_version"] >= 4 else "float32"
+        s = cls(dim, metric=metric, storage=storage)
         s._encoder = encoder
         s._model = model if model is not None else (dict(encoder.identity) if encoder is not None else None)
         s._model_path = header.get("model_path")
@@ -745,6 +904,13 @@ class Searcher:
             s._vectors = vectors  # read-only, in the file; copied into memory on the first add / remove
             s._mapping = mapping
             s._row = None  # built on first use
+            if mapping.codes is not None:
+                s._codes = mapping.codes if mmap else np.array(mapping.codes)  # mmap=False: codes in memory
+                if count and mapping.scale is not None:
+                    s._scale, s._offset = mapping.scale.copy(), mapping.offset.copy()
+                if not mmap:  # read whole: everything checked now; the float32 vectors stay mapped
+                    mapping.verify(metric)
+                    mapping.release()
         s._meta = meta
         s._stamps = stamps
         s._n = count
@@ -754,17 +920,71 @@ class Searcher:
         return s
 
 
-class _Mapping(NamedTuple):
-    """The vectors of a ``load(path, mmap=True)``: the read-only array over the file's mapping, and what
-    ``verify`` checks it against."""
+def rerank_candidates(q: np.ndarray, rows: np.ndarray, fetch, tie: np.ndarray, cols: int):
+    """Exact re-ranking of a short list (``Searcher`` and ``IVFSearcher``): ``rows`` (nq, R) candidate rows
+    (-1: none), ``fetch(rows_1d)`` their float32 vectors (m, dim), ``tie`` (nq, R) the key that orders equal
+    scores (lower first). Returns (scores (nq, cols) float32, columns (nq, cols) into ``rows``), best first,
+    a missing candidate scoring -inf after every real one."""
+    nq, short = rows.shape
+    dim = q.shape[1]
+    exact = np.empty((nq, short), dtype=np.float32)
+    step = max(1, (1 << 22) // max(1, short * dim))  # queries per gather: at most 16 MiB of rows
+    for a in range(0, nq, step):
+        b = min(nq, a + step)
+        gathered = fetch(np.where(rows[a:b] >= 0, rows[a:b], 0).reshape(-1)).reshape(b - a, short, dim)
+        np.matmul(gathered, q[a:b, :, None], out=exact[a:b, :, None])  # float32 products, BLAS
+    exact[rows < 0] = -np.inf
+    order = np.lexsort((np.where(rows >= 0, tie, np.iinfo(np.int64).max), -exact), axis=-1)[:, :cols]
+    return np.take_along_axis(exact, order, axis=1), order
 
-    path: Path
-    vectors: np.ndarray  # (count, dim) float32, C-contiguous, read-only (its base is the mmap)
-    sha256: str  # the file's vectors section digest
+
+class _Mapping:
+    """The vectors of a mapped load: the read-only array over the file's mapping, and what ``verify`` checks it
+    against; for a compressed index (format 4) also the codes (mapped), their digest and the int8 scale and
+    offset (read and checked at open). ``IVFSearcher`` uses the first three fields alone."""
+
+    def __init__(self, path: Path, vectors: np.ndarray, sha256: str, *, codes=None, codes_sha256=None,
+                 scale=None, offset=None, mm=None, fd=None, vectors_at=0):
+        self.path = path
+        self.vectors = vectors  # (count, dim) float32, C-contiguous, read-only (its base is the mmap)
+        self.sha256 = sha256  # the file's vectors section digest
+        self.codes = codes  # (count, dim) float16 / uint8 over the same mapping, or None
+        self.codes_sha256 = codes_sha256
+        self.scale, self.offset = scale, offset  # int8: float32 (dim,)
+        self.mm = mm  # the mmap (None for an empty section)
+        self.fd = fd  # compressed: the file kept open, to read the re-ranked rows with pread (see ``rows``)
+        self.vectors_at = vectors_at  # the vectors' offset in the file
+        self.verified = False
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The float32 vectors of ``rows`` (1-D int64 in range), read with pread, not through the mapping: a
+        fault on a mapping maps a whole page-cache folio (2 MB on Linux 6.x with large folios) and read-ahead
+        can map megabytes more, so a few hundred scattered rows would make the whole section resident in the
+        process; pread copies 4 * dim bytes a row."""
+        dim = self.vectors.shape[1]
+        if self.fd is None:
+            return self.vectors[rows]
+        uniq, back = np.unique(rows, return_inverse=True)
+        out = np.empty((uniq.shape[0], dim), dtype=np.float32)
+        size = 4 * dim
+        for i, r in enumerate(uniq.tolist()):
+            if os.preadv(self.fd, [memoryview(out[i]).cast("B")], self.vectors_at + r * size) != size:
+                raise IndexFileError(f"{self.path}: truncated while mapped: row {r} of the vectors cannot be read")
+        if out.dtype.byteorder == ">":  # the file is little-endian
+            out = out.byteswap()
+        return out[back.reshape(-1)]
 
     def verify(self, metric: str) -> None:
         """IndexFileError naming the path unless the mapped vectors match their digest and pass the contents
-        checks of a plain load."""
+        checks of a plain load, and the codes (if any) match theirs and are the encoding of the vectors. Once
+        passed, later calls return at once (the mapping is read-only)."""
+        if self.verified:
+            return
         v = self.vectors
         h = hashlib.sha256()
         for r0 in range(0, v.shape[0], _VERIFY_ROWS):
@@ -775,6 +995,32 @@ class _Mapping(NamedTuple):
         problem = _vectors_problem(v, metric)
         if problem:
             raise IndexFileError(f"{self.path}: damaged index: {problem}")
+        if self.codes is not None:
+            c = self.codes
+            h = hashlib.sha256()
+            for r0 in range(0, c.shape[0], _VERIFY_ROWS):
+                h.update(_bytes_of(c[r0 : r0 + _VERIFY_ROWS]))
+            if h.hexdigest() != self.codes_sha256:
+                raise IndexFileError(f"{self.path}: checksum mismatch in the codes section, the index file was "
+                                     f"altered or damaged")
+            for r0 in range(0, c.shape[0], _ENCODE_ROWS):
+                block = v[r0 : r0 + _ENCODE_ROWS]
+                want = encode_float16(block) if c.dtype.kind == "f" else encode_int8(block, self.scale, self.offset)
+                got = c[r0 : r0 + _ENCODE_ROWS]
+                off = (want.view(np.uint8) != got.view(np.uint8)).any(axis=1)
+                if off.any():
+                    first = int(np.flatnonzero(off)[0])
+                    raise IndexFileError(
+                        f"{self.path}: damaged index: the codes of rows {_rows_named(off)} (from row {r0}) are not "
+                        f"the encoding of their float32 vectors (row {r0 + first}: expected "
+                        f"{want[first][:4].tolist()}..., got {got[first][:4].tolist()}...)")
+        self.verified = True
+
+    def release(self) -> None:
+        """Drop the pages a verify touched from this process (they stay in the page cache): a mapped index's
+        resident memory is then what its searches touch."""
+        if self.mm is not None and hasattr(_mmap, "MADV_DONTNEED"):
+            self.mm.madvise(_mmap.MADV_DONTNEED)
 
 
 def header_line(magic: bytes, header: dict) -> bytes:
@@ -901,14 +1147,18 @@ def _read_index_file(path: Path) -> tuple[dict, str, bytes]:
     return header, digest, body
 
 
-def _map_index_file(path: Path) -> tuple[dict, dict, _Mapping] | None:
-    """(header without its sha256, {section: bytes} of the ids, stamps and meta, the vectors' ``_Mapping``) of a
-    version-3 index file, everything but the vectors checked against its digest; None, with a ``UserWarning``,
-    for a version that cannot be mapped (the caller reads it whole)."""
+def _map_index_file(path: Path, *, whole: bool = False) -> tuple[dict, dict, _Mapping] | None:
+    """(header without its sha256, {section: bytes} of the ids, (quant,) stamps and meta, the vectors' (and
+    codes') ``_Mapping``) of a version-3 or 4 index file, everything but the vectors and codes checked against
+    its digest; None, with a ``UserWarning``, for a version that cannot be mapped (the caller reads it whole).
+    ``whole``: a plain load, which maps format 4 alone (its float32 vectors stay in the file) and returns None
+    for the others without a warning."""
     try:
         with open(path, "rb") as f:
             header = _read_header(f, path)
             version = header["format_version"]
+            if whole and version < 4:
+                return None
             if version < 3:
                 warnings.warn(f"{path}: index format version {version} cannot be memory-mapped (its vectors are not "
                               f"aligned and have no checksum of their own): read whole instead; save it again "
@@ -921,32 +1171,78 @@ def _map_index_file(path: Path) -> tuple[dict, dict, _Mapping] | None:
             expected = _payload_size(header)
             if st.st_size - start != expected:
                 raise IndexFileError(f"{path}: truncated or damaged index: payload is {st.st_size - start} bytes, "
-                                     f"header says {expected}")
+                                     f"header says {expected}{_layout_text(header)}")
             sections = _sections(header)
             parts = {}
             for name, (at, size) in sections.items():
-                if name != "vectors":
+                if name not in ("vectors", "codes"):
                     parts[name] = pread_exact(f.fileno(), size, start + at)
                     if len(parts[name]) != size:  # the file shrank meanwhile
                         raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
                                              f"{len(parts[name])} bytes, header says {size}")
             digest = header.pop("sha256")
             _check_digests(path, header, digest, parts)
-            at, size = sections["vectors"]
             count, dim = header["count"], header["dim"]
-            if (start + at) % 4:
-                raise IndexFileError(f"{path}: damaged index: the vectors start at byte {start + at}, not a multiple "
-                                     f"of 4 (save aligns them), so they cannot be mapped")
-            if size == 0:
-                vectors = np.zeros((count, dim), dtype=np.float32)
-            else:
-                mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the array keeps it open
-                vectors = np.frombuffer(mm, dtype="<f4", count=count * dim, offset=start + at).reshape(count, dim)
+            storage = header.get("storage", "float32") if version >= 4 else "float32"
+            scale = offset = None
+            if storage == "int8":
+                quant = np.frombuffer(parts["quant"], dtype="<f4", count=2 * dim).astype(np.float32)
+                scale, offset = quant[:dim], quant[dim:]
+                problem = _quant_problem(scale, offset) if count else None
+                if problem:
+                    raise IndexFileError(f"{path}: damaged index: {problem}")
+            mm = None
+            fd = None
+            arrays = {}
+            for name, dtype in (("vectors", np.dtype("<f4")), ("codes", _CODE_DTYPES.get(storage))):
+                if name not in sections:
+                    continue
+                at, size = sections[name]
+                if (start + at) % dtype.itemsize:
+                    raise IndexFileError(f"{path}: damaged index: the {name} start at byte {start + at}, not a "
+                                         f"multiple of {dtype.itemsize} (save aligns them), so they cannot be mapped")
+                if size == 0:
+                    arrays[name] = np.zeros((count, dim), dtype=dtype)
+                    continue
+                if mm is None:
+                    mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the arrays keep it open
+                arrays[name] = np.frombuffer(mm, dtype=dtype, count=count * dim, offset=start + at).reshape(count, dim)
+                if name == "vectors" and storage != "float32":  # re-ranked rows are read with pread: ``rows``
+                    fd = os.dup(f.fileno())
+                    vectors_at = start + at
     except IndexFileError:
         raise
     except (OSError, ValueError) as e:  # ValueError: mmap of a file that changed size meanwhile
-        raise IndexFileError(f"cannot map index file {path}: {getattr(e, 'strerror', None) or e}") from e
-    return header, parts, _Mapping(path, vectors, header["section_sha256"]["vectors"])
+        verb = "read" if whole else "map"
+        raise IndexFileError(f"cannot {verb} index file {path}: {getattr(e, 'strerror', None) or e}") from e
+    digests = header["section_sha256"]
+    return header, parts, _Mapping(path, arrays["vectors"], digests["vectors"], codes=arrays.get("codes"),
+                                   codes_sha256=digests.get("codes"), scale=scale, offset=offset, mm=mm, fd=fd,
+                                   vectors_at=vectors_at if fd is not None else 0)
+
+
+def _quant_problem(scale: np.ndarray, offset: np.ndarray) -> str | None:
+    """Why these int8 scales and offsets cannot be ``add``'s (scales finite and > 0, offsets finite), or None."""
+    bad = ~(np.isfinite(scale) & (scale > 0))
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        return (f"int8 scales must be finite and > 0, got {float(scale[j])!r} for dimension {j} "
+                f"({int(bad.sum())} dimensions bad)")
+    bad = ~np.isfinite(offset)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        return f"int8 offsets must be finite, got {float(offset[j])!r} for dimension {j}"
+    return None
+
+
+def _layout_text(header: dict) -> str:
+    """For a compressed (format 4) index: what the header's size is made of, naming the codes' dtype."""
+    if header["format_version"] < 4:
+        return ""
+    storage = header["storage"]
+    parts = ", ".join(f"{name} {size}" for name, (_, size) in _sections(header).items())
+    return (f" ({parts} bytes; codes: count {header['count']} x dim {header['dim']} "
+            f"{_CODE_DTYPES[storage].name} for storage {storage!r})")
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytearray:
@@ -966,6 +1262,11 @@ def _sections(header: dict) -> dict:
     """{section: (offset in the payload, bytes)} of the sections the header announces, in file order."""
     count, dim = header["count"], header["dim"]
     sizes = {"ids": count * 8, "vectors": count * dim * 4}
+    storage = header.get("storage", "float32") if header["format_version"] >= 4 else "float32"
+    if storage == "int8":
+        sizes["quant"] = 2 * dim * 4  # scale then offset, float32
+    if storage != "float32":
+        sizes["codes"] = count * dim * _CODE_DTYPES[storage].itemsize
     if header.get("stamps"):
         sizes["stamps"] = count * _STAMP.itemsize
     if header.get("meta_bytes") is not None:
@@ -1013,12 +1314,21 @@ def _index_header(path: Path, text: bytes) -> dict:
         if not (meta_bytes is None or (_is_int(meta_bytes) and meta_bytes >= 0)):
             raise IndexFileError(f"{path}: damaged index header (meta_bytes={meta_bytes!r}, expected null or a "
                                  f"byte count)")
+    names = SECTIONS
+    present = {"ids": True, "vectors": True, "stamps": header.get("stamps"),
+               "meta": header.get("meta_bytes") is not None}
+    if version >= 4:
+        storage = header.get("storage")
+        if not isinstance(storage, str) or storage not in _CODE_DTYPES:
+            raise IndexFileError(f"{path}: damaged index header (storage={storage!r}, expected 'float16' or 'int8' "
+                                 f"in a version-4 index; a float32 index is version 3)"[:500])
+        names = SECTIONS_V4
+        present.update(quant=storage == "int8", codes=True)
     if version >= 3:
-        present = {"ids": True, "vectors": True, "stamps": header["stamps"], "meta": header["meta_bytes"] is not None}
         digests = header.get("section_sha256")
-        if not (isinstance(digests, dict) and set(digests) == set(SECTIONS)
-                and all(isinstance(digests[k], str) if present[k] else digests[k] is None for k in SECTIONS)):
-            wanted = ", ".join(k for k in SECTIONS if present[k])
+        if not (isinstance(digests, dict) and set(digests) == set(names)
+                and all(isinstance(digests[k], str) if present[k] else digests[k] is None for k in names)):
+            wanted = ", ".join(k for k in names if present[k])
             raise IndexFileError(f"{path}: damaged index header (section_sha256={digests!r}, expected an object "
                                  f"with a sha256 for each section present: {wanted}, null for the others)"[:500])
     return header

@@ -427,8 +427,8 @@ def test_damaged_files_are_refused(tmp_path):
         ("appended", good + b"\0" * 8, r"truncated or damaged index: payload is \d+ bytes"),
         ("header only", good[:header_end], r"payload is 0 bytes"),
         ("edited header", good.replace(b'"nprobe": 16', b'"nprobe": 17'), "checksum mismatch"),
-        ("other version", good.replace(b'"format_version": 2', b'"format_version": 3'),
-         "IVF index format version 3; this build reads versions 1 and 2"),
+        ("other version", good.replace(b'"format_version": 2', b'"format_version": 4'),  # 3: compressed
+         "IVF index format version 4; this build reads versions 1, 2 and 3"),
         ("not json", MAGIC + b"{oops\n", r"damaged index header"),
         ("empty", b"", "is not a lookalike IVF index file"),
     ]:

@@ -279,3 +279,66 @@ def prepare_rows(x, cosine, out):
         for t in range(d):
             out[i, t] = np.float32(np.float64(x[i, t]) / scale / norm)
     return -1
+
+
+# -- compressed lists (engine.kernels.quant's codes; the scores as there) -----------------------------------
+
+
+@njit(cache=True, nogil=True)
+def copy_list_rows(src, starts, sizes, dst, new_starts):
+    """Copy each list's stored rows of ``src`` (codes of any dtype), in order, to its place in ``dst``."""
+    for lst in range(sizes.shape[0]):
+        a = starts[lst]
+        b = new_starts[lst]
+        for r in range(sizes[lst]):
+            dst[b + r] = src[a + r]
+
+
+@njit(cache=True, nogil=True)
+def scan_grouped_int8(qi, qstep, const, qidx, offsets, lists, codes, ids, use_rows, starts, sizes, hs, hr):
+    """``scan_grouped`` over uint8 codes: score = float32(const[q] + qstep[q] * sum_t qi[q, t] * codes[i, t]),
+    the sum in int32 (exact; ``engine.kernels.quant.levels`` keeps it below 2**31). With ``use_rows`` the heaps
+    get the row ``i`` instead of ``ids[i]`` (ties then go to the lower row)."""
+    d = qi.shape[1]
+    for li in range(lists.shape[0]):
+        lst = lists[li]
+        g0 = offsets[lst]
+        g1 = offsets[lst + 1]
+        lo = starts[lst]
+        for i in range(lo, lo + sizes[lst]):
+            for g in range(g0, g1):
+                qa = qidx[g]
+                acc = np.int32(0)
+                for t in range(d):
+                    acc = np.int32(acc + np.int32(qi[qa, t]) * np.int32(np.int16(codes[i, t])))  # see quant.int8_block
+                s = np.float32(const[qa] + qstep[qa] * np.float64(acc))
+                if s >= hs[qa, 0]:
+                    _offer(hs[qa], hr[qa], s, i if use_rows else ids[i])
+
+
+_F16_UNIT = np.float32(2.0**112)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def scan_grouped_f16(queries, qidx, offsets, lists, bits, ids, use_rows, starts, sizes, hs, hr):
+    """``scan_grouped`` over float16 codes (their uint16 ``bits``), each row widened to float32 once (bit
+    operations, exact) and scored against the queries that probe its list; ``use_rows`` as above."""
+    d = queries.shape[1]
+    buf = np.empty(d, dtype=np.uint32)
+    vals = buf.view(np.float32)
+    for li in range(lists.shape[0]):
+        lst = lists[li]
+        g0 = offsets[lst]
+        g1 = offsets[lst + 1]
+        lo = starts[lst]
+        for i in range(lo, lo + sizes[lst]):
+            for t in range(d):
+                b = np.uint32(bits[i, t])
+                buf[t] = ((b & np.uint32(0x8000)) << np.uint32(16)) | ((b & np.uint32(0x7FFF)) << np.uint32(13))
+            for g in range(g0, g1):
+                qa = qidx[g]
+                s = np.float32(0.0)
+                for t in range(d):
+                    s += queries[qa, t] * (vals[t] * _F16_UNIT)
+                if s >= hs[qa, 0]:
+                    _offer(hs[qa], hr[qa], s, i if use_rows else ids[i])

@@ -286,7 +286,7 @@ def test_a_wipe_and_a_push_are_one_gradual_transition_over_their_frames(kind, en
     the wipe over these moving taxis, with the edge in the first 15% of the picture, may be left to the shot."""
     clip, first, last = _wipe_clip(kind)
     transitions, shots, _ = _events(encoder, clip)
-    assert [(t.type, t.fade) for t in transitions] == [("gradual", False)], transitions
+    assert [(t.type, t.fade, t.move) for t in transitions] == [("gradual", False, kind)], transitions
     t = transitions[0]
     assert first - 2 <= t.first and t.last <= last + 2, (t, first, last)
     assert min(t.last, last) - max(t.first, first) + 1 >= 0.6 * (last - first + 1), (t, first, last)

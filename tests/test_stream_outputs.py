@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_stream import SIZE, _dissolve_fade_clip, _shot, mpnn_model  # noqa: F401  (mpnn_model: a fixture)
+from test_stream import SIZE, _dissolve_fade_clip, _shot, _wipe_clip, mpnn_model  # noqa: F401  (mpnn_model: a fixture)
 
 from engine.default_models import default_model
 from engine.errors import ModelError
@@ -151,9 +151,10 @@ class _Table:
 @pytest.fixture(scope="module")
 def gradual(stream_model, tmp_path_factory):
     """A real clip written to a file: a street corner dissolves into a man in a car, who fades out to black and
-    in to taxis (tests/test_stream.py's clip), then the street corner again after a cut."""
+    in to taxis (tests/test_stream.py's clip), then the street corner again after a cut, then after a cut the taxis
+    a wipe uncovers the man in the car in (tests/test_stream.py's wipe clip)."""
     clip = _dissolve_fade_clip()[0]
-    clip = [*clip, *_shot("bikes", 162, 187)]
+    clip = [*clip, *_shot("bikes", 162, 187), *_wipe_clip("wipe")[0]]
     folder = tmp_path_factory.mktemp("gradual")
     video = folder / "gradual.mp4"
     w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25, SIZE)
@@ -169,8 +170,8 @@ def test_scene_list_names_gradual_transitions_and_recurrences_as_report_json_doe
     _, out, report, _ = gradual
     table = _Table(out / "gradual-Scenes.csv")
     shots, transitions = report["shots"], report["transitions"]
-    assert {"dissolve", "fade"} <= {("fade" if t["fade"] else "dissolve") for t in transitions
-                                    if t["type"] == "gradual"}  # the premise: the clip's two gradual transitions
+    assert {"dissolve", "fade", "wipe"} <= {t["move"] or ("fade" if t["fade"] else "dissolve") for t in transitions
+                                            if t["type"] == "gradual"}  # the premise: the clip's gradual transitions
     assert len(table.rows) == len(shots)
     for row, shot in zip(table.rows, shots):
         assert (int(row["Start Frame"]), int(row["End Frame"])) == (shot["start"] + 1, shot["end"] + 1)
@@ -183,7 +184,8 @@ def test_scene_list_names_gradual_transitions_and_recurrences_as_report_json_doe
             assert row["Transition"] == "" and not into
         else:
             (t,) = into
-            assert row["Transition"] == ("cut" if t["type"] == "cut" else "fade" if t["fade"] else "dissolve")
+            assert row["Transition"] == ("cut" if t["type"] == "cut" else t["move"] or ("fade" if t["fade"]
+                                                                                      else "dissolve"))
             assert (int(row["Transition Start Frame"]), int(row["Transition End Frame"])) == (t["first"] + 1,
                                                                                             t["last"] + 1)
         again = shot["recurs_with"]

@@ -25,19 +25,22 @@ what it writes in OUT (STEM: the video file's name without its extension):
                     can change the answer; --every-frame embeds all), frames per second processed (decode + embed +
                     compare, end to end), seconds per stage (decode, preprocess, gate, network, compare, write;
                     summed over threads, which overlap), the options, every transition {type: cut|gradual, fade,
-                    first, last, score, times} and every shot {index, start, end (both inclusive, 0-based),
-                    recurs_with: an earlier shot showing the same scene, or null}; frames_expected (the count the
+                    move (wipe, push, slide or null), first, last, score, times} and every shot {index, start, end
+                    (both inclusive, 0-based), recurs_with: an earlier shot showing the same scene, or null};
+                    frames_expected (the count the
                     container lists), decode_ended_early (true when the decoder stopped before it: a truncated or
                     damaged file, also warned about on stderr) and outputs (the files below)
   STEM-Scenes.csv   the shots in PySceneDetect's list-scenes layout and conventions (Start Frame counts from 1;
                     End Frame and End Timecode are exclusive as PySceneDetect's: End Frame = report.json's end + 1,
                     End Timecode = the time after the last frame), then five more columns: Transition
-                    (cut, dissolve or fade: how the shot begins), Transition Start / End Frame, Recurs With Scene
-                    (the Scene Number of the earlier shot it shows again) and Recurrence Score
+                    (cut, dissolve, fade, wipe, push or slide: how the shot begins), Transition Start / End
+                    Frame, Recurs With Scene (the Scene Number of the earlier shot it shows again) and Recurrence
+                    Score
   STEM.edl          the shots as a CMX 3600 edit decision list, one event per shot, non-drop-frame timecode at the
                     video's frame rate (out points exclusive, as in every EDL); not for a source without a rate
   timeline.png      per frame: the similarity to the previous frame and to the start of the shot (the published
-                    MPNN demo's curve); cuts as red lines, dissolves as orange bands, fades as grey bands
+                    MPNN demo's curve); cuts as red lines, dissolves as orange, wipes / pushes / slides as cyan and
+                    fades as grey bands
   report.html       one self-contained page (pictures inlined, no requests): the timeline, and each shot with a
                     picture of its middle frame, its times, how it begins and the earlier shot it shows again
   STEM-Scene-001-01.jpg ...  with --save-images: --num-images pictures per shot (PySceneDetect's save-images

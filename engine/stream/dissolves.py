@@ -146,10 +146,10 @@ class DissolveDetector:
             verdict, detail = self._moves.find([j for j in range(first, last + 1) if not h.outlier[j]])
             self._note(lo, hi, verdict, **detail)
             if verdict in ("wipe", "push", "slide"):
-                found.append(detail)
+                found.append({**detail, "move": verdict})
         if not found:  # no clean blend, no wipe or push: a dissolve between moving shots, if the palette changed
             found = moving
-        return [h.transition("gradual", d["first"], d["last"], d["change"])
+        return [h.transition("gradual", d["first"], d["last"], d["change"], move=d.get("move"))
                 for d in sorted(found, key=lambda d: d["first"])]
 
     def _note(self, lo: int, hi: int, verdict: str, **detail) -> list:

@@ -5,7 +5,7 @@ The layout is PySceneDetect's ``save-edl`` (``TITLE:``, ``FCM: NON-DROP FRAME``,
 so an editor places each shot where it was in the video. Timecodes are ``HH:MM:SS:FF``, non-drop-frame, counted in
 whole frames at the video's nominal rate (the frame rate rounded: 30 for 29.97 fps, whose non-drop timecode then
 runs 0.1 % behind the clock, as NDF does). As in every EDL, an event's out timecode is exclusive: the frame after
-the shot's last. Frames of a gradual transition (dissolve, fade) belong to no shot, so they fall between two
+the shot's last. Frames of a gradual transition (dissolve, fade, wipe, push) belong to no shot, so they fall between two
 events. Each event is followed by a ``* FROM CLIP NAME:`` comment naming the video, and by a comment saying how
 the shot begins and which earlier shot it shows again, if any.
 """

@@ -29,7 +29,8 @@ class Transition(Event):
     score: float  # dissimilarity across it, 1 - cosine between the content before and after (0..2)
     start_time: float | None = None  # timestamp of ``first`` when the frames came with timestamps
     end_time: float | None = None  # timestamp of ``last``
-    fade: bool = False  # a gradual transition found by brightness (through black), not a dissolve
+    fade: bool = False  # a gradual transition found by brightness (through black or white), not a dissolve
+    move: str | None = None  # "wipe", "push" or "slide": a gradual transition where the new picture moves in
 
 
 @dataclass(frozen=True)

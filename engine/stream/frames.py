@@ -174,7 +174,8 @@ class FrameHistory:
         t = float(self.time[i])
         return None if math.isnan(t) else t
 
-    def transition(self, kind: str, first: int, last: int, score: float, *, fade: bool = False) -> Transition:
+    def transition(self, kind: str, first: int, last: int, score: float, *, fade: bool = False,
+                   move: str | None = None) -> Transition:
         """A ``Transition`` over frames first..last, with their timestamps."""
         return Transition(type=kind, first=int(first), last=int(last), score=round(float(score), 6),
-                          start_time=self.time_at(first), end_time=self.time_at(last), fade=fade)
+                          start_time=self.time_at(first), end_time=self.time_at(last), fade=fade, move=move)

@@ -21,7 +21,7 @@ th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-al
 th { background: #eef2e6; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr:target { background: #fff6cc; }
-.cut { color: #c00; } .dissolve { color: #d80; } .fade { color: #555; }
+.cut { color: #c00; } .dissolve { color: #d80; } .fade { color: #555; } .wipe, .push, .slide { color: #07a; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; } dt { font-weight: 600; }
 """
 

@@ -8,13 +8,14 @@ import numpy as np
 from engine.stream.events import Shot, Transition
 from engine.stream.scenelist import transition_name
 
-COLOURS = {"cut": "red", "dissolve": "orange", "fade": "dimgray"}  # timeline.png and report.html
+COLOURS = {"cut": "red", "dissolve": "orange", "fade": "dimgray", "wipe": "tab:cyan", "push": "tab:cyan",
+           "slide": "tab:cyan"}  # timeline.png
 
 
 def timeline_png(scores: dict, transitions: list[Transition], shots: list[Shot], title: str) -> bytes:
     """The similarity timeline as PNG bytes: per frame, the similarity to the previous frame and to the start of
-    the shot (the published MPNN demo's anchor curve); cuts as red lines, dissolves as orange bands, fades as
-    grey bands; a shot that shows an earlier one again is marked ``shot N again`` (N counting shots from 1, as
+    the shot (the published MPNN demo's anchor curve); cuts as red lines, dissolves as orange bands, wipes /
+    pushes / slides as cyan bands, fades as grey bands; a shot that shows an earlier one again is marked ``shot N again`` (N counting shots from 1, as
     the scene list does)."""
     import io
 
@@ -43,7 +44,7 @@ def timeline_png(scores: dict, transitions: list[Transition], shots: list[Shot],
             ax.annotate(f"shot {sh.recurs_with + 1} again", ((sh.start + sh.end) / 2, 1.02), ha="center", fontsize=7,
                         xycoords=("data", "axes fraction"))
     ax.plot([], [], color=COLOURS["cut"], label="cut")
-    for kind in ("dissolve", "fade"):
+    for kind in ("dissolve", "fade", "wipe", "push", "slide"):
         if kind in kinds:
             ax.fill_between([], [], [], color=COLOURS[kind], alpha=0.35, label=kind)
     ax.set_xlabel("frame")

@@ -52,9 +52,11 @@ def timecode(seconds: float | None) -> str:
 
 
 def transition_name(tr: Transition) -> str:
-    """``cut``, ``dissolve`` or ``fade``: a ``Transition``'s kind in plain words."""
+    """``cut``, ``dissolve``, ``fade``, ``wipe``, ``push`` or ``slide``: a ``Transition``'s kind in plain words."""
     if tr.type == "cut":
         return "cut"
+    if tr.move is not None:
+        return tr.move
     return "fade" if tr.fade else "dissolve"
 
 

@@ -336,11 +336,14 @@ def _under(key: str, root_key: str) -> bool:
     return key.startswith(root_key.rstrip("/") + "/")
 
 
-def update_index(folder, *, index=None, model=None, batch_size: int = 32, progress: bool = True, log=print):
+def update_index(folder, *, index=None, model=None, batch_size: int = 32, progress: bool = True, log=print,
+                 storage=None):
     """Bring the index of the images under ``folder`` up to date (see the module docstring): ``index`` an existing
     file (updated incrementally), a new one, or None (in memory only; nothing is written). Returns
     ``(searcher, summary)``, the summary a dict of the counts (``added``, ``updated``, ``removed``, ``unchanged``,
-    ``skipped``: a list of (path, reason)), ``embedded`` (the images given to the encoder) and ``root``."""
+    ``skipped``: a list of (path, reason)), ``embedded`` (the images given to the encoder) and ``root``.
+    ``storage`` (float32, float16, int8; ``Searcher``'s) is for a new index; an existing one keeps its own, and
+    asking it for another is an error."""
     from engine.preprocess import read_image
     from engine.searcher import FileStamp, Searcher, meta_text
 
@@ -358,10 +361,13 @@ def update_index(folder, *, index=None, model=None, batch_size: int = 32, progre
     if index is not None and index.exists():
         searcher, upgraded = open_index(index, model=model, log=log)
         encoder = searcher.encoder
+        if storage is not None and storage != searcher.storage:
+            raise InputError(f"{index} holds {searcher.storage} vectors, --storage asks for {storage}: an index keeps "
+                             f"the storage it was built with (write a new one, or leave --storage out)")
     else:
         encoder = choose_model(model, None, log=log)
         encoder.batch_size = batch_size
-        searcher = Searcher(encoder=encoder)
+        searcher = Searcher(encoder=encoder, storage=storage or "float32")
     encoder.batch_size = batch_size
     root = folder.resolve()
     root_key = meta_text(root)
@@ -371,7 +377,7 @@ def update_index(folder, *, index=None, model=None, batch_size: int = 32, progre
         if m is not None and _under(m, root_key):
             known[m] = (id_, st)
     summary = {"added": 0, "updated": 0, "removed": 0, "unchanged": 0, "skipped": [], "embedded": 0,
-               "root": str(root), "model": encoder.name}
+               "root": str(root), "model": encoder.name, "storage": searcher.storage}
     todo = []  # (meta path, file, stamp or None: new files are read under the progress bar, old id or None)
     restamp = []  # (id, new stamp): same bytes, new size / time
     gone = [known[k][0] for k in known if k not in listed]
@@ -465,14 +471,18 @@ def summary_line(summary: dict, index) -> str:
         shown = "; ".join(f"{printable(Path(k).name)}: {printable(r)}" for k, r in skipped[:5])
         reasons = f" ({shown}{'; ...' if len(skipped) > 5 else ''})"
     where = f" -> {printable(index)}" if index is not None else ""
-    return (f"indexed {printable(summary['root'])} with {summary['model']}: {summary['added']} added, "
+    storage = summary.get("storage", "float32")
+    held = "" if storage == "float32" else f" ({storage} vectors)"
+    return (f"indexed {printable(summary['root'])} with {summary['model']}{held}: {summary['added']} added, "
             f"{summary['updated']} updated, {summary['removed']} removed, {summary['unchanged']} unchanged, "
             f"{len(skipped)} skipped{reasons}{where} ({summary['count']} images in the index)")
 
 
-def build_index(folder, *, model=None, index, batch_size: int = 32, progress: bool = True, log=print) -> dict:
+def build_index(folder, *, model=None, index, batch_size: int = 32, progress: bool = True, log=print,
+                storage=None) -> dict:
     """``update_index`` writing ``index``; returns the summary."""
-    return update_index(folder, index=index, model=model, batch_size=batch_size, progress=progress, log=log)[1]
+    return update_index(folder, index=index, model=model, batch_size=batch_size, progress=progress, log=log,
+                        storage=storage)[1]
 
 
 def _log(*args, file=None, **kwargs):
@@ -496,10 +506,12 @@ def expand_queries(items) -> list[Path]:
     return out
 
 
-def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, log=None, mmap=False) -> dict:
+def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, log=None, mmap=False,
+              rerank=None) -> dict:
     """Search ``images`` in ``index``, each query left out of its own results; returns {"queries", "scores"
     (nq, k), "ids" (nq, k), "paths" (id -> path or None), "excluded" (per query), "model"}. ``mmap=True`` maps
-    the index file instead of reading it whole (``Searcher.load(path, mmap=True)``)."""
+    the index file instead of reading it whole (``Searcher.load(path, mmap=True)``); ``rerank=R`` scores the best
+    R of a float16 / int8 index again against its float32 vectors (``Searcher.search``)."""
     import numpy as np
 
     from engine.searcher import FileStamp, meta_text
@@ -528,7 +540,8 @@ def run_query(images, *, index, model=None, k: int = 5, batch_size: int = 32, lo
     n = len(searcher)
     k = min(k, max(1, n))  # never more than the index holds: nothing below grows with k
     extra = max((len(e) for e in excluded), default=0)
-    raw_scores, raw_ids = searcher.search_images([str(q) for q in queries], min(k + extra, max(1, n)))
+    raw_scores, raw_ids = searcher.search_images([str(q) for q in queries], min(k + extra, max(1, n)),
+                                                 rerank=rerank)
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     out_ids = np.full((len(queries), k), -1, dtype=np.int64)
     for r, ex in enumerate(excluded):
@@ -717,6 +730,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exported encoder, e.g. models/la.onnx (default: the one the index was built with, or the "
                          "packaged default image model for a new index)")
     pi.add_argument("--batch-size", type=int, default=32, help="images per network call (default: 32)")
+    pi.add_argument("--storage", choices=("float32", "float16", "int8"), default=None,
+                    help="how a new index stores its vectors in memory: float16 (half) or int8 (a quarter, "
+                         "per-dimension scale) codes are searched and the float32 vectors stay in the file for "
+                         "query --rerank (default: float32; an existing index keeps its own)")
     pi.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pq = sub.add_parser("query", help="find the indexed images most similar to query images",
                         description="Print the top-k indexed images for each query image (cosine score, id, "
@@ -736,6 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--mmap", action="store_true",
                     help="map the index file instead of reading it whole (for an index larger than memory: the "
                          "vectors are read as the search touches them; older index files are read whole)")
+    pq.add_argument("--rerank", type=int, default=None, metavar="R",
+                    help="for a float16 / int8 index: score the best R again against the float32 vectors in the "
+                         "file (exact order among them; a float32 index is exact already)")
     pd = sub.add_parser("dups", help="find groups of near-duplicate images under a folder",
                         description="Embed every image under FOLDER (into --index incrementally when given), join "
                                     "every two images whose cosine similarity is at least --threshold, and write "
@@ -766,7 +786,7 @@ def main(argv=None) -> int:
             raise InputError(f"--batch-size must be a positive int, got {args.batch_size}")
         if args.command == "index":
             build_index(args.folder, model=args.model, index=args.index, batch_size=args.batch_size,
-                        progress=not args.no_progress, log=_log)
+                        progress=not args.no_progress, log=_log, storage=args.storage)
             return 0
         if args.command == "dups":
             run_dups(args.folder, out=args.out, index=args.index, model=args.model, threshold=args.threshold,
@@ -777,7 +797,7 @@ def main(argv=None) -> int:
         if args.out:
             check_output(args.out, "results picture")
         res = run_query(args.images, index=args.index, model=args.model, k=args.k, batch_size=args.batch_size,
-                        log=lambda *a, **kw: _log(*a, file=sys.stderr), mmap=args.mmap)
+                        log=lambda *a, **kw: _log(*a, file=sys.stderr), mmap=args.mmap, rerank=args.rerank)
         print(results_json(res) if args.json else format_results(res))
         if args.out:
             written = results_picture(res, args.out)

@@ -784,9 +784,9 @@ class Searcher:
             meta = [None if p is None else meta_text(p) for p in paths]
         return self.add(vectors, ids, meta, stamps=stamps)
 
-    def search_images(self, images, k: int):
-        """Encode ``images`` with the attached encoder and search with the embeddings."""
-        return self.search(self._need_encoder().encode(images), k)
+    def search_images(self, images, k: int, *, rerank=None):
+        """Encode ``images`` with the attached encoder and search with the embeddings (``rerank`` as ``search``)."""
+        return self.search(self._need_encoder().encode(images), k, rerank=rerank)
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path) -> None:

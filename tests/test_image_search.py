@@ -659,3 +659,33 @@ def test_default_image_model(photos, tmp_path, capsys):
     first = root.resolve() / Path(photos[0]).name
     (i,) = [i for i, m in zip(t.ids.tolist(), t.meta()) if m == str(first)]
     np.testing.assert_allclose(t.get([i]), s.encoder.encode([first]), atol=1e-5)
+
+
+def test_an_int8_index_answers_as_float32_after_rerank_and_keeps_its_storage(model, photos, tmp_path, capsys):
+    """`index --storage int8` keeps int8 codes (the float32 vectors in the file); `query --rerank` over every row
+    gives the float32 index's answer (oracle: brute force over the encoder's float32 vectors). Asking an existing
+    index for another storage is an error that names both and leaves the file as it was."""
+    root = tmp_path / "pictures"
+    root.mkdir()
+    for p in photos[:12]:
+        shutil.copy(p, root / Path(p).name)
+    index = tmp_path / "p8.idx"
+    assert search_main(["index", str(root), "--model", str(model), "--index", str(index), "--storage", "int8",
+                        "--no-progress"]) == 0
+    assert "(int8 vectors)" in capsys.readouterr().out
+    s = Searcher.load(index)
+    assert s.storage == "int8" and len(s) == 12
+    queries = [photos[15], photos[18]]
+    assert search_main(["query", *queries, "--index", str(index), "-k", "4", "--rerank", "12", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    enc = Encoder(model)
+    ids = s.ids.tolist()
+    ref_scores, ref_rows = brute_force(enc.encode(queries), s.get(ids), 4)
+    for q, rs, rr in zip(res["queries"], ref_scores, ref_rows):
+        assert [r["id"] for r in q["results"]] == [ids[j] for j in rr]
+        np.testing.assert_allclose([r["score"] for r in q["results"]], rs, atol=1e-5)
+    before = index.read_bytes()
+    assert search_main(["index", str(root), "--index", str(index), "--storage", "float16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds int8 vectors" in err and "float16" in err
+    assert index.read_bytes() == before

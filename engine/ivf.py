@@ -100,7 +100,6 @@ import functools
 import hashlib
 import json
 import math
-import mmap as _mmap
 import os
 import stat
 import warnings
@@ -118,10 +117,10 @@ from engine.kernels.kmeans import spherical_kmeans
 from engine.kernels.topk import heap_init, heap_sort, merge_heaps
 from engine.result_size import ResultTooLarge, answer_columns
 from engine.threads import blas_controllable, blas_single_thread, default_threads, worker_pool
-from engine.searcher import (_CODE_DTYPES, _ENCODE_ROWS, _F16_MAX, _MAX_ID, _WIDEN, METRICS, _bytes_of,
-                             _check_digests, _contents_problem, _ids_problem, _Mapping, _normalised, _quant_problem,
-                             _rows_named, _RWLock, _sha256, _sq_norms, checked_rows, coerce_ids, header_line,
-                             pread_exact, rerank_candidates, shaped_rows)
+from engine.searcher import (_CODE_DTYPES, _ENCODE_ROWS, _F16_MAX, _MAX_ID, _WIDEN, METRICS, _bytes_of, _check_digests,
+                             _contents_problem, _ids_problem, _map_payload, _Mapping, _normalised, _rows_named, _RWLock,
+                             _sha256, _sq_norms, checked_rows, coerce_ids, header_line, pread_exact, rerank_candidates,
+                             shaped_rows)
 from engine.validate import positive_int as _positive_int
 
 MAGIC = b"LOOKALIKE-IVF "
@@ -879,42 +878,14 @@ def _map_file(path: Path, *, whole: bool = False):
                                              f"{len(parts[name])} bytes, header says {size}")
             digest = header.pop("sha256")
             _check_digests(path, header, digest, parts)
-            count, dim = header["count"], header["dim"]
             storage = header["storage"] if version >= 3 else "float32"
-            scale = offset = None
-            if storage == "int8":
-                quant = np.frombuffer(parts["quant"], dtype="<f4", count=2 * dim).astype(np.float32)
-                scale, offset = quant[:dim], quant[dim:]
-                problem = _quant_problem(scale, offset) if count else None
-                if problem:
-                    raise IndexFileError(f"{path}: damaged index: {problem}")
-            mm = fd = None
-            vectors_at = 0
-            arrays = {}
-            for name, dtype in (("vectors", np.dtype("<f4")), ("codes", _CODE_DTYPES.get(storage))):
-                if name not in sections:
-                    continue
-                at, size = sections[name]
-                if (start + at) % dtype.itemsize:
-                    raise IndexFileError(f"{path}: damaged index: the {name} start at byte {start + at}, not a "
-                                         f"multiple of {dtype.itemsize} (save aligns them), so they cannot be mapped")
-                if size == 0:
-                    arrays[name] = np.zeros((count, dim), dtype=dtype)
-                    continue
-                if mm is None:
-                    mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the arrays keep it open
-                arrays[name] = np.frombuffer(mm, dtype=dtype, count=count * dim, offset=start + at).reshape(count, dim)
-                if name == "vectors" and storage != "float32":  # re-ranked rows are read with pread
-                    fd, vectors_at = os.dup(f.fileno()), start + at
+            mapping = _map_payload(f, path, header, parts, sections, start, storage)
     except IndexFileError:
         raise
     except (OSError, ValueError) as e:
         verb = "read" if whole else "map"
         raise IndexFileError(f"cannot {verb} index file {path}: {getattr(e, 'strerror', None) or e}") from e
-    digests = header["section_sha256"]
-    return header, parts, _Mapping(path, arrays["vectors"], digests["vectors"], codes=arrays.get("codes"),
-                                   codes_sha256=digests.get("codes"), scale=scale, offset=offset, mm=mm, fd=fd,
-                                   vectors_at=vectors_at)
+    return header, parts, mapping
 
 
 def _layout_text(header: dict) -> str:

@@ -1182,43 +1182,50 @@ def _map_index_file(path: Path, *, whole: bool = False) -> tuple[dict, dict, _Ma
                                              f"{len(parts[name])} bytes, header says {size}")
             digest = header.pop("sha256")
             _check_digests(path, header, digest, parts)
-            count, dim = header["count"], header["dim"]
             storage = header.get("storage", "float32") if version >= 4 else "float32"
-            scale = offset = None
-            if storage == "int8":
-                quant = np.frombuffer(parts["quant"], dtype="<f4", count=2 * dim).astype(np.float32)
-                scale, offset = quant[:dim], quant[dim:]
-                problem = _quant_problem(scale, offset) if count else None
-                if problem:
-                    raise IndexFileError(f"{path}: damaged index: {problem}")
-            mm = None
-            fd = None
-            arrays = {}
-            for name, dtype in (("vectors", np.dtype("<f4")), ("codes", _CODE_DTYPES.get(storage))):
-                if name not in sections:
-                    continue
-                at, size = sections[name]
-                if (start + at) % dtype.itemsize:
-                    raise IndexFileError(f"{path}: damaged index: the {name} start at byte {start + at}, not a "
-                                         f"multiple of {dtype.itemsize} (save aligns them), so they cannot be mapped")
-                if size == 0:
-                    arrays[name] = np.zeros((count, dim), dtype=dtype)
-                    continue
-                if mm is None:
-                    mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the arrays keep it open
-                arrays[name] = np.frombuffer(mm, dtype=dtype, count=count * dim, offset=start + at).reshape(count, dim)
-                if name == "vectors" and storage != "float32":  # re-ranked rows are read with pread: ``rows``
-                    fd = os.dup(f.fileno())
-                    vectors_at = start + at
+            mapping = _map_payload(f, path, header, parts, sections, start, storage)
     except IndexFileError:
         raise
     except (OSError, ValueError) as e:  # ValueError: mmap of a file that changed size meanwhile
         verb = "read" if whole else "map"
         raise IndexFileError(f"cannot {verb} index file {path}: {getattr(e, 'strerror', None) or e}") from e
+    return header, parts, mapping
+
+
+def _map_payload(f, path, header: dict, parts: dict, sections: dict, start: int, storage: str) -> _Mapping:
+    """The ``_Mapping`` of the vectors (and codes) of the index file open as ``f`` (exact or IVF), whose header and
+    small sections ``parts`` are checked already: int8 scales and offsets checked, each array's alignment checked
+    and mapped read-only (the arrays keep the mapping open); a compressed index also gets its own descriptor for
+    reading re-ranked rows with pread."""
+    count, dim = header["count"], header["dim"]
+    scale = offset = None
+    if storage == "int8":
+        quant = np.frombuffer(parts["quant"], dtype="<f4", count=2 * dim).astype(np.float32)
+        scale, offset = quant[:dim], quant[dim:]
+        problem = _quant_problem(scale, offset) if count else None
+        if problem:
+            raise IndexFileError(f"{path}: damaged index: {problem}")
+    mm = fd = None
+    vectors_at = 0
+    arrays = {}
+    for name, dtype in (("vectors", np.dtype("<f4")), ("codes", _CODE_DTYPES.get(storage))):
+        if name not in sections:
+            continue
+        at, size = sections[name]
+        if (start + at) % dtype.itemsize:
+            raise IndexFileError(f"{path}: damaged index: the {name} start at byte {start + at}, not a "
+                                 f"multiple of {dtype.itemsize} (save aligns them), so they cannot be mapped")
+        if size == 0:
+            arrays[name] = np.zeros((count, dim), dtype=dtype)
+            continue
+        if mm is None:
+            mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)  # the arrays keep it open
+        arrays[name] = np.frombuffer(mm, dtype=dtype, count=count * dim, offset=start + at).reshape(count, dim)
+        if name == "vectors" and storage != "float32":  # re-ranked rows are read with pread: ``rows``
+            fd, vectors_at = os.dup(f.fileno()), start + at
     digests = header["section_sha256"]
-    return header, parts, _Mapping(path, arrays["vectors"], digests["vectors"], codes=arrays.get("codes"),
-                                   codes_sha256=digests.get("codes"), scale=scale, offset=offset, mm=mm, fd=fd,
-                                   vectors_at=vectors_at if fd is not None else 0)
+    return _Mapping(path, arrays["vectors"], digests["vectors"], codes=arrays.get("codes"),
+                    codes_sha256=digests.get("codes"), scale=scale, offset=offset, mm=mm, fd=fd, vectors_at=vectors_at)
 
 
 def _quant_problem(scale: np.ndarray, offset: np.ndarray) -> str | None:

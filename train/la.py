@@ -51,7 +51,7 @@ import numpy as np
 
 from train import split
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.choices import BACKBONES
+from train.choices import LA_BACKBONES
 from train.common import (ConfigError, EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
                           cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
                           pick_device, progress, seed_everything)
@@ -97,7 +97,7 @@ VGG_IMAGE_SIZE = 64  # vgg16bn default input side: VGG16 costs ~(side/224)^2 of 
 
 @dataclass
 class LAConfig:
-    arch: str = "conv"  # backbone: "conv" (small CIFAR encoder, 1000-d) or "vgg16bn" (VGG16-BN averaged, 512-d)
+    arch: str = "conv"  # backbone: "conv" (small CIFAR encoder, 1000-d), "vgg16bn" or "resnet18" (averaged, 512-d)
     data: str = "photos"  # a train.data data set; photos are embedded in installed packages
     data_root: str | None = None  # folder / file of the data set (None: the data set's default)
     # Defaults below marked "photos" are the embedded photos' entry of DATA_DEFAULTS; other data sets have theirs.
@@ -168,8 +168,9 @@ def build_parser(data: str = "photos", arch: str = "conv", similar: str = "conte
     p = make_parser("train.la", "Train a Local Aggregation encoder (Zhuang et al., ICCV 2019) without labels.",
                     datasets=DATASETS, default_data="photos", epochs=d["epochs"], batch_size=d["batch_size"],
                     min_batch_size=2)
-    p.add_argument("--arch", default="conv", choices=BACKBONES,
-                   help="backbone: conv (small CIFAR encoder) or vgg16bn (VGG16-BN averaged over H, W) (default: conv)")
+    p.add_argument("--arch", default="conv", choices=LA_BACKBONES,
+                   help="backbone: conv (small CIFAR encoder), vgg16bn (VGG16-BN averaged over H, W) or resnet18 "
+                        "(torchvision's ResNet-18, random init, averaged over H, W) (default: conv)")
     p.add_argument("--image-size", type=number(int, low=8), default=d["image_size"],
                    help=f"square network input side (default for this data set: {d['image_size']})")
     p.add_argument("--train-side", type=number(int, low=8), default=d["train_side"],
@@ -244,8 +245,10 @@ def parse_config(argv=None) -> tuple[LAConfig, argparse.Namespace]:
         args.warmup_epochs = args.epochs
     if args.arch == "conv" and args.image_size % 8:
         parser.error(f"--image-size must be a multiple of 8 for the conv backbone, got {args.image_size}")
-    if args.arch == "vgg16bn" and args.image_size < 32:
-        parser.error(f"--image-size must be at least 32 for vgg16bn (five 2x2 pools), got {args.image_size}")
+    if args.arch in ("vgg16bn", "resnet18") and args.image_size < 32:
+        parser.error(f"--image-size must be at least 32 for {args.arch} (stride 32), got {args.image_size}")
+    if args.arch == "resnet18" and args.init_from:
+        parser.error("--init-from needs an autoencoder's backbone (conv or vgg16bn); there is no resnet18 autoencoder")
     cfg = config_from_args(LAConfig, args)
     if cfg.holdout is None:
         cfg.holdout = 0.2 if cfg.data in SHUFFLED_DATASETS else 0.0

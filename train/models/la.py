@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.models.layers import BACKBONES, build_backbone
+from train.models.layers import LA_BACKBONES, build_backbone
 from train.registry import register_encoder
 
 MODES = ("la", "ir")
@@ -44,8 +44,8 @@ class LAEncoder(nn.Module):
     def __init__(self, *, backbone: str = "conv", dim: int = 128, image_size: int = 32, code_dim: int = 1000,
                  pretrained: bool = False):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if backbone not in LA_BACKBONES:
+            raise ValueError(f"backbone must be one of {LA_BACKBONES}, got {backbone!r}")
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.kind = backbone

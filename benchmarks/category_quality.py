@@ -57,7 +57,8 @@ def train(variant_args: list[str], data: str, seed: int, out: Path, threads: int
     name, root, _ = DATA[data]
     argv = [sys.executable, "-m", "train.la", "--data", name, "--data-root", str(root), "--seed", str(seed),
             "--out", str(out), "--no-progress", *variant_args]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    # numba's threads too: beyond torch's, on a loaded machine they multiply the CPU time of every step by ~10
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     out.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()

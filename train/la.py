@@ -108,6 +108,7 @@ class LAConfig:
     center_crop: float = 1.0  # the encoder sees the central square of this fraction of the shorter side (photos)
     dim: int = 128  # embedding size (the paper's 128)
     code_dim: int = 1000  # conv only: the backbone's code size before the head
+    width: int = 16  # conv only: channels of the first conv layer (the others: 2x, 4x, 8x)
     temperature: float = 0.07  # tau in exp(v_j . v / tau) (the paper's 0.07)
     background: int = 4096  # k nearest bank rows in the background set B_i (capped at n - 1; the paper's 4096)
     kmeans_k: int | None = None  # clusters per k-means run (None: round(sqrt(n)) for n training images)
@@ -141,7 +142,8 @@ class LAConfig:
 # only act on a fresh run (init_from, pretrained): a resumed run must keep them, since a changed value would be
 # recorded in config.json yet not be applied (the bank keeps its saved mixing rate) or change what the saved
 # bank and weights mean (temperature).
-RESUME_KEYS = ("arch", "data", "data_root", "image_size", "train_side", "center_crop", "dim", "code_dim", "limit",
+RESUME_KEYS = ("arch", "data", "data_root", "image_size", "train_side", "center_crop", "dim", "code_dim", "width",
+               "limit",
                "holdout", "seed", "kmeans_k", "kmeans_repeats", "background", "mixing_rate", "temperature",
                "init_from", "pretrained")
 
@@ -181,6 +183,8 @@ def build_parser(data: str = "photos", arch: str = "conv", similar: str = "conte
     p.add_argument("--dim", type=number(int, low=1), default=128, help="embedding size (default: 128)")
     p.add_argument("--code-dim", type=number(int, low=1), default=1000,
                    help="conv: the backbone's code size (default: 1000)")
+    p.add_argument("--width", type=number(int, low=1), default=16,
+                   help="conv: channels of the first conv layer, doubled at each of the next three (default: 16)")
     p.add_argument("--temperature", type=number(float, low=0, low_open=True), default=0.07,
                    help="softmax temperature tau (default: 0.07)")
     p.add_argument("--background", "--k", dest="background", type=number(int, low=1), default=4096,
@@ -325,7 +329,8 @@ def _init_backbone(model: LAEncoder, cfg: LAConfig) -> Preprocess:
 
 
 def encoder_kwargs(cfg: LAConfig) -> dict:
-    return {"backbone": cfg.arch, "dim": cfg.dim, "image_size": cfg.image_size, "code_dim": cfg.code_dim}
+    kw = {"backbone": cfg.arch, "dim": cfg.dim, "image_size": cfg.image_size, "code_dim": cfg.code_dim}
+    return kw if cfg.width == 16 else {**kw, "width": cfg.width}  # checkpoints of the default width as before
 
 
 def default_kmeans_k(n: int) -> int:
@@ -414,7 +419,7 @@ def main(argv=None) -> dict:
         check_resume(out, NAME, asdict(cfg), RESUME_KEYS)
     run = Run(out, name=NAME, config=asdict(cfg), resume=args.resume, checkpoint_every=args.checkpoint_every)
     state = run.resume_state()
-    model = LAEncoder(backbone=cfg.arch, dim=cfg.dim, image_size=cfg.image_size, code_dim=cfg.code_dim,
+    model = LAEncoder(backbone=cfg.arch, dim=cfg.dim, image_size=cfg.image_size, code_dim=cfg.code_dim, width=cfg.width,
                       pretrained=cfg.pretrained and state is None)
     if state is not None:
         pre = Preprocess.from_dict(state["encoder"]["preprocess"])

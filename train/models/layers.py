@@ -185,7 +185,7 @@ class ResNet18Backbone(nn.Module):
 
 
 def build_backbone(kind: str, *, pretrained: bool = False, image_size: int = 32,
-                   code_dim: int = 1000) -> tuple[nn.Module, int]:
+                   code_dim: int = 1000, width: int = 16) -> tuple[nn.Module, int]:
     """An unnormalised feature extractor (n, 3, H, W) -> (n, out_dim) and its out_dim.
 
     ``vgg16bn``: vgg16_bn features averaged over height and width (512); ``pretrained`` asks for
@@ -198,7 +198,7 @@ def build_backbone(kind: str, *, pretrained: bool = False, image_size: int = 32,
     if kind == "conv":
         if pretrained:
             print("WARNING: there are no pretrained weights for the conv backbone; using random init", file=sys.stderr)
-        m = ConvEncoder(image_size=image_size, code_dim=code_dim)
+        m = ConvEncoder(image_size=image_size, code_dim=code_dim, width=width)
         return m, m.out_dim
     if kind == "resnet18":
         if pretrained:

@@ -81,8 +81,6 @@ def train(variant_args: list[str], data: str, seed: int, out: Path, threads: int
 
 def embeddings(run: Path, images, *, flip: bool, code: bool) -> dict[str, np.ndarray]:
     """The run's exported embedding of ``images`` and, on request, its flip average and its pre-head code."""
-    import torch
-
     from train.evaluate import embed, l2_normalize
     from train.registry import load_encoder
 
@@ -183,7 +181,8 @@ def main(argv=None) -> int:
             vname, data, _ = key.split("/")
             cpu.setdefault(f"{vname} {data}", []).append(rec)
     for k, recs in cpu.items():
-        print(f"{k}: CPU {np.mean([r['cpu_s'] for r in recs]):.0f} s, wall {np.mean([r['wall_s'] for r in recs]):.0f} s "
+        cpu_s, wall_s = np.mean([r["cpu_s"] for r in recs]), np.mean([r["wall_s"] for r in recs])
+        print(f"{k}: CPU {cpu_s:.0f} s, wall {wall_s:.0f} s "
               f"per run (load {recs[0]['load_start'][0]:.1f}-{recs[-1]['load_end'][0]:.1f})")
     if args.json:
         from train.common import atomic_write_json

@@ -400,6 +400,37 @@ def test_load_encoder_round_trip_gives_unit_128d_embeddings(tmp_path):
     assert LAConfig().dim == 128
 
 
+def test_resnet18_backbone_is_torchvisions_resnet18_without_its_classifier(tmp_path):
+    """--arch resnet18 trains, saves and reloads; its embedding equals torchvision's resnet18 (same weights, fc
+    dropped: the 512-d average-pooled features) through the head, L2-normalised."""
+    import torchvision
+
+    from train import evaluate as ev
+    from train.data import load_images
+    from train.la import main
+    from train.registry import load_encoder
+
+    argv = [a for a in TINY if a not in ("--code-dim", "32")]
+    argv[argv.index("--image-size") + 1] = argv[argv.index("--train-side") + 1] = "32"
+    main(argv + ["--arch", "resnet18", "--epochs", "1", "--max-steps", "1", "--out", str(tmp_path)])
+    model, info = load_encoder(tmp_path)
+    assert info.config["arch"] == "resnet18" and info.preprocess.size == (32, 32)
+    ref = torchvision.models.resnet18(weights=None)
+    state = {k.removeprefix("backbone.net."): v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    ref.fc = torch.nn.Identity()
+    ref.load_state_dict(state)
+    ref.eval()
+    images = load_images("digits", limit=12).images
+    x = torch.from_numpy(info.preprocess(images))
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.head(ref(x)), dim=1).numpy()
+    got = ev.embed(model, images, info.preprocess)
+    assert got.shape == (12, 128)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(SystemExit):
+        main(["--arch", "resnet18", "--image-size", "24"])
+
+
 def test_missing_data_and_a_truncated_checkpoint_print_an_error_and_exit_2(tmp_path, capsys):
     from resume_check import bad_data_and_damaged_checkpoint_exit_2
     from train.la import main

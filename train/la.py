@@ -51,7 +51,7 @@ import numpy as np
 
 from train import split
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.choices import BACKBONES
+from train.choices import LA_BACKBONES
 from train.common import (ConfigError, EpochTally, Run, check_resume, check_run_folder, cli_main, config_from_args,
                           cut_short_epochs, default_out, encoder_spec, epoch_progress, make_parser, number,
                           pick_device, progress, seed_everything)
@@ -97,7 +97,7 @@ VGG_IMAGE_SIZE = 64  # vgg16bn default input side: VGG16 costs ~(side/224)^2 of 
 
 @dataclass
 class LAConfig:
-    arch: str = "conv"  # backbone: "conv" (small CIFAR encoder, 1000-d) or "vgg16bn" (VGG16-BN averaged, 512-d)
+    arch: str = "conv"  # backbone: "conv" (small CIFAR encoder, 1000-d), "vgg16bn" or "resnet18" (averaged, 512-d)
     data: str = "photos"  # a train.data data set; photos are embedded in installed packages
     data_root: str | None = None  # folder / file of the data set (None: the data set's default)
     # Defaults below marked "photos" are the embedded photos' entry of DATA_DEFAULTS; other data sets have theirs.
@@ -108,6 +108,7 @@ class LAConfig:
     center_crop: float = 1.0  # the encoder sees the central square of this fraction of the shorter side (photos)
     dim: int = 128  # embedding size (the paper's 128)
     code_dim: int = 1000  # conv only: the backbone's code size before the head
+    width: int = 16  # conv only: channels of the first conv layer (the others: 2x, 4x, 8x)
     temperature: float = 0.07  # tau in exp(v_j . v / tau) (the paper's 0.07)
     background: int = 4096  # k nearest bank rows in the background set B_i (capped at n - 1; the paper's 4096)
     kmeans_k: int | None = None  # clusters per k-means run (None: round(sqrt(n)) for n training images)
@@ -141,7 +142,8 @@ class LAConfig:
 # only act on a fresh run (init_from, pretrained): a resumed run must keep them, since a changed value would be
 # recorded in config.json yet not be applied (the bank keeps its saved mixing rate) or change what the saved
 # bank and weights mean (temperature).
-RESUME_KEYS = ("arch", "data", "data_root", "image_size", "train_side", "center_crop", "dim", "code_dim", "limit",
+RESUME_KEYS = ("arch", "data", "data_root", "image_size", "train_side", "center_crop", "dim", "code_dim", "width",
+               "limit",
                "holdout", "seed", "kmeans_k", "kmeans_repeats", "background", "mixing_rate", "temperature",
                "init_from", "pretrained")
 
@@ -168,8 +170,9 @@ def build_parser(data: str = "photos", arch: str = "conv", similar: str = "conte
     p = make_parser("train.la", "Train a Local Aggregation encoder (Zhuang et al., ICCV 2019) without labels.",
                     datasets=DATASETS, default_data="photos", epochs=d["epochs"], batch_size=d["batch_size"],
                     min_batch_size=2)
-    p.add_argument("--arch", default="conv", choices=BACKBONES,
-                   help="backbone: conv (small CIFAR encoder) or vgg16bn (VGG16-BN averaged over H, W) (default: conv)")
+    p.add_argument("--arch", default="conv", choices=LA_BACKBONES,
+                   help="backbone: conv (small CIFAR encoder), vgg16bn (VGG16-BN averaged over H, W) or resnet18 "
+                        "(torchvision's ResNet-18, random init, averaged over H, W) (default: conv)")
     p.add_argument("--image-size", type=number(int, low=8), default=d["image_size"],
                    help=f"square network input side (default for this data set: {d['image_size']})")
     p.add_argument("--train-side", type=number(int, low=8), default=d["train_side"],
@@ -180,6 +183,8 @@ def build_parser(data: str = "photos", arch: str = "conv", similar: str = "conte
     p.add_argument("--dim", type=number(int, low=1), default=128, help="embedding size (default: 128)")
     p.add_argument("--code-dim", type=number(int, low=1), default=1000,
                    help="conv: the backbone's code size (default: 1000)")
+    p.add_argument("--width", type=number(int, low=1), default=16,
+                   help="conv: channels of the first conv layer, doubled at each of the next three (default: 16)")
     p.add_argument("--temperature", type=number(float, low=0, low_open=True), default=0.07,
                    help="softmax temperature tau (default: 0.07)")
     p.add_argument("--background", "--k", dest="background", type=number(int, low=1), default=4096,
@@ -244,8 +249,10 @@ def parse_config(argv=None) -> tuple[LAConfig, argparse.Namespace]:
         args.warmup_epochs = args.epochs
     if args.arch == "conv" and args.image_size % 8:
         parser.error(f"--image-size must be a multiple of 8 for the conv backbone, got {args.image_size}")
-    if args.arch == "vgg16bn" and args.image_size < 32:
-        parser.error(f"--image-size must be at least 32 for vgg16bn (five 2x2 pools), got {args.image_size}")
+    if args.arch in ("vgg16bn", "resnet18") and args.image_size < 32:
+        parser.error(f"--image-size must be at least 32 for {args.arch} (stride 32), got {args.image_size}")
+    if args.arch == "resnet18" and args.init_from:
+        parser.error("--init-from needs an autoencoder's backbone (conv or vgg16bn); there is no resnet18 autoencoder")
     cfg = config_from_args(LAConfig, args)
     if cfg.holdout is None:
         cfg.holdout = 0.2 if cfg.data in SHUFFLED_DATASETS else 0.0
@@ -322,7 +329,8 @@ def _init_backbone(model: LAEncoder, cfg: LAConfig) -> Preprocess:
 
 
 def encoder_kwargs(cfg: LAConfig) -> dict:
-    return {"backbone": cfg.arch, "dim": cfg.dim, "image_size": cfg.image_size, "code_dim": cfg.code_dim}
+    kw = {"backbone": cfg.arch, "dim": cfg.dim, "image_size": cfg.image_size, "code_dim": cfg.code_dim}
+    return kw if cfg.width == 16 else {**kw, "width": cfg.width}  # checkpoints of the default width as before
 
 
 def default_kmeans_k(n: int) -> int:
@@ -411,7 +419,7 @@ def main(argv=None) -> dict:
         check_resume(out, NAME, asdict(cfg), RESUME_KEYS)
     run = Run(out, name=NAME, config=asdict(cfg), resume=args.resume, checkpoint_every=args.checkpoint_every)
     state = run.resume_state()
-    model = LAEncoder(backbone=cfg.arch, dim=cfg.dim, image_size=cfg.image_size, code_dim=cfg.code_dim,
+    model = LAEncoder(backbone=cfg.arch, dim=cfg.dim, image_size=cfg.image_size, code_dim=cfg.code_dim, width=cfg.width,
                       pretrained=cfg.pretrained and state is None)
     if state is not None:
         pre = Preprocess.from_dict(state["encoder"]["preprocess"])

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.models.layers import BACKBONES, build_backbone
+from train.models.layers import LA_BACKBONES, build_backbone
 from train.registry import register_encoder
 
 MODES = ("la", "ir")
@@ -42,16 +42,16 @@ class LAEncoder(nn.Module):
     1000) + a linear head to ``dim``, L2-normalised: (n, 3, H, W) -> (n, dim) unit vectors."""
 
     def __init__(self, *, backbone: str = "conv", dim: int = 128, image_size: int = 32, code_dim: int = 1000,
-                 pretrained: bool = False):
+                 pretrained: bool = False, width: int = 16):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        if backbone not in LA_BACKBONES:
+            raise ValueError(f"backbone must be one of {LA_BACKBONES}, got {backbone!r}")
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.kind = backbone
         self.dim = int(dim)
         self.backbone, out_dim = build_backbone(backbone, pretrained=pretrained, image_size=image_size,
-                                                code_dim=code_dim)
+                                                code_dim=code_dim, width=width)
         self.head = nn.Linear(out_dim, self.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,12 +97,13 @@ class _FoldedConvLA(nn.Module):
 
 @register_encoder("la")
 def la_encoder(*, backbone: str = "conv", dim: int = 128, image_size: int = 32, code_dim: int = 1000,
-               pretrained: bool = False) -> nn.Module:
+               pretrained: bool = False, width: int = 16) -> nn.Module:
     """Local Aggregation encoder: backbone + linear head, L2-normalised (n, 3, H, W) -> (n, dim).
 
     (The backbone kind is ``backbone``, not ``arch``: ``train.registry.build_encoder(arch, **kwargs)`` takes
     the registered name as ``arch``.)"""
-    return LAEncoder(backbone=backbone, dim=dim, image_size=image_size, code_dim=code_dim, pretrained=pretrained)
+    return LAEncoder(backbone=backbone, dim=dim, image_size=image_size, code_dim=code_dim, pretrained=pretrained,
+                     width=width)
 
 
 # --------------------------------------------------------------------------------------------------

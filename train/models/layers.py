@@ -5,6 +5,7 @@ encoders are built on, and the L2 normalisation that turns features into a searc
   (n, 512, h, w) output averaged over h and w -> (n, 512); ``encode(x, with_indices=True)`` also gives the
   pools' argmax indices (for the SegNet decoder of ``train/models/ae.py``).
 - ``conv``: a small CIFAR conv encoder: 4 conv layers (3 of them stride 2) then a linear layer to a 1000-d code.
+- ``resnet18`` (LA only): torchvision's ``resnet18`` without its classifier, random init, averaged over H, W -> 512.
 
 ``build_backbone(kind)`` gives the unnormalised feature extractor and its size; ``L2Normalized`` wraps one.
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.choices import BACKBONES  # defined without torch, for the trainers' --help
+from train.choices import BACKBONES, LA_BACKBONES  # defined without torch, for the trainers' --help
 
 
 class L2Normalized(nn.Module):
@@ -159,8 +160,32 @@ class ConvEncoder(nn.Module):
         return self.norm(self.fc(self.features(x).flatten(1)))  # (n, code_dim)
 
 
+# --------------------------------------------------------------------------------------------------
+# ResNet-18
+
+
+class ResNet18Backbone(nn.Module):
+    """torchvision ``resnet18`` (random init, its own initialisation) up to the global average pool: (n, 3, H, W)
+    -> (n, 512). Parameter names are torchvision's (less ``fc``)."""
+
+    out_dim = 512
+    min_side = 32  # stride 32 overall
+
+    def __init__(self):
+        super().__init__()
+        import torchvision
+
+        net = torchvision.models.resnet18(weights=None)
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x, self.min_side)
+        return self.net(x)  # (n, 512): avgpool + flatten, fc is the identity
+
+
 def build_backbone(kind: str, *, pretrained: bool = False, image_size: int = 32,
-                   code_dim: int = 1000) -> tuple[nn.Module, int]:
+                   code_dim: int = 1000, width: int = 16) -> tuple[nn.Module, int]:
     """An unnormalised feature extractor (n, 3, H, W) -> (n, out_dim) and its out_dim.
 
     ``vgg16bn``: vgg16_bn features averaged over height and width (512); ``pretrained`` asks for
@@ -173,6 +198,11 @@ def build_backbone(kind: str, *, pretrained: bool = False, image_size: int = 32,
     if kind == "conv":
         if pretrained:
             print("WARNING: there are no pretrained weights for the conv backbone; using random init", file=sys.stderr)
-        m = ConvEncoder(image_size=image_size, code_dim=code_dim)
+        m = ConvEncoder(image_size=image_size, code_dim=code_dim, width=width)
         return m, m.out_dim
-    raise ValueError(f"backbone kind must be one of {BACKBONES}, got {kind!r}")
+    if kind == "resnet18":
+        if pretrained:
+            print("WARNING: --pretrained is not offered for resnet18; using random init", file=sys.stderr)
+        m = ResNet18Backbone()
+        return m, m.out_dim
+    raise ValueError(f"backbone kind must be one of {LA_BACKBONES}, got {kind!r}")

@@ -103,3 +103,21 @@ def test_the_bounds_themselves_are_accepted():
     assert (cfg.batch_size, cfg.epochs, cfg.limit, cfg.weight_decay) == (2, 1, 1, 0.0)
     cfg, _ = siamese.parse_config(["--batch-size", "2", "--image-size", "8", "--margin", "0.01"])
     assert (cfg.batch_size, cfg.image_size, cfg.margin) == (2, 8, 0.01)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_trainers_wait_passively_unless_the_user_chose(given, expected):
+    """torch's and numba's OpenMP pools spin against each other in one training process (train/__init__.py):
+    importing the trainers sets passive waiting before either runtime loads, and keeps a value the user set."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys; import train.la; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [expected, "True"]

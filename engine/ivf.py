@@ -100,8 +100,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import stat
 import warnings
 from pathlib import Path
 
@@ -118,9 +116,9 @@ from engine.kernels.topk import heap_init, heap_sort, merge_heaps
 from engine.result_size import ResultTooLarge, answer_columns
 from engine.threads import blas_controllable, blas_single_thread, default_threads, worker_pool
 from engine.searcher import (_CODE_DTYPES, _ENCODE_ROWS, _F16_MAX, _MAX_ID, _WIDEN, METRICS, _bytes_of, _check_digests,
-                             _contents_problem, _ids_problem, _map_payload, _Mapping, _normalised, _rows_named, _RWLock,
-                             _sha256, _sq_norms, checked_rows, coerce_ids, header_line, pread_exact, rerank_candidates,
-                             shaped_rows)
+                             _contents_problem, _ids_problem, _map_payload, _Mapping, _read_small_sections, _normalised,
+                             _rows_named, _RWLock, _sha256, _sq_norms, checked_rows, coerce_ids, header_line,
+                             rerank_candidates, shaped_rows)
 from engine.validate import positive_int as _positive_int
 
 MAGIC = b"LOOKALIKE-IVF "
@@ -860,24 +858,8 @@ def _map_file(path: Path, *, whole: bool = False):
                               f"(no aligned vectors, no checksum of their own): read whole instead; save it again "
                               f"(this build writes version {FORMAT_VERSION}) to map it", UserWarning, stacklevel=3)
                 return None
-            start = f.tell()
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise IndexFileError(f"{path}: cannot memory-map an index that is not a regular file")
             sections = _sections(header)
-            expected = sum(size for _, size in sections.values())
-            if st.st_size - start != expected:
-                raise IndexFileError(f"{path}: truncated or damaged index: payload is {st.st_size - start} bytes, "
-                                     f"header says {expected}{_layout_text(header)}")
-            parts = {}
-            for name, (at, size) in sections.items():
-                if name not in ("vectors", "codes"):
-                    parts[name] = pread_exact(f.fileno(), size, start + at)
-                    if len(parts[name]) != size:
-                        raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
-                                             f"{len(parts[name])} bytes, header says {size}")
-            digest = header.pop("sha256")
-            _check_digests(path, header, digest, parts)
+            start, parts = _read_small_sections(f, path, header, sections, _layout_text(header))
             storage = header["storage"] if version >= 3 else "float32"
             mapping = _map_payload(f, path, header, parts, sections, start, storage)
     except IndexFileError:

@@ -986,10 +986,7 @@ class _Mapping:
         if self.verified:
             return
         v = self.vectors
-        h = hashlib.sha256()
-        for r0 in range(0, v.shape[0], _VERIFY_ROWS):
-            h.update(_bytes_of(v[r0 : r0 + _VERIFY_ROWS]))
-        if h.hexdigest() != self.sha256:
+        if _rows_sha256(v) != self.sha256:
             raise IndexFileError(f"{self.path}: checksum mismatch in the vectors section, the index file was altered "
                                  f"or damaged")
         problem = _vectors_problem(v, metric)
@@ -997,10 +994,7 @@ class _Mapping:
             raise IndexFileError(f"{self.path}: damaged index: {problem}")
         if self.codes is not None:
             c = self.codes
-            h = hashlib.sha256()
-            for r0 in range(0, c.shape[0], _VERIFY_ROWS):
-                h.update(_bytes_of(c[r0 : r0 + _VERIFY_ROWS]))
-            if h.hexdigest() != self.codes_sha256:
+            if _rows_sha256(c) != self.codes_sha256:
                 raise IndexFileError(f"{self.path}: checksum mismatch in the codes section, the index file was "
                                      f"altered or damaged")
             for r0 in range(0, c.shape[0], _ENCODE_ROWS):
@@ -1164,24 +1158,8 @@ def _map_index_file(path: Path, *, whole: bool = False) -> tuple[dict, dict, _Ma
                               f"aligned and have no checksum of their own): read whole instead; save it again "
                               f"(this build writes version {FORMAT_VERSION}) to map it", UserWarning, stacklevel=3)
                 return None
-            start = f.tell()
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise IndexFileError(f"{path}: cannot memory-map an index that is not a regular file")
-            expected = _payload_size(header)
-            if st.st_size - start != expected:
-                raise IndexFileError(f"{path}: truncated or damaged index: payload is {st.st_size - start} bytes, "
-                                     f"header says {expected}{_layout_text(header)}")
             sections = _sections(header)
-            parts = {}
-            for name, (at, size) in sections.items():
-                if name not in ("vectors", "codes"):
-                    parts[name] = pread_exact(f.fileno(), size, start + at)
-                    if len(parts[name]) != size:  # the file shrank meanwhile
-                        raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
-                                             f"{len(parts[name])} bytes, header says {size}")
-            digest = header.pop("sha256")
-            _check_digests(path, header, digest, parts)
+            start, parts = _read_small_sections(f, path, header, sections, _layout_text(header))
             storage = header.get("storage", "float32") if version >= 4 else "float32"
             mapping = _map_payload(f, path, header, parts, sections, start, storage)
     except IndexFileError:
@@ -1190,6 +1168,40 @@ def _map_index_file(path: Path, *, whole: bool = False) -> tuple[dict, dict, _Ma
         verb = "read" if whole else "map"
         raise IndexFileError(f"cannot {verb} index file {path}: {getattr(e, 'strerror', None) or e}") from e
     return header, parts, mapping
+
+
+def _rows_sha256(a: np.ndarray) -> str:
+    """sha256 of a (mapped) array's bytes, read in blocks of ``_VERIFY_ROWS`` rows (a mapped file is not pulled
+    into memory at once)."""
+    h = hashlib.sha256()
+    for r0 in range(0, a.shape[0], _VERIFY_ROWS):
+        h.update(_bytes_of(a[r0 : r0 + _VERIFY_ROWS]))
+    return h.hexdigest()
+
+
+def _read_small_sections(f, path, header: dict, sections: dict, layout: str) -> tuple[int, dict]:
+    """For a mapped load of the index file open as ``f`` (exact or IVF), its header read: the payload's start and
+    {section: bytes} of every section but the vectors and codes, after checking that the file is regular and of
+    the header's size (``layout`` explains that size in the error) and the sections against the header's digests
+    (the header loses its ``sha256``)."""
+    start = f.tell()
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        raise IndexFileError(f"{path}: cannot memory-map an index that is not a regular file")
+    expected = sum(size for _, size in sections.values())
+    if st.st_size - start != expected:
+        raise IndexFileError(f"{path}: truncated or damaged index: payload is {st.st_size - start} bytes, "
+                             f"header says {expected}{layout}")
+    parts = {}
+    for name, (at, size) in sections.items():
+        if name not in ("vectors", "codes"):
+            parts[name] = pread_exact(f.fileno(), size, start + at)
+            if len(parts[name]) != size:  # the file shrank meanwhile
+                raise IndexFileError(f"{path}: truncated or damaged index: the {name} section is "
+                                     f"{len(parts[name])} bytes, header says {size}")
+    digest = header.pop("sha256")
+    _check_digests(path, header, digest, parts)
+    return start, parts
 
 
 def _map_payload(f, path, header: dict, parts: dict, sections: dict, start: int, storage: str) -> _Mapping:

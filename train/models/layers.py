@@ -6,6 +6,8 @@ encoders are built on, and the L2 normalisation that turns features into a searc
   pools' argmax indices (for the SegNet decoder of ``train/models/ae.py``).
 - ``conv``: a small CIFAR conv encoder: 4 conv layers (3 of them stride 2) then a linear layer to a 1000-d code.
 - ``resnet18`` (LA only): torchvision's ``resnet18`` without its classifier, random init, averaged over H, W -> 512.
+- ``kmeans`` (LA only): a single layer learned by k-means on whitened patches (Coates & Ng), fit before training
+  and frozen: 400 filters, soft thresholds pooled on a 3 x 3 grid -> 7,200 standardised features.
 
 ``build_backbone(kind)`` gives the unnormalised feature extractor and its size; ``L2Normalized`` wraps one.
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -184,6 +188,122 @@ class ResNet18Backbone(nn.Module):
         return self.net(x)  # (n, 512): avgpool + flatten, fc is the identity
 
 
+# --------------------------------------------------------------------------------------------------
+# k-means patch layer (Coates & Ng)
+
+
+class PatchKMeansBackbone(nn.Module):
+    """A single-layer network learned by k-means (Coates, Lee, Ng, AISTATS 2011; Coates & Ng, "Learning feature
+    representations with k-means", 2012): (n, 3, s, s) -> (n, 2 * clusters * grid**2) standardised features.
+
+    ``fit`` learns it from training images, without labels, in seconds: ``patches`` random ``patch`` x ``patch``
+    patches, each normalised for brightness and contrast (its mean removed, divided by sqrt(variance + eps)),
+    ZCA-whitened, scaled to unit length and clustered by spherical k-means (``engine.kernels.kmeans``). The
+    forward pass is then a convolution: every patch of an image, normalised and whitened the same way, is scored
+    against the unit centroids ``z = D^T W (p - mu)``; the features are the soft thresholds ``max(0, z - alpha)``
+    and ``max(0, -z - alpha)`` (alpha = 0.25, the paper's), averaged over a ``grid`` x ``grid`` split of the
+    image, and standardised with the training images' mean and standard deviation. The whitening is folded into
+    the filters, and the patch-mean removal too (filters that sum to zero ignore a patch's mean), so the network
+    is two small convolutions for the patch statistics, one for the scores, and pooling; nothing in it trains.
+    LA trains a head on it (``LAEncoder``)."""
+
+    def __init__(self, *, image_size: int = 32, clusters: int = 400, patch: int = 6, grid: int = 3,
+                 alpha: float = 0.25):
+        super().__init__()
+        self.positions = int(image_size) - int(patch) + 1  # patch positions along a side
+        if patch < 2 or clusters < 1 or grid < 1 or self.positions < grid:
+            raise ValueError(f"k-means layer: needs patch >= 2, clusters >= 1, grid >= 1 and image_size >= patch + grid "
+                             f"- 1; got image_size {image_size}, patch {patch}, clusters {clusters}, grid {grid}")
+        self.image_size, self.clusters, self.patch, self.grid = int(image_size), int(clusters), int(patch), int(grid)
+        self.alpha = float(alpha)
+        self.cell = self.positions // self.grid  # positions per pooling cell; the border left over is not pooled
+        self.out_dim = 2 * self.clusters * self.grid * self.grid
+        self.register_buffer("filters", torch.zeros(self.clusters, 3, self.patch, self.patch))  # W D, zero-sum
+        self.register_buffer("offset", torch.zeros(self.clusters))  # mu . W D: the whitening's centre
+        self.register_buffer("eps", torch.ones(()))  # added to each patch's variance
+        self.register_buffer("mean", torch.zeros(self.out_dim))  # the training images' features
+        self.register_buffer("std", torch.ones(self.out_dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, *, patches: int = 200_000, iterations: int = 20, seed: int = 0,
+            batch: int = 256) -> dict:
+        """Learn the layer from (n, 3, s, s) network inputs (the training images through the export
+        preprocessing), drawing ``patches`` patches at random (at most as many as the images hold). Returns what
+        it did (patch count, k-means iterations and inertia, seconds) and the unfolded pieces."""
+        from engine.kernels.kmeans import spherical_kmeans  # numba: only when fitting
+
+        t0 = time.perf_counter()
+        _check_images(images)
+        if tuple(images.shape[2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"k-means layer: expected (n, 3, {self.image_size}, {self.image_size}) images, "
+                             f"got {tuple(images.shape)}")
+        n, p = images.shape[0], self.patch
+        patches = int(min(patches, n * self.positions ** 2))  # no more draws than there are patches
+        rng = np.random.default_rng(seed)
+        pick, top, left = (rng.integers(0, n, patches), rng.integers(0, self.positions, patches),
+                           rng.integers(0, self.positions, patches))
+        x = images.cpu().numpy()
+        rows = x[pick[:, None, None, None], np.arange(3)[None, :, None, None],
+                 (top[:, None] + np.arange(p))[:, None, :, None], (left[:, None] + np.arange(p))[:, None, None, :]]
+        pts = rows.reshape(patches, -1).astype(np.float64)  # (patches, 3 p p) in (channel, row, column) order
+        pts -= pts.mean(axis=1, keepdims=True)
+        var = pts.var(axis=1, keepdims=True)
+        eps = 0.025 * max(float(np.median(var)), 1e-12)  # the paper's +10 on 0-255 pixels, relative to the data
+        pts /= np.sqrt(var + eps)
+        mu = pts.mean(axis=0)
+        evals, evecs = np.linalg.eigh(np.cov(pts - mu, rowvar=False))
+        whiten = (evecs / np.sqrt(np.maximum(evals, 0.0) + 0.1)) @ evecs.T  # ZCA, the paper's 0.1
+        z = (pts - mu) @ whiten
+        z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+        km = spherical_kmeans(np.ascontiguousarray(z, dtype=np.float32), self.clusters, iterations=iterations,
+                              seed=seed)
+        cents = km.centroids.astype(np.float64)
+        cents /= np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
+        filt = whiten @ cents.T  # (3 p p, clusters)
+        self.offset.copy_(torch.from_numpy(mu @ filt))
+        filt -= filt.mean(axis=0, keepdims=True)  # zero-sum: the score ignores the patch mean
+        self.filters.copy_(torch.from_numpy(filt.T.reshape(self.clusters, 3, p, p)))
+        self.eps.fill_(eps)
+        self.mean.zero_()
+        self.std.fill_(1.0)
+        self.fitted.fill_(True)
+        feats = torch.cat([self(images[s:s + batch]) for s in range(0, n, batch)]).double()
+        self.mean.copy_(feats.mean(dim=0))
+        self.std.copy_(feats.std(dim=0).clamp_min(1e-3 * float(feats.std())))
+        return {"patches": int(patches), "clusters": self.clusters, "kmeans_iterations": int(km.iterations),
+                "kmeans_inertia": float(km.inertia), "seconds": round(time.perf_counter() - t0, 2),
+                # the unfolded pieces (for checks): eps, ZCA matrix, whitened-space centre, unit centroids
+                "eps": eps, "whitening": whiten, "patch_mean": mu, "centroids": cents}
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        p, c = self.patch, self.cell
+        box = torch.full((1, 3, p, p), 1.0 / (3 * p * p), dtype=x.dtype, device=x.device)
+        mean = F.conv2d(x, box)
+        inv_std = torch.rsqrt((F.conv2d(x * x, box) - mean * mean).clamp(min=0) + self.eps)
+        z = F.conv2d(x, self.filters) * inv_std  # (n, clusters, L, L), before the whitening's centre
+        off = self.offset[None, :, None, None]
+        o = (self.positions - self.grid * c) // 2  # centre the pooled cells
+        pos = F.relu(z - (off + self.alpha))[:, :, o:o + self.grid * c, o:o + self.grid * c]
+        neg = F.relu((off - self.alpha) - z)[:, :, o:o + self.grid * c, o:o + self.grid * c]
+        return torch.cat([F.avg_pool2d(pos, c), F.avg_pool2d(neg, c)], dim=1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x)
+        if tuple(x.shape[2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"k-means layer expects (n, 3, {self.image_size}, {self.image_size}) images, "
+                             f"got {tuple(x.shape)}")
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if not exporting and not bool(self.fitted):
+            raise RuntimeError("the k-means layer has not been fitted: call fit(images) first")
+        # in slices of ~2.3M map values (8 images of 32 px): the (n, clusters, L, L) maps of a whole batch leave the
+        # caches and, freed, go back to the system at every step (3-6x slower)
+        step = max(1, 2_400_000 // (self.clusters * self.positions ** 2))
+        feats = self._features(x) if exporting else torch.cat([self._features(x[s:s + step])
+                                                               for s in range(0, x.shape[0], step)])
+        return (feats - self.mean) / self.std
+
+
 def build_backbone(kind: str, *, pretrained: bool = False, image_size: int = 32,
                    code_dim: int = 1000, width: int = 16) -> tuple[nn.Module, int]:
     """An unnormalised feature extractor (n, 3, H, W) -> (n, out_dim) and its out_dim.
@@ -199,6 +319,11 @@ def build_backbone(kind: str, *, pretrained: bool = False, image_size: int = 32,
         if pretrained:
             print("WARNING: there are no pretrained weights for the conv backbone; using random init", file=sys.stderr)
         m = ConvEncoder(image_size=image_size, code_dim=code_dim, width=width)
+        return m, m.out_dim
+    if kind == "kmeans":
+        if pretrained:
+            print("WARNING: there are no pretrained weights for the k-means layer; it is fit to the data", file=sys.stderr)
+        m = PatchKMeansBackbone(image_size=image_size)
         return m, m.out_dim
     if kind == "resnet18":
         if pretrained:

@@ -111,3 +111,17 @@ def test_train_la_on_the_kmeans_layer_saves_reloads_and_exports(tmp_path):
     export_run(tmp_path / "la", tmp_path / "models", images=verify.real_images(4)[0], allow_incomplete=True)
     onnx_codes = Encoder(tmp_path / "models" / "la.onnx").encode(images)
     np.testing.assert_allclose(onnx_codes, torch_codes, atol=1e-4)
+
+
+def test_cifar10_trains_on_the_kmeans_layer_by_default_and_other_data_sets_on_the_conv_backbone(capsys):
+    from train.la import main, parse_config
+
+    assert parse_config(["--data", "cifar10"])[0].arch == "kmeans"
+    assert parse_config(["--data", "cifar10", "--arch", "conv"])[0].arch == "conv"
+    for data in ("photos", "fungi", "digits", "folder"):
+        assert parse_config(["--data", data])[0].arch == "conv"
+    with pytest.raises(SystemExit) as e:
+        main(["--data", "cifar10", "--init-from", "runs/ae-conv"])
+    assert e.value.code == 2
+    assert "--init-from needs an autoencoder's backbone (conv or vgg16bn); there is no kmeans autoencoder" in (
+        capsys.readouterr().err)

@@ -6,6 +6,7 @@ scores for the tie order; the shard index files read back with ``Searcher.load``
 """
 
 import importlib.util
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -166,7 +167,10 @@ def test_the_command_line(cluster, folder, model, tmp_path, capsys):
     assert load_embeddings(out).vectors.shape[0] == len(PHOTOS)
     assert scale_main(["shard", str(out), "--out", str(tmp_path / "idx"), "--shards", "2"]) == 0
     with ShardedSearcher.load(tmp_path / "idx") as s:
-        assert len(s) == len(PHOTOS)
+        assert len(s) == len(PHOTOS) and s.storage == "float32"
+    assert scale_main(["shard", str(out), "--out", str(tmp_path / "idx8"), "--shards", "2", "--storage", "int8"]) == 0
+    with ShardedSearcher.load(tmp_path / "idx8") as s:
+        assert len(s) == len(PHOTOS) and s.storage == "int8"
     assert scale_main(["index", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and "nothing there" in err and "Traceback" not in err
@@ -316,6 +320,59 @@ def test_add_and_remove_reach_the_right_shard_and_survive_a_restart(cluster, tmp
         again.save(tmp_path / "copy")
     with ShardedSearcher.load(tmp_path / "copy") as copy:
         assert np.array_equal(copy.ids, np.sort(np.append(all_ids[live], 220)))
+
+
+@pytest.mark.parametrize("storage", ["float16", "int8"])
+def test_compressed_shards_keep_their_storage_and_rerank_to_float32_scores(cluster, storage, tmp_path):
+    """storage= reaches every shard file and the manifest (and survives writes and reloads); rerank=R gives the
+    float32 scores of the stored vectors and, with R = 200 of 2,000, the float32 index's top 10."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    q = rng.standard_normal((25, 32)).astype(np.float32)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    exact_top = np.argsort(-(qn @ unit.T), axis=1, kind="stable")[:, :10]
+    folder = tmp_path / "idx"
+    with ShardedSearcher.build(folder, x, shards=3, storage=storage) as s:
+        assert s.storage == storage and f"storage={storage!r}" in repr(s)
+        assert all(Searcher.load(folder / shard_name(i)).storage == storage for i in range(3))
+        scores, ids = s.search(q, 10, rerank=200)
+        want = np.take_along_axis(qn @ unit.T, ids, axis=1)
+        np.testing.assert_allclose(scores, want, atol=2e-6, rtol=0)  # float32 scores, not the codes'
+        assert np.array_equal(np.sort(ids, axis=1), np.sort(exact_top, axis=1))
+        approx, approx_ids = s.search(q, 10)  # the codes' own scores: close to float32, not equal
+        err = np.abs(approx - np.take_along_axis(qn @ unit.T, approx_ids, axis=1))
+        assert err.max() < (2e-3 if storage == "float16" else 5e-2)
+        with pytest.raises(InputError, match="rerank must be a positive int"):
+            s.search(q, 10, rerank=0)
+        s.add(x[:5])  # a write rewrites the shard files and the manifest: the storage stays
+    assert json.loads((folder / "sharded.json").read_text())["storage"] == storage
+    with ShardedSearcher.load(folder) as again:
+        assert again.storage == storage and len(again) == 2005
+    one = Searcher(32, storage=storage)
+    one.add(x[:100])
+    with ShardedSearcher.from_searcher(one, tmp_path / "from", shards=2) as split:
+        assert split.storage == storage
+        assert_same_answer(split.search(q, 5, rerank=100), one.search(q, 5, rerank=100))
+
+
+def test_a_manifest_or_shard_of_another_storage_is_refused(cluster, tmp_path):
+    x = np.random.default_rng(13).standard_normal((40, 8)).astype(np.float32)
+    with ShardedSearcher.build(tmp_path / "idx", x, shards=2, storage="int8"):
+        pass
+    man_path = tmp_path / "idx" / "sharded.json"
+    man = json.loads(man_path.read_text())
+    man_path.write_text(json.dumps({**man, "storage": "int4"}))
+    with pytest.raises(IndexFileError, match="storage must be one of .*got 'int4'"):
+        ShardedSearcher.load(tmp_path / "idx")
+    man_path.write_text(json.dumps({**man, "storage": "float16"}))
+    with pytest.raises(ShardUnavailable, match="shard-000.lkx holds dim 8 / cosine / int8 vectors; the manifest says "
+                                               "dim 8 / cosine / float16"):
+        ShardedSearcher.load(tmp_path / "idx")
+    del man["storage"]  # a manifest from before compressed shards reads as float32
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(ShardUnavailable, match="the manifest says dim 8 / cosine / float32"):
+        ShardedSearcher.load(tmp_path / "idx")
 
 
 def test_damaged_shard_files_are_refused_naming_them(cluster, tmp_path):

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("embeddings", metavar="EMB", help="folder written by `index`")
     sh.add_argument("--out", required=True, help="folder for the shard index files and sharded.json")
     sh.add_argument("--shards", type=int, required=True, help="number of shards (id %% N)")
+    sh.add_argument("--storage", choices=("float32", "float16", "int8"), default="float32",
+                    help="what each shard searches: float32 rows, or 2-byte / 1-byte codes with the float32 rows "
+                         "kept on disk for search(..., rerank=R) (default: float32)")
     return p
 
 
@@ -98,10 +101,11 @@ def _shard(args) -> int:
     out = Path(args.out)
     # build() writes the files without Ray; opening them needs it, so the split is written and checked here.
     with _local_ray():
-        s = ShardedSearcher.build(out, emb.vectors, emb.ids, shards=args.shards)
+        s = ShardedSearcher.build(out, emb.vectors, emb.ids, shards=args.shards, storage=args.storage)
         n = len(s)
         s.close()
-    print(f"{out}: {n} vectors of dim {emb.vectors.shape[1]} in {args.shards} shards (id % {args.shards})")
+    print(f"{out}: {n} vectors of dim {emb.vectors.shape[1]} in {args.shards} shards (id % {args.shards}), "
+          f"{args.storage}")
     return 0
 
 

@@ -33,6 +33,13 @@ every stored id, ascending. Thread-safe: searches run concurrently (the actors a
 ``remove`` / ``save`` wait for them and run alone, so every answer reflects one state. One process should
 write a given folder at a time.
 
+Compressed shards: ``build`` / ``create`` take ``storage`` ("float16", "int8"; recorded in the manifest, a manifest
+without it is float32) and ``search`` takes ``rerank=R``, both as ``Searcher``. Each shard encodes its own vectors
+(int8: its own per-dimension offsets and scales), so without ``rerank`` a score is its shard's approximation and
+may differ from one compressed ``Searcher``'s; with ``rerank`` every shard re-scores its best ``max(R, k')`` by
+the codes with the float32 vectors, so the merged scores are float32 scores and each shard's short list is at
+least as long as its part of one ``Searcher``'s.
+
 Durability (chosen: persist every write). Each ``add`` / ``remove`` saves the shards it touched before it
 returns (``Searcher.save``: atomic, checksummed), and the manifest's ``next_id`` too. So a restarted actor,
 or ``load`` after a crash, sees every acknowledged write, and nothing is silently lost. The price is a
@@ -80,15 +87,15 @@ def shard_name(i: int) -> str:
 class Shard:
     """The state of one shard actor: a ``Searcher`` loaded from ``path``, saved back after every write."""
 
-    def __init__(self, path: str, index: int, shards: int, dim: int, metric: str):
+    def __init__(self, path: str, index: int, shards: int, dim: int, metric: str, storage: str = "float32"):
         from engine.searcher import Searcher
 
         self.path, self.error = Path(path), None
         try:
             s = Searcher.load(self.path)
-            if s.dim != dim or s.metric != metric:
-                raise IndexFileError(f"{path} holds dim {s.dim} / {s.metric} vectors; the manifest says dim {dim} / "
-                                     f"{metric}")
+            if s.dim != dim or s.metric != metric or s.storage != storage:
+                raise IndexFileError(f"{path} holds dim {s.dim} / {s.metric} / {s.storage} vectors; the manifest says "
+                                     f"dim {dim} / {metric} / {storage}")
             ids = s.ids
             wrong = ids[ids % shards != index]
             if wrong.size:
@@ -104,8 +111,9 @@ class Shard:
         ids = self.searcher.ids
         return {"error": None, "count": int(ids.size), "max_id": int(ids.max()) if ids.size else -1}
 
-    def search(self, queries, cols: int):
-        """Top ``cols`` by (-score, id) among this shard's vectors (fewer when it holds fewer; no padding)."""
+    def search(self, queries, cols: int, rerank=None):
+        """Top ``cols`` by (-score, id) among this shard's vectors (fewer when it holds fewer; no padding);
+        ``rerank`` as ``Searcher.search``."""
         s = self.searcher
         n = len(s)
         want = min(cols, n)
@@ -114,7 +122,7 @@ class Shard:
             return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
         c = want + 1 if want < n else want
         while True:
-            scores, ids = s.search(queries, c)  # c <= n: every column is a real hit, rows in row order on ties
+            scores, ids = s.search(queries, c, rerank=rerank)  # c <= n: every column is a real hit, row order on ties
             if c >= n or not (scores[:, want - 1] == scores[:, c - 1]).any():
                 break  # every vector left out scores below the want-th: the top `want` by (-score, id) is here
             c = min(n, 2 * c)
@@ -237,6 +245,7 @@ class ShardedSearcher:
         self.folder = Path(folder)
         man = read_manifest(self.folder)
         self.dim, self.metric, self.shards = man["dim"], man["metric"], man["shards"]
+        self.storage = man.get("storage", "float32")  # manifests written before compressed shards: float32
         self._files = [self.folder / f for f in man["files"]]
         if not is_int(retries) or retries < 0:
             raise InputError(f"retries must be an int >= 0, got {retries!r}")
@@ -266,15 +275,19 @@ class ShardedSearcher:
         return cls(folder, **options)
 
     @classmethod
-    def create(cls, folder, dim: int, *, shards: int, metric: str = "cosine", **options) -> "ShardedSearcher":
+    def create(cls, folder, dim: int, *, shards: int, metric: str = "cosine", storage: str = "float32",
+               **options) -> "ShardedSearcher":
         """An empty sharded index in ``folder`` (which must not hold one already)."""
         return cls.build(folder, np.zeros((0, positive_int(dim, "dim")), np.float32), shards=shards, metric=metric,
-                         **options)
+                         storage=storage, **options)
 
     @classmethod
-    def build(cls, folder, vectors, ids=None, *, shards: int, metric: str = "cosine", **options):
+    def build(cls, folder, vectors, ids=None, *, shards: int, metric: str = "cosine", storage: str = "float32",
+              **options):
         """Write ``vectors`` (with ``ids``, default 0..n-1) as ``shards`` index files in ``folder`` (routed by
-        id % shards; ``Searcher``'s checks apply) plus the manifest, then open it. Ray is needed only to open."""
+        id % shards; ``Searcher``'s checks apply) plus the manifest, then open it. Ray is needed only to open.
+        ``storage`` ("float32", "float16", "int8") as ``Searcher``: each shard keeps its own codes (int8: its own
+        offsets and scales)."""
         from engine.searcher import Searcher
 
         shards = positive_int(shards, "shards")
@@ -285,25 +298,26 @@ class ShardedSearcher:
         dim = x.shape[1] if x.ndim == 2 else None
         if dim is None or dim < 1:
             raise InputError(f"vectors must have shape (n, dim) with dim >= 1, got {x.shape}")
-        whole = Searcher(dim, metric=metric)  # validates everything once, before anything is written
+        whole = Searcher(dim, metric=metric, storage=storage)  # validates everything once, before anything is written
         all_ids = whole.add(x, ids)
         del whole
         parts = []
         for i in range(shards):
             sel = all_ids % shards == i
-            part = Searcher(dim, metric=metric)
+            part = Searcher(dim, metric=metric, storage=storage)
             part.add(x[sel], all_ids[sel])  # the given rows: normalised exactly as one Searcher would
             part.save(folder / shard_name(i))
             parts.append(part)
         next_id = int(all_ids.max()) + 1 if all_ids.size else 0
-        _write_manifest(folder, dim, parts[0].metric, shards, next_id)
+        _write_manifest(folder, dim, parts[0].metric, shards, next_id, parts[0].storage)
         return cls(folder, **options)
 
     @classmethod
     def from_searcher(cls, searcher, folder, *, shards: int, **options) -> "ShardedSearcher":
         """Split a ``Searcher``'s vectors (its stored, normalised rows) over ``shards`` files in ``folder``."""
         ids = np.sort(searcher.ids)
-        return cls.build(folder, searcher.get(ids), ids, shards=shards, metric=searcher.metric, **options)
+        return cls.build(folder, searcher.get(ids), ids, shards=shards, metric=searcher.metric,
+                         storage=searcher.storage, **options)
 
     # -- actors -----------------------------------------------------------------------------------------------
     def _start(self, i: int):
@@ -313,7 +327,7 @@ class ShardedSearcher:
         if not path.is_file():
             raise ShardUnavailable(f"shard {i} of {self.folder}: its index file {path} is gone")
         actor = _remote_shard().options(**self._options).remote(str(path.resolve()), i, self.shards, self.dim,
-                                                                  self.metric)
+                                                                  self.metric, self.storage)
         self._actors[i] = actor
         return actor
 
@@ -387,7 +401,7 @@ class ShardedSearcher:
 
     def __repr__(self) -> str:
         return f"ShardedSearcher({str(self.folder)!r}, dim={self.dim}, metric={self.metric!r}, shards={self.shards}, " \
-               f"count={self._count})"
+               f"storage={self.storage!r}, count={self._count})"
 
     @property
     def ids(self) -> np.ndarray:
@@ -396,19 +410,22 @@ class ShardedSearcher:
             parts = [self._call(i, "ids") for i in range(self.shards)]
         return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
-    def search(self, queries, k: int):
-        """Top-k of each query over every shard; see the module docstring."""
+    def search(self, queries, k: int, *, rerank=None):
+        """Top-k of each query over every shard; see the module docstring. ``rerank=R`` (compressed storage):
+        each shard re-scores its best ``max(R, k)`` by the codes with the float32 vectors (``Searcher.search``)."""
         import ray
 
         k = positive_int(k, "k")
+        if rerank is not None:
+            rerank = positive_int(rerank, "rerank")
         self._scratch.search(queries, 1)  # validation only: shape, dtype, NaN / inf (Searcher's own messages)
         nq = 1 if np.ndim(queries) == 1 else len(queries)
         with self._rw.read():
             cols = answer_columns(k, self._count)
             qref = ray.put(queries)
             actors = list(self._actors)
-            refs = [a.search.remote(qref, cols) for a in actors]
-            parts = [self._result(i, actors[i], refs[i], "search", qref, cols) for i in range(self.shards)]
+            refs = [a.search.remote(qref, cols, rerank) for a in actors]
+            parts = [self._result(i, actors[i], refs[i], "search", qref, cols, rerank) for i in range(self.shards)]
         return merge(parts, nq, cols)
 
     def get(self, ids) -> np.ndarray:
@@ -466,7 +483,7 @@ class ShardedSearcher:
                 raise
             self._count += m
             self._next_id = max(self._next_id, int(new_ids.max()) + 1)
-            _write_manifest(self.folder, self.dim, self.metric, self.shards, self._next_id)
+            _write_manifest(self.folder, self.dim, self.metric, self.shards, self._next_id, self.storage)
             return new_ids.copy()
 
     def remove(self, ids) -> int:
@@ -490,13 +507,13 @@ class ShardedSearcher:
         (this rewrites the manifest); another ``folder`` gets a full copy (each file atomic, manifest last)."""
         with self._rw.write():
             if folder is None or Path(folder).resolve() == self.folder.resolve():
-                _write_manifest(self.folder, self.dim, self.metric, self.shards, self._next_id)
+                _write_manifest(self.folder, self.dim, self.metric, self.shards, self._next_id, self.storage)
                 return
             folder = Path(folder)
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(self.shards):
                 self._call(i, "save_to", str((folder / shard_name(i)).resolve()))
-            _write_manifest(folder, self.dim, self.metric, self.shards, self._next_id)
+            _write_manifest(folder, self.dim, self.metric, self.shards, self._next_id, self.storage)
 
 
 def _as_ids(ids) -> np.ndarray:
@@ -527,10 +544,10 @@ def merge(parts, nq: int, cols: int):
     return scores, ids
 
 
-def _write_manifest(folder: Path, dim: int, metric: str, shards: int, next_id: int) -> None:
+def _write_manifest(folder: Path, dim: int, metric: str, shards: int, next_id: int, storage: str) -> None:
     man = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": int(dim), "metric": metric,
-           "shards": int(shards), "routing": "id % shards", "files": [shard_name(i) for i in range(shards)],
-           "next_id": int(next_id)}
+           "storage": storage, "shards": int(shards), "routing": "id % shards",
+           "files": [shard_name(i) for i in range(shards)], "next_id": int(next_id)}
     atomic_write(Path(folder) / MANIFEST, (json.dumps(man, indent=1) + "\n").encode())
 
 
@@ -558,6 +575,10 @@ def read_manifest(folder) -> dict:
         raise IndexFileError(f"{path}: next_id must be an int >= 0, got {man.get('next_id')!r}")
     if man.get("metric") not in ("cosine", "ip"):
         raise IndexFileError(f"{path}: metric must be 'cosine' or 'ip', got {man.get('metric')!r}")
+    from engine.kernels.quant import STORAGES  # numba: loaded only when an index is opened
+
+    if man.get("storage", "float32") not in STORAGES:  # absent in manifests of float32-only shards
+        raise IndexFileError(f"{path}: storage must be one of {STORAGES}, got {man.get('storage')!r}")
     if man.get("files") != [shard_name(i) for i in range(man["shards"])]:
         raise IndexFileError(f"{path}: files must be {shard_name(0)} .. {shard_name(man['shards'] - 1)}")
     return man

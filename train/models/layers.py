@@ -270,7 +270,7 @@ class PatchKMeansBackbone(nn.Module):
         self.fitted.fill_(True)
         feats = torch.cat([self(images[s:s + batch]) for s in range(0, n, batch)]).double()
         self.mean.copy_(feats.mean(dim=0))
-        self.std.copy_(feats.std(dim=0).clamp_min(1e-3 * float(feats.std())))
+        self.std.copy_(feats.std(dim=0).clamp_min(max(1e-3 * float(feats.std()), 1e-6)))  # constant features: no 0
         return {"patches": int(patches), "clusters": self.clusters, "kmeans_iterations": int(km.iterations),
                 "kmeans_inertia": float(km.inertia), "seconds": round(time.perf_counter() - t0, 2),
                 # the unfolded pieces (for checks): eps, ZCA matrix, whitened-space centre, unit centroids

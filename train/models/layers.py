@@ -297,7 +297,7 @@ class PatchKMeansBackbone(nn.Module):
         if not exporting and not bool(self.fitted):
             raise RuntimeError("the k-means layer has not been fitted: call fit(images) first")
         # in slices of ~2.3M map values (8 images of 32 px): the (n, clusters, L, L) maps of a whole batch leave the
-        # caches and, freed, go back to the system at every step (3-6x slower)
+        # caches and, freed, go back to the system at every step (about 3x slower at 32 and at 64 px)
         step = max(1, 2_400_000 // (self.clusters * self.positions ** 2))
         feats = self._features(x) if exporting else torch.cat([self._features(x[s:s + step])
                                                                for s in range(0, x.shape[0], step)])

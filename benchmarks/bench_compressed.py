@@ -46,6 +46,9 @@ import pytest
 
 from engine.searcher import Searcher
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import vectors  # noqa: E402  (benchmarks/synthetic.py)
+
 K = 10
 QS = (1, 256)
 Q1_LOOP = 16  # single-query searches per timed call at Q = 1
@@ -55,8 +58,6 @@ ROUNDS = int(os.environ.get("LOOKALIKE_BENCH_ROUNDS", "7"))
 STORAGES = ("float32", "float16", "int8")
 SIZES = {"small": [(200_000, 128)], "full": [(1_000_000, 128)]}
 DATASETS = ("gaussian", "mixture")
-MIXTURE_CENTRES = 10_000
-MIXTURE_NOISE = 0.75
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,23 +71,6 @@ def _chosen(var, default, known):
 
 CASES = [(n, d, data) for s in _chosen("LOOKALIKE_BENCH_SIZES", "small", SIZES) for n, d in SIZES[s]
          for data in _chosen("LOOKALIKE_BENCH_DATA", ",".join(DATASETS), DATASETS)]
-
-
-def vectors(data, n, d, seed, chunk=65536):
-    """n unit float32 vectors of the data set, generated in chunks."""
-    rng = np.random.default_rng(seed)
-    centres = None
-    if data == "mixture":
-        centres = np.random.default_rng(12345).standard_normal((MIXTURE_CENTRES, d))
-        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    out = np.empty((n, d), dtype=np.float32)
-    for r0 in range(0, n, chunk):
-        m = min(chunk, n - r0)
-        x = rng.standard_normal((m, d))
-        if centres is not None:
-            x = centres[rng.integers(MIXTURE_CENTRES, size=m)] + MIXTURE_NOISE / np.sqrt(d) * x
-        out[r0 : r0 + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
 
 
 _RSS_PROBE = r"""

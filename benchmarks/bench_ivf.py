@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,9 @@ import pytest
 from engine.fileio import atomic_write
 from engine.ivf import IVFSearcher
 from engine.searcher import Searcher
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import vectors  # noqa: E402  (benchmarks/synthetic.py)
 
 faiss = pytest.importorskip("faiss")
 
@@ -64,8 +68,6 @@ DEFAULT_NPROBE = 16
 TARGET_RECALL = 0.95
 SIZES = {"small": [(200_000, 128, 512)], "full": [(1_000_000, 128, 1024)]}
 DATASETS = ("gaussian", "mixture", "cifar10")
-MIXTURE_CENTRES = 10_000
-MIXTURE_NOISE = 0.75  # norm of the noise around a unit centre (per coordinate 0.75 / sqrt(d))
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LOOKALIKE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CACHE = ROOT / "runs" / "bench_ivf"  # cached crop embeddings (runs/ is never committed)
@@ -88,22 +90,6 @@ def chosen_data():
 
 
 CASES = [(n, d, nlist, data) for n, d, nlist in chosen_sizes() for data in chosen_data()]
-
-
-def vectors(data, n, d, seed, chunk=65536):
-    """n unit float32 vectors of the data set, generated in chunks (no float64 copy of the whole)."""
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(12345).standard_normal((MIXTURE_CENTRES, d)) if data == "mixture" else None
-    if centres is not None:
-        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    out = np.empty((n, d), dtype=np.float32)
-    for r0 in range(0, n, chunk):
-        m = min(chunk, n - r0)
-        x = rng.standard_normal((m, d))
-        if centres is not None:
-            x = centres[rng.integers(MIXTURE_CENTRES, size=m)] + MIXTURE_NOISE / np.sqrt(d) * x
-        out[r0 : r0 + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
 
 
 # -- real embeddings: the packaged image encoder over augmented crops of the CIFAR-10 test batch ----------------

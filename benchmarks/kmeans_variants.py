@@ -118,23 +118,26 @@ def with_multicrop(out: str, extra: list[str], seed: int) -> dict:
             views.append(F.grid_sample(x, grid, mode="bilinear", align_corners=False))
         return views
 
-    def step(model, objective, optimizer, views, rows, *, mode, clock=None):
-        t0 = time.perf_counter()
-        codes = model(views)
-        local = [model(v) for v in local_views(views)]
-        t1 = time.perf_counter()
-        losses = [objective.loss(rows, codes, mode=mode)] + [objective.loss(rows, c, mode=mode) for c in local]
-        loss = sum(losses) / len(losses)
-        t2 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        t3 = time.perf_counter()
-        objective.update_bank(rows, codes)
-        if clock is not None:
-            clock.add("encoder", (t1 - t0) + (t3 - t2))
-            clock.add("loss", t2 - t1)
-        return float(loss.detach()), codes.detach()
+    class WithLocalViews:
+        """The batch's objective, with the loss averaged over the main view and its local views (each scored
+        against the bank as it is); the bank is updated with the main view's codes only (``update_bank``)."""
+
+        def __init__(self, objective, model, local):
+            self.objective, self.model, self.local = objective, model, local
+            self.timings = objective.timings
+
+        def loss(self, rows, codes, *, mode):
+            losses = [self.objective.loss(rows, codes, mode=mode)]
+            losses += [self.objective.loss(rows, self.model(v), mode=mode) for v in self.local]
+            return sum(losses) / len(losses)
+
+        def update_bank(self, rows, codes):
+            self.objective.update_bank(rows, codes)
+
+    plain_step = la.train_step
+
+    def step(model, objective, optimizer, views, rows, **kw):  # train.la's own step around the wrapped objective
+        return plain_step(model, WithLocalViews(objective, model, local_views(views)), optimizer, views, rows, **kw)
 
     la.train_step = step
     return train(out, extra)
